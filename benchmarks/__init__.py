@@ -1,0 +1,1 @@
+"""eefast microbenchmarks: `python -m benchmarks ops --help`."""

@@ -1,0 +1,61 @@
+"""`python -m benchmarks ops [...]`: time eefast ops against their peers in one run."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from . import bench_lora_linear
+from .common import machine_info, plot_speedups, print_table, write_json
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="suite", required=True)
+    ops = sub.add_parser("ops", help="op microbenchmarks (lora_linear forward+backward)")
+    ops.add_argument("--full", action="store_true", help="the whole shape grid (slow)")
+    ops.add_argument("--tokens", type=_ints, help="comma-separated token counts")
+    ops.add_argument("--dims", type=_ints, help="comma-separated in=out feature sizes")
+    ops.add_argument("--ranks", type=_ints, help="comma-separated LoRA ranks")
+    ops.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    ops.add_argument("--providers", default=",".join(bench_lora_linear.PROVIDERS))
+    ops.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ops.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per case")
+    ops.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ops.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    grid = bench_lora_linear.FULL if args.full else bench_lora_linear.QUICK
+    print(f"machine: {machine_info()}")
+    rows = bench_lora_linear.run(
+        tokens=args.tokens or grid["tokens"],
+        dims=args.dims or grid["dims"],
+        ranks=args.ranks or grid["ranks"],
+        dtypes=[DTYPES[d] for d in args.dtypes.split(",")],
+        providers=args.providers.split(","),
+        budget_s=args.budget,
+    )
+    print()
+    print_table(rows)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"ops-{stamp}.json"
+    write_json(rows, json_path)
+    print(f"\nwrote {json_path}")
+    if args.plot:
+        png = json_path.with_suffix(".png")
+        plot_speedups(rows, png)
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

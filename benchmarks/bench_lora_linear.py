@@ -1,0 +1,82 @@
+"""lora_linear forward+backward: eefast against HF PEFT, eager PyTorch and torch.compile.
+
+Every provider computes the same thing on the same tensors: y = x Wᵀ + s·(x Aᵀ) Bᵀ with W
+frozen, then backward to x, A and B. `base` is the frozen linear alone (forward + input
+grad), the floor any LoRA implementation pays; eefast/base is the LoRA overhead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+from torch import nn
+
+import eefast
+from eefast.ops import lora_linear_reference
+
+from .common import Row, peak_extra_memory_mib, time_median
+
+QUICK = {"tokens": [1, 512, 2048], "dims": [576, 2048], "ranks": [16]}
+FULL = {"tokens": [1, 512, 2048], "dims": [576, 2048, 4096], "ranks": [8, 16, 64]}
+PROVIDERS = ["eefast", "peft", "eager", "compile", "base"]
+ALPHA = 16.0
+
+
+def _peft_layer(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> nn.Module:
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    out_f, in_f = weight.shape
+    base = nn.Linear(in_f, out_f, bias=False, dtype=weight.dtype)
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = lora_a.shape[0]
+        config = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=0.0)
+        layer = PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=ALPHA)
+    layer.lora_A["default"].weight = nn.Parameter(lora_a)
+    layer.lora_B["default"].weight = nn.Parameter(lora_b)
+    return layer
+
+
+def _forward_fn(provider: str, weight, lora_a, lora_b, scaling):
+    if provider == "eefast":
+        return lambda x: eefast.lora_linear(x, weight, None, lora_a, lora_b, scaling)
+    if provider == "peft":
+        return _peft_layer(weight, lora_a, lora_b)
+    if provider == "eager":
+        return lambda x: lora_linear_reference(x, weight, None, lora_a, lora_b, scaling)
+    if provider == "compile":
+        compiled = torch.compile(lora_linear_reference, dynamic=True)
+        return lambda x: compiled(x, weight, None, lora_a, lora_b, scaling)
+    if provider == "base":
+        return lambda x: nn.functional.linear(x, weight)
+    raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+
+
+def run(tokens, dims, ranks, dtypes, providers, budget_s: float = 2.0) -> list[Row]:
+    rows = []
+    for dtype, n, d, r in itertools.product(dtypes, tokens, dims, ranks):
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(d, d, generator=gen, dtype=dtype) / d**0.5
+        lora_a = (torch.randn(r, d, generator=gen, dtype=dtype) / d**0.5).requires_grad_()
+        lora_b = (torch.randn(d, r, generator=gen, dtype=dtype) / r**0.5).requires_grad_()
+        x = torch.randn(n, d, generator=gen, dtype=dtype).requires_grad_()
+        grad = torch.randn(n, d, generator=gen, dtype=dtype)
+        case = {"tokens": n, "d": d, "r": r, "dtype": str(dtype).removeprefix("torch.")}
+        for provider in providers:
+            fwd = _forward_fn(provider, weight, lora_a, lora_b, ALPHA / r)
+
+            def step(fwd=fwd):
+                fwd(x).backward(grad)
+                # Drop the grads inside the step, so the memory baseline holds none of them
+                # and the measured peak includes the ones this step makes.
+                x.grad = lora_a.grad = lora_b.grad = None
+
+            ms = time_median(step, budget_s=budget_s) * 1e3
+            peak = peak_extra_memory_mib(step)
+            rows.append(Row("lora_linear", case, provider, ms, peak))
+            print(f"  {case} {provider:<8} {ms:9.3f} ms  peak {peak} MiB", flush=True)
+    return rows

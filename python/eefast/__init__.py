@@ -1,0 +1,22 @@
+"""eefast: fast early-exit and adapter tuning of pre-trained LLMs, with fused torch ops."""
+
+import logging
+
+log = logging.getLogger(__name__)
+
+try:
+    # Importing _C runs the op registrations of torch.ops.eefast.* (CPU, and CUDA if built).
+    from . import _C  # noqa: F401
+except ImportError as e:  # pragma: no cover - only without a build
+    log.warning(
+        "eefast._C failed to load (%s); torch.ops.eefast.* are unavailable. "
+        "Build it with `pip install --no-build-isolation -e .`",
+        e,
+    )
+
+from . import ops  # noqa: E402
+from .nn import LoRALinear  # noqa: E402
+from .ops import lora_linear  # noqa: E402
+
+__all__ = ["LoRALinear", "lora_linear", "ops"]
+__version__ = "0.1.0"

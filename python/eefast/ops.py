@@ -1,0 +1,145 @@
+"""Python face of the eefast ops: typed wrappers, fake kernels, autograd and references.
+
+Every op is defined once in C++ (cpp/registration.cpp). This module gives each one
+- a wrapper that calls ``torch.ops.eefast.<op>.default``;
+- a fake kernel (``torch.library.register_fake``) so it traces under ``torch.compile``;
+- autograd (``torch.library.register_autograd``) for the trainable ones;
+- a pure-torch reference ``<op>_reference`` that the tests use as the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lora_linear", "lora_linear_reference"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# lora_linear
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with a frozen ``W``/``b``.
+
+    Shapes: ``x [..., in]``, ``weight [out, in]``, ``bias [out]`` or None,
+    ``lora_a [r, in]``, ``lora_b [out, r]``. Gradients flow to ``x``, ``lora_a`` and ``lora_b``
+    only. The backward keeps ``x`` (or the dropped ``x``) and the r-wide ``x Aᵀ``, nothing of
+    size ``[tokens, out]``. Dropout uses torch's RNG, so seeds and ``torch.compile`` behave as
+    for ``F.dropout``; its mask is applied before the fused op.
+    """
+    x_lora = F.dropout(x, dropout, training) if dropout > 0.0 and training else None
+    y, _ = torch.ops.eefast.lora_linear.default(
+        x, weight, bias, lora_a, lora_b, float(scaling), x_lora
+    )
+    return y
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unfused pure-torch ``lora_linear`` (the test oracle); ``x_lora`` stands for dropout(x)."""
+    x_lora = x if x_lora is None else x_lora
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
+
+
+def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    torch._check(
+        t.dtype == x.dtype,
+        lambda: f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; "
+        "all inputs must share one dtype",
+    )
+    torch._check(
+        t.device == x.device,
+        lambda: f"lora_linear: {name} is on {t.device} but x is on {x.device}; "
+        "all inputs must be on one device",
+    )
+
+
+@torch.library.register_fake("eefast::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, x_lora=None):
+    torch._check(x.dim() >= 1, lambda: "lora_linear: x must have at least 1 dimension")
+    torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"lora_linear: x dtype {x.dtype} unsupported")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b),
+                    ("bias", bias), ("x_lora", x_lora)):
+        if t is not None:
+            _check_same(name, t, x)
+    torch._check(weight.dim() == 2 and lora_a.dim() == 2 and lora_b.dim() == 2,
+                 lambda: "lora_linear: weight, lora_a and lora_b must be 2-D")
+    out, in_features = weight.shape
+    r = lora_a.shape[0]
+    torch._check(x.shape[-1] == in_features, lambda: "lora_linear: x does not match weight")
+    torch._check(lora_a.shape[1] == in_features, lambda: "lora_linear: lora_a must be [r, in]")
+    torch._check(lora_b.shape[0] == out, lambda: "lora_linear: lora_b must be [out, r]")
+    torch._check(lora_b.shape[1] == r, lambda: "lora_linear: lora_a and lora_b ranks differ")
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, out)), x.new_empty((*lead, r))
+
+
+@torch.library.register_fake("eefast::lora_linear_backward")
+def _lora_linear_backward_fake(
+    grad_out, weight, lora_a, lora_b, x_lora, xa, scaling, needs_grad_x, split_grad_x
+):
+    in_features = weight.shape[1]
+    grad_x = x_lora.new_empty(x_lora.shape if needs_grad_x else (0, in_features))
+    grad_x_lora = x_lora.new_empty(
+        x_lora.shape if needs_grad_x and split_grad_x else (0, in_features)
+    )
+    return grad_x, grad_x_lora, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, x_lora = inputs
+    _, xa = output
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise RuntimeError(
+            "lora_linear: weight and bias are frozen and get no gradient; "
+            "set requires_grad=False on them (train lora_a and lora_b instead)"
+        )
+    ctx.scaling = scaling
+    ctx.split_grad_x = x_lora is not None
+    # The backward needs the low-rank input (x, or dropout(x)) and xa; never [tokens, out].
+    ctx.save_for_backward(x if x_lora is None else x_lora, weight, lora_a, lora_b, xa)
+
+
+def _lora_linear_backward(ctx, grad_out, _grad_xa):
+    x_lora, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    # torch drops a trailing defaulted argument (x_lora=None) from needs_input_grad.
+    needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
+    needs_grad_x = needs[0] or needs[6]
+    grad_x, grad_x_lora, grad_a, grad_b = torch.ops.eefast.lora_linear_backward.default(
+        grad_out.contiguous(), weight, lora_a, lora_b, x_lora, xa, ctx.scaling,
+        needs_grad_x, ctx.split_grad_x,
+    )
+    return (
+        grad_x if needs[0] else None,
+        None,  # weight is frozen
+        None,  # bias is frozen
+        grad_a if needs[3] else None,
+        grad_b if needs[4] else None,
+        None,
+        grad_x_lora if needs[6] else None,
+    )[: len(ctx.needs_input_grad)]
+
+
+torch.library.register_autograd(
+    "eefast::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
+)
