@@ -6,7 +6,8 @@
 // Importing eefast._C runs the static registrations below; the module itself is empty. Only
 // the limited C API is used, so the build is one abi3 .so for every CPython >= 3.10.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 
