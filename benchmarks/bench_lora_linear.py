@@ -56,6 +56,18 @@ def _forward_fn(provider: str, weight, lora_a, lora_b, scaling):
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
+def train_step(fwd, x, grad, leaves):
+    """One forward+backward. The grads are dropped inside the step, so the memory baseline
+    holds none of them and the measured peak includes the ones the step makes."""
+
+    def step():
+        fwd(x).backward(grad)
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
 def run(tokens, dims, ranks, dtypes, providers, budget_s: float = 2.0) -> list[Row]:
     rows = []
     for dtype, n, d, r in itertools.product(dtypes, tokens, dims, ranks):
@@ -68,13 +80,7 @@ def run(tokens, dims, ranks, dtypes, providers, budget_s: float = 2.0) -> list[R
         case = {"tokens": n, "d": d, "r": r, "dtype": str(dtype).removeprefix("torch.")}
         for provider in providers:
             fwd = _forward_fn(provider, weight, lora_a, lora_b, ALPHA / r)
-
-            def step(fwd=fwd):
-                fwd(x).backward(grad)
-                # Drop the grads inside the step, so the memory baseline holds none of them
-                # and the measured peak includes the ones this step makes.
-                x.grad = lora_a.grad = lora_b.grad = None
-
+            step = train_step(fwd, x, grad, (x, lora_a, lora_b))
             ms = time_median(step, budget_s=budget_s) * 1e3
             peak = peak_extra_memory_mib(step)
             rows.append(Row("lora_linear", case, provider, ms, peak))

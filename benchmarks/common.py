@@ -38,15 +38,22 @@ def machine_info() -> dict:
     }
 
 
-def time_median(fn: Callable[[], object], warmup: int = 2, min_reps: int = 5,
-                budget_s: float = 2.0, max_reps: int = 50) -> float:
+def time_median(
+    fn: Callable[[], object],
+    warmup: int = 2,
+    min_reps: int = 5,
+    budget_s: float = 2.0,
+    max_reps: int = 50,
+) -> float:
     """Median seconds per call: warm up, then repeat until min_reps and the time budget."""
     for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+    while len(times) < max_reps and (
+        len(times) < min_reps or time.perf_counter() - start < budget_s
+    ):
         sync()
         t0 = time.perf_counter()
         fn()
@@ -102,7 +109,10 @@ def print_table(rows: list[Row], baseline: str = "eefast") -> None:
     by_case: dict[str, list[Row]] = {}
     for r in rows:
         by_case.setdefault(json.dumps(r.case, sort_keys=True), []).append(r)
-    head = f"{'case':<46} {'provider':<10} {'ms':>10} {'peak MiB':>9} {'time/eefast':>12} {'mem/eefast':>11}"
+    head = (
+        f"{'case':<46} {'provider':<10} {'ms':>10} {'peak MiB':>9} "
+        f"{'time/eefast':>12} {'mem/eefast':>11}"
+    )
     print(head)
     print("-" * len(head))
     for case_rows in by_case.values():
@@ -110,10 +120,15 @@ def print_table(rows: list[Row], baseline: str = "eefast") -> None:
         case = " ".join(f"{k}={v}" for k, v in case_rows[0].case.items())
         for r in case_rows:
             t_ratio = f"{r.ms / base.ms:.2f}x" if base and base.ms else "-"
-            m_ratio = (f"{r.peak_mib / base.peak_mib:.2f}x"
-                       if base and base.peak_mib and r.peak_mib is not None else "-")
+            m_ratio = (
+                f"{r.peak_mib / base.peak_mib:.2f}x"
+                if base and base.peak_mib and r.peak_mib is not None
+                else "-"
+            )
             mem = f"{r.peak_mib:.1f}" if r.peak_mib is not None else "-"
-            print(f"{case:<46.46} {r.provider:<10} {r.ms:>10.3f} {mem:>9} {t_ratio:>12} {m_ratio:>11}")
+            print(
+                f"{case:<46.46} {r.provider:<10} {r.ms:>10.3f} {mem:>9} {t_ratio:>12} {m_ratio:>11}"
+            )
             case = ""
 
 
@@ -144,7 +159,9 @@ def plot_speedups(rows: list[Row], path: Path, baseline: str = "eefast") -> None
         ys = [cases[c].get(peer, float("nan")) / cases[c][baseline] for c in labels]
         ax.bar([j + i * width for j in range(len(labels))], ys, width, label=peer)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=90, fontsize=6)
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=90, fontsize=6
+    )
     ax.set_ylabel(f"time / {baseline} time")
     ax.legend()
     fig.tight_layout()

@@ -39,16 +39,32 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
     build = tmp_path / "cuda"
     cfg = subprocess.run(
-        ["cmake", "-S", str(ROOT / "cuda"), "-B", str(build), f"-DEEFAST_PYTHON_EXECUTABLE={sys.executable}"]
+        [
+            "cmake",
+            "-S",
+            str(ROOT / "cuda"),
+            "-B",
+            str(build),
+            f"-DEEFAST_PYTHON_EXECUTABLE={sys.executable}",
+        ]
         + (["-GNinja"] if shutil.which("ninja") else []),
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-    out = subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--verbose"],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        ["cmake", "--build", str(build), "-j", jobs, "--verbose"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
-    for arch in ("arch=compute_80,code=[compute_80,sm_80]", "arch=compute_90a,code=[compute_90a,sm_90a]"):
+    for arch in (
+        "arch=compute_80,code=[compute_80,sm_80]",
+        "arch=compute_90a,code=[compute_90a,sm_90a]",
+    ):
         assert arch in out.stdout, f"{arch} missing from the nvcc command lines"
     for cu in sorted((ROOT / "cuda").glob("*.cu")):
         assert f"{cu.name}.o" in out.stdout, f"{cu.name} was not compiled"
@@ -66,10 +82,19 @@ def test_cuda_glue_syntax(tmp_path, glue):
     cuda_inc = cuda_include_dir()
     assert (cuda_inc / "cuda_runtime.h").exists(), cuda_inc
     cmd = [
-        os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-Wall", "-Werror",
-        "-Wno-unused-parameter", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS",
-        f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}", f"-I{tmp_path}", f"-isystem{torch_inc}",
-        f"-isystem{torch_inc / 'torch' / 'csrc' / 'api' / 'include'}", f"-isystem{cuda_inc}",
+        os.environ.get("CXX", "c++"),
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-Werror",
+        "-Wno-unused-parameter",
+        "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS",
+        f"-I{ROOT / 'cpp'}",
+        f"-I{ROOT / 'cuda'}",
+        f"-I{tmp_path}",
+        f"-isystem{torch_inc}",
+        f"-isystem{torch_inc / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-isystem{cuda_inc}",
         str(ROOT / "cpp" / glue),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)

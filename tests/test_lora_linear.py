@@ -62,8 +62,12 @@ def test_matches_reference(device, dtype, lead, in_f, out_f, r, bias):
     want = fp32_reference(x, weight, b, lora_a, lora_b, 0.75, grad_out)
     tol = TOLERANCE[dtype]
     assert y.dtype == dtype and x.grad.dtype == dtype and lora_a.grad.dtype == dtype
-    for got, ref, what in zip((y, x.grad, lora_a.grad, lora_b.grad), want,
-                              ("y", "grad_x", "grad_a", "grad_b"), strict=True):
+    for got, ref, what in zip(
+        (y, x.grad, lora_a.grad, lora_b.grad),
+        want,
+        ("y", "grad_x", "grad_a", "grad_b"),
+        strict=True,
+    ):
         assert_close_rel(got, ref, tol, what)
 
 
@@ -77,8 +81,12 @@ def test_non_contiguous_inputs(device):
     y = eefast.lora_linear(x_nc, w_nc, b, a_nc, lora_b, 2.0)
     y.sum().backward()
     want = fp32_reference(x, weight, b, lora_a, lora_b, 2.0, torch.ones_like(y))
-    for got, ref, what in zip((y, x_nc.grad, a_nc.grad, lora_b.grad), want,
-                              ("y", "grad_x", "grad_a", "grad_b"), strict=True):
+    for got, ref, what in zip(
+        (y, x_nc.grad, a_nc.grad, lora_b.grad),
+        want,
+        ("y", "grad_x", "grad_a", "grad_b"),
+        strict=True,
+    ):
         assert_close_rel(got, ref, 1e-5, what)
 
 
@@ -93,11 +101,16 @@ def test_dropout_matches_reference_with_same_mask(device, dtype):
     leaves = [t.detach().float().requires_grad_() for t in (x, lora_a, lora_b)]
     torch.manual_seed(123)  # the same RNG draw gives the same dropout mask
     x_drop = torch.nn.functional.dropout(leaves[0].to(dtype), 0.3, True).float()
-    ref = lora_linear_reference(leaves[0], weight.float(), b.float(), leaves[1], leaves[2], 0.5,
-                                x_lora=x_drop)
+    ref = lora_linear_reference(
+        leaves[0], weight.float(), b.float(), leaves[1], leaves[2], 0.5, x_lora=x_drop
+    )
     ref.sum().backward()
-    for g, w, what in zip(got, [ref.detach(), *(t.grad for t in leaves)],
-                          ("y", "grad_x", "grad_a", "grad_b"), strict=True):
+    for g, w, what in zip(
+        got,
+        [ref.detach(), *(t.grad for t in leaves)],
+        ("y", "grad_x", "grad_a", "grad_b"),
+        strict=True,
+    ):
         assert_close_rel(g, w, TOLERANCE[dtype], what)
     # dropout must actually have dropped something, else this test proves nothing
     plain = eefast.lora_linear(x, weight, b, lora_a, lora_b, 0.5)
@@ -137,14 +150,24 @@ def test_deterministic(device, dtype):
 def test_opcheck(device, dtype, with_dropout_input):
     x, weight, b, lora_a, lora_b = make_inputs((3, 5), 24, 20, 4, dtype, device)
     x_lora = (x.detach() * 0.5).requires_grad_() if with_dropout_input else None
-    torch.library.opcheck(torch.ops.eefast.lora_linear.default,
-                          (x, weight, b, lora_a, lora_b, 0.5, x_lora))
+    torch.library.opcheck(
+        torch.ops.eefast.lora_linear.default, (x, weight, b, lora_a, lora_b, 0.5, x_lora)
+    )
     y, xa = torch.ops.eefast.lora_linear.default(x, weight, b, lora_a, lora_b, 0.5, x_lora)
     grad = torch.randn_like(y)
     torch.library.opcheck(
         torch.ops.eefast.lora_linear_backward.default,
-        (grad, weight, lora_a.detach(), lora_b.detach(), x.detach(), xa.detach(), 0.5, True,
-         with_dropout_input),
+        (
+            grad,
+            weight,
+            lora_a.detach(),
+            lora_b.detach(),
+            x.detach(),
+            xa.detach(),
+            0.5,
+            True,
+            with_dropout_input,
+        ),
     )
 
 
@@ -190,11 +213,14 @@ def _bad_input_cases():
     ]
 
 
-@pytest.mark.parametrize("name,args,message", _bad_input_cases(), ids=lambda c: c if isinstance(c, str) else "")
+@pytest.mark.parametrize(
+    "name,args,message", _bad_input_cases(), ids=lambda c: c if isinstance(c, str) else ""
+)
 def test_bad_input_names_the_argument(name, args, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.eefast.lora_linear.default(args["x"], args["weight"], args["bias"],
-                                             args["lora_a"], args["lora_b"], 1.0, None)
+        torch.ops.eefast.lora_linear.default(
+            args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], 1.0, None
+        )
 
 
 def test_trainable_weight_is_rejected():

@@ -64,13 +64,17 @@ def lora_linear_reference(
 def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     torch._check(
         t.dtype == x.dtype,
-        lambda: f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; "
-        "all inputs must share one dtype",
+        lambda: (
+            f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; "
+            "all inputs must share one dtype"
+        ),
     )
     torch._check(
         t.device == x.device,
-        lambda: f"lora_linear: {name} is on {t.device} but x is on {x.device}; "
-        "all inputs must be on one device",
+        lambda: (
+            f"lora_linear: {name} is on {t.device} but x is on {x.device}; "
+            "all inputs must be on one device"
+        ),
     )
 
 
@@ -78,12 +82,19 @@ def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, x_lora=None):
     torch._check(x.dim() >= 1, lambda: "lora_linear: x must have at least 1 dimension")
     torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"lora_linear: x dtype {x.dtype} unsupported")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b),
-                    ("bias", bias), ("x_lora", x_lora)):
+    for name, t in (
+        ("weight", weight),
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("bias", bias),
+        ("x_lora", x_lora),
+    ):
         if t is not None:
             _check_same(name, t, x)
-    torch._check(weight.dim() == 2 and lora_a.dim() == 2 and lora_b.dim() == 2,
-                 lambda: "lora_linear: weight, lora_a and lora_b must be 2-D")
+    torch._check(
+        weight.dim() == 2 and lora_a.dim() == 2 and lora_b.dim() == 2,
+        lambda: "lora_linear: weight, lora_a and lora_b must be 2-D",
+    )
     out, in_features = weight.shape
     r = lora_a.shape[0]
     torch._check(x.shape[-1] == in_features, lambda: "lora_linear: x does not match weight")
@@ -126,8 +137,15 @@ def _lora_linear_backward(ctx, grad_out, _grad_xa):
     needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
     needs_grad_x = needs[0] or needs[6]
     grad_x, grad_x_lora, grad_a, grad_b = torch.ops.eefast.lora_linear_backward.default(
-        grad_out.contiguous(), weight, lora_a, lora_b, x_lora, xa, ctx.scaling,
-        needs_grad_x, ctx.split_grad_x,
+        grad_out.contiguous(),
+        weight,
+        lora_a,
+        lora_b,
+        x_lora,
+        xa,
+        ctx.scaling,
+        needs_grad_x,
+        ctx.split_grad_x,
     )
     return (
         grad_x if needs[0] else None,

@@ -39,7 +39,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.scaling = alpha / r
         self.dropout = dropout
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, **kw), requires_grad=False
+        )
         self.bias = (
             nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
         )
@@ -55,8 +57,16 @@ class LoRALinear(nn.Module):
     ) -> LoRALinear:
         """Wrap an existing ``nn.Linear``; its weight and bias are shared, not copied."""
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, r, alpha, dropout,
-                     bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            r,
+            alpha,
+            dropout,
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         module.weight = nn.Parameter(w.data, requires_grad=False)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -65,8 +75,16 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling,
-                           self.dropout, self.training)
+        return lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_a,
+            self.lora_b,
+            self.scaling,
+            self.dropout,
+            self.training,
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``scaling · B A`` that ``merge()`` adds to ``weight``, in fp32."""
@@ -92,5 +110,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
+        )
