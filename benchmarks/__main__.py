@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     ops.add_argument("--providers", default=",".join(bench_lora_linear.PROVIDERS))
     ops.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ops.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per case")
+    ops.add_argument(
+        "--slow-cap",
+        type=float,
+        default=30.0,
+        help="a provider slower than this per step (s) skips larger cases",
+    )
     ops.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ops.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
     args = p.parse_args(argv)
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         dtypes=[DTYPES[d] for d in args.dtypes.split(",")],
         providers=args.providers.split(","),
         budget_s=args.budget,
+        slow_cap_s=args.slow_cap,
     )
     print()
     print_table(rows)

@@ -39,27 +39,32 @@ def machine_info() -> dict:
 
 
 def time_median(
-    fn: Callable[[], object],
-    warmup: int = 2,
-    min_reps: int = 5,
-    budget_s: float = 2.0,
-    max_reps: int = 50,
-) -> float:
-    """Median seconds per call: warm up, then repeat until min_reps and the time budget."""
-    for _ in range(warmup):
-        fn()
+    fn: Callable[[], object], min_reps: int = 5, budget_s: float = 2.0, max_reps: int = 50
+) -> tuple[float, float]:
+    """(median seconds per call, seconds of the warm-up call).
+
+    One warm-up call, then repeats until min_reps and the time budget are both met. A call
+    slower than the whole budget is repeated once only: its median is then of one sample.
+    """
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def timed() -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    warmup = timed()
+    if warmup > budget_s:
+        min_reps = 1
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (
         len(times) < min_reps or time.perf_counter() - start < budget_s
     ):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(timed())
+    return statistics.median(times), warmup
 
 
 def _rss_kib() -> dict[str, int]:

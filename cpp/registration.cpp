@@ -24,4 +24,10 @@ TORCH_LIBRARY(eefast, m) {
       "lora_linear_backward(Tensor grad_out, Tensor weight, Tensor lora_a, Tensor lora_b, "
       "Tensor x_lora, Tensor xa, float scaling, bool needs_grad_x, bool split_grad_x) "
       "-> (Tensor grad_x, Tensor grad_x_lora, Tensor grad_a, Tensor grad_b)");
+  // Softmax statistics of (hidden W^T + b) / temperature per row, without [N, vocab] logits:
+  // logsumexp, max prob, argmax, entropy and top-1 minus top-2 prob (fp32; argmax int64).
+  // Forward only: it makes decode-time exit decisions.
+  m.def(
+      "exit_stats(Tensor hidden, Tensor weight, Tensor? bias=None, float temperature=1.0) "
+      "-> (Tensor lse, Tensor max_prob, Tensor argmax, Tensor entropy, Tensor margin)");
 }

@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import ops  # noqa: E402
 from .nn import LoRALinear  # noqa: E402
-from .ops import lora_linear  # noqa: E402
+from .ops import ExitStats, exit_stats, lora_linear  # noqa: E402
 
-__all__ = ["LoRALinear", "lora_linear", "ops"]
+__all__ = ["ExitStats", "LoRALinear", "exit_stats", "lora_linear", "ops"]
 __version__ = "0.1.0"

@@ -9,10 +9,18 @@ Every op is defined once in C++ (cpp/registration.cpp). This module gives each o
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+__all__ = [
+    "ExitStats",
+    "exit_stats",
+    "exit_stats_reference",
+    "lora_linear",
+    "lora_linear_reference",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -161,3 +169,73 @@ def _lora_linear_backward(ctx, grad_out, _grad_xa):
 torch.library.register_autograd(
     "eefast::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------
+# exit_stats
+# --------------------------------------------------------------------------------------------
+
+
+class ExitStats(NamedTuple):
+    """Per-row softmax statistics of an exit head's logits (all fp32 except argmax, int64)."""
+
+    lse: torch.Tensor  # logsumexp of the (temperature-scaled) logits
+    max_prob: torch.Tensor  # p of the argmax token
+    argmax: torch.Tensor  # the greedy token
+    entropy: torch.Tensor  # in nats
+    margin: torch.Tensor  # top-1 minus top-2 probability
+
+
+def exit_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> ExitStats:
+    """Softmax statistics of ``(hidden Wᵀ + b) / temperature`` for each row of ``hidden``.
+
+    ``hidden [..., d]`` (fp32/bf16/fp16), ``weight [vocab, d]`` (fp32 or bf16, accumulated in
+    fp32), ``bias [vocab]`` or None. The ``[..., vocab]`` logits are never materialised: the
+    vocab is streamed in chunks with an online softmax. Forward only (no autograd). A NaN
+    logit makes the row's statistics NaN and its argmax the first NaN, as in torch.
+    """
+    return ExitStats(*torch.ops.eefast.exit_stats.default(hidden, weight, bias, float(temperature)))
+
+
+def exit_stats_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> ExitStats:
+    """Pure-torch ``exit_stats`` through full fp32 logits (the test oracle)."""
+    b = None if bias is None else bias.float()
+    logits = F.linear(hidden.float(), weight.float(), b) / temperature
+    lse = logits.logsumexp(-1)
+    logp = logits - lse.unsqueeze(-1)
+    top = logits.topk(min(2, logits.shape[-1]), dim=-1).values
+    p1 = (top[..., 0] - lse).exp()
+    p2 = (top[..., 1] - lse).exp() if top.shape[-1] > 1 else torch.zeros_like(p1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return ExitStats(lse, p1, logits.argmax(-1), entropy, p1 - p2)
+
+
+@torch.library.register_fake("eefast::exit_stats")
+def _exit_stats_fake(hidden, weight, bias=None, temperature=1.0):
+    torch._check(hidden.dim() >= 1, lambda: "exit_stats: hidden must be [..., d]")
+    torch._check(weight.dim() == 2, lambda: "exit_stats: weight must be 2-D [vocab, d]")
+    torch._check(
+        hidden.shape[-1] == weight.shape[1],
+        lambda: (
+            f"exit_stats: hidden has d={hidden.shape[-1]} "
+            f"but weight is [vocab, d={weight.shape[1]}]"
+        ),
+    )
+    torch._check(
+        weight.device == hidden.device,
+        lambda: f"exit_stats: weight is on {weight.device} but hidden is on {hidden.device}",
+    )
+    torch._check(temperature > 0, lambda: "exit_stats: temperature must be a finite number > 0")
+    lead = hidden.shape[:-1]
+    f32 = hidden.new_empty(lead, dtype=torch.float32)
+    return f32, f32.clone(), hidden.new_empty(lead, dtype=torch.int64), f32.clone(), f32.clone()

@@ -1,0 +1,42 @@
+// Row kernels of the exit-head ops: logits of a few rows against a weight chunk, and the
+// softmax statistics of one row of logits.
+// Plain C++ (no torch headers) so the AVX2 translation unit can include it safely.
+#pragma once
+
+#include <cstdint>
+
+namespace eefast::cpu {
+
+// Statistics of a slice of logits, relative to the slice's own max (an online-softmax partial).
+struct SoftmaxStats {
+  float max1;     // largest logit
+  float max2;     // second largest (equal to max1 on a tie)
+  float sum;      // sum of exp(z - max1)
+  float ent;      // sum of exp(z - max1) * (z - max1)
+  int64_t arg1;   // vocab index of the first max1
+  int64_t nan_at; // vocab index of the first NaN logit, or -1
+};
+
+// Rewrites z[0, n) as (z + bias) * inv_t (bias may be null) and returns its statistics; z[0]
+// has vocab index `base`. Dispatches to AVX2+FMA where the CPU has them.
+SoftmaxStats softmax_stats(float* z, int64_t n, const float* bias, float inv_t, int64_t base);
+
+// The two implementations behind softmax_stats (exposed for tests and benchmarks).
+SoftmaxStats softmax_stats_portable(float* z, int64_t n, const float* bias, float inv_t,
+                                    int64_t base);
+SoftmaxStats softmax_stats_avx2(float* z, int64_t n, const float* bias, float inv_t,
+                                int64_t base);
+
+// Whether the AVX2+FMA kernels below can run on this CPU (and were built).
+bool has_avx2_kernels();
+
+// logits[r * ld + v] = h[r] . w[v] for r < rows, v < n, with h [rows, d] fp32 and w n rows of
+// length d, fp32 or bf16 (raw bits; w_bf16). Streams w once: the decode-time floor. AVX2 only
+// (callers check has_avx2_kernels()).
+void dot_logits_avx2(const float* h, int64_t rows, int64_t d, const void* w, bool w_bf16,
+                     int64_t n, float* logits, int64_t ld);
+
+// Folds b (later vocab indices) into a. Ties keep a's argmax, like torch.argmax.
+void merge(SoftmaxStats& a, const SoftmaxStats& b);
+
+}  // namespace eefast::cpu
