@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_lora_linear
+from . import bench_exit_stats, bench_lora_linear
 from .common import machine_info, plot_speedups, print_table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -21,9 +21,10 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="suite", required=True)
-    ops = sub.add_parser("ops", help="op microbenchmarks (lora_linear forward+backward)")
+    ops = sub.add_parser("ops", help="op microbenchmarks: lora_linear fwd+bwd, exit_stats")
+    ops.add_argument("--op", choices=["all", "lora_linear", "exit_stats"], default="all")
     ops.add_argument("--full", action="store_true", help="the whole shape grid (slow)")
-    ops.add_argument("--tokens", type=_ints, help="comma-separated token counts")
+    ops.add_argument("--tokens", type=_ints, help="comma-separated token (row) counts")
     ops.add_argument("--dims", type=_ints, help="comma-separated in=out feature sizes")
     ops.add_argument("--ranks", type=_ints, help="comma-separated LoRA ranks")
     ops.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
@@ -42,16 +43,29 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     grid = bench_lora_linear.FULL if args.full else bench_lora_linear.QUICK
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     print(f"machine: {machine_info()}")
-    rows = bench_lora_linear.run(
-        tokens=args.tokens or grid["tokens"],
-        dims=args.dims or grid["dims"],
-        ranks=args.ranks or grid["ranks"],
-        dtypes=[DTYPES[d] for d in args.dtypes.split(",")],
-        providers=args.providers.split(","),
-        budget_s=args.budget,
-        slow_cap_s=args.slow_cap,
-    )
+    rows = []
+    if args.op in ("all", "lora_linear"):
+        rows += bench_lora_linear.run(
+            tokens=args.tokens or grid["tokens"],
+            dims=args.dims or grid["dims"],
+            ranks=args.ranks or grid["ranks"],
+            dtypes=dtypes,
+            providers=[p for p in args.providers.split(",") if p in bench_lora_linear.PROVIDERS],
+            budget_s=args.budget,
+            slow_cap_s=args.slow_cap,
+        )
+    if args.op in ("all", "exit_stats"):
+        es = bench_exit_stats.QUICK
+        rows += bench_exit_stats.run(
+            rows=args.tokens or es["rows"],
+            d=es["d"],
+            vocab=es["vocab"],
+            dtypes=dtypes,
+            providers=[p for p in args.providers.split(",") if p in bench_exit_stats.PROVIDERS],
+            budget_s=args.budget,
+        )
     print()
     print_table(rows)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -168,6 +168,8 @@ def plot_speedups(rows: list[Row], path: Path, baseline: str = "eefast") -> None
         [j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=90, fontsize=6
     )
     ax.set_ylabel(f"time / {baseline} time")
+    benches = ", ".join(sorted({r.bench for r in rows}))
+    ax.set_title(f"{benches}: peers vs {baseline} ({torch.get_num_threads()} threads)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace eefast::cpu {
@@ -29,7 +30,9 @@ float exp_nonpositive(float x) {
 
 bool has_avx2_kernels() {
 #if defined(EEFAST_HAVE_AVX2_KERNELS)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // EEFAST_DISABLE_AVX2=1 forces the portable kernels (read once; tests use it).
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("EEFAST_DISABLE_AVX2") == nullptr;
   return has;
 #else
   return false;

@@ -26,55 +26,46 @@ namespace {
 
 using at::Tensor;
 
-// Features of W upcast per block: 256 x in_features fp32 stays within L2/L3 for common widths.
-constexpr int64_t kFeatureBlock = 256;
+// Features of W upcast per block. Small enough that the fp32 working set (a block of W plus a
+// [tokens, block] product) stays below the [tokens, out] temporaries of an unfused bf16 LoRA;
+// large enough that each sgemm still runs at full speed.
+constexpr int64_t kFeatureBlock = 128;
 // Rows of x upcast at a time when reducing over tokens (the grad of A).
-constexpr int64_t kRowChunk = 512;
+constexpr int64_t kRowChunk = 128;
 
 bool use_fp32_upcast(const Tensor& t) { return t.scalar_type() != at::kFloat; }
 
 Tensor to_float(const Tensor& t) { return t.to(at::kFloat); }
 
-// y[N, out] = x32 W^T + b + s * xa32 B^T, W upcast one block of output features at a time.
-void forward_upcast(Tensor& y, const Tensor& x32, const Tensor& xa32, const Tensor& weight,
-                    const std::optional<Tensor>& bias, const Tensor& lora_b, double s) {
-  const int64_t rows = x32.size(0), out = weight.size(0), in = weight.size(1);
-  const int64_t block = std::min(kFeatureBlock, out);
-  const Tensor b32 = to_float(lora_b);
-  const Tensor bias32 = bias ? to_float(*bias) : Tensor();
-  Tensor w_buf = at::empty({block, in}, x32.options());
-  Tensor y_buf = at::empty({rows, block}, x32.options());
-  for (int64_t o = 0; o < out; o += block) {
-    const int64_t n = std::min(block, out - o);
-    Tensor w = w_buf.narrow(0, 0, n);
-    w.copy_(weight.narrow(0, o, n));
-    Tensor yb = y_buf.narrow(1, 0, n);
-    if (bias) {
-      at::addmm_out(yb, bias32.narrow(0, o, n), x32, w.t());
+// dst[:, f] = a32 Wf (+ bias32[f]) (+ s * left32 Rf) over blocks f of dst's columns, with Wf
+// the block of W upcast to fp32, so the fp32 product never exists for all features. The
+// forward blocks W's rows (dim 0: dst = x W^T + b + s xa B^T, R = B); the input gradient blocks
+// its columns (dim 1: dst = g W + s gb A, R = A). The right factor R is sliced the same way.
+void blocked_upcast_gemm(Tensor& dst, const Tensor& a32, const Tensor& weight, int64_t dim,
+                         const Tensor& bias32, const Tensor& left32, const Tensor& right32,
+                         double s) {
+  const int64_t rows = a32.size(0), features = weight.size(dim), depth = weight.size(1 - dim);
+  const int64_t block = std::min(kFeatureBlock, features);
+  Tensor w_buf = at::empty(dim == 0 ? std::vector<int64_t>{block, depth}
+                                    : std::vector<int64_t>{depth, block},
+                           a32.options());
+  Tensor out_buf = at::empty({rows, block}, a32.options());
+  const auto slice = [dim](const Tensor& t, int64_t f, int64_t n) {
+    return dim == 0 ? t.narrow(0, f, n).t() : t.narrow(1, f, n);
+  };
+  for (int64_t f = 0; f < features; f += block) {
+    const int64_t n = std::min(block, features - f);
+    Tensor w = w_buf.narrow(dim, 0, n);
+    w.copy_(weight.narrow(dim, f, n));
+    Tensor ob = out_buf.narrow(1, 0, n);
+    const Tensor wf = dim == 0 ? w.t() : w;
+    if (bias32.defined()) {
+      at::addmm_out(ob, bias32.narrow(0, f, n), a32, wf);
     } else {
-      at::mm_out(yb, x32, w.t());
+      at::mm_out(ob, a32, wf);
     }
-    yb.addmm_(xa32, b32.narrow(0, o, n).t(), 1.0, s);
-    y.narrow(1, o, n).copy_(yb);
-  }
-}
-
-// grad_x[N, in] = g32 W (+ s * gb32 A unless split), W upcast one block of input features at a
-// time so the fp32 product never exists for all of in_features.
-void grad_input_upcast(Tensor& grad_x, const Tensor& g32, const Tensor& gb32, const Tensor& a32,
-                       const Tensor& weight, double s, bool add_lora) {
-  const int64_t rows = g32.size(0), out = weight.size(0), in = weight.size(1);
-  const int64_t block = std::min(kFeatureBlock, in);
-  Tensor w_buf = at::empty({out, block}, g32.options());
-  Tensor dx_buf = at::empty({rows, block}, g32.options());
-  for (int64_t i = 0; i < in; i += block) {
-    const int64_t n = std::min(block, in - i);
-    Tensor w = w_buf.narrow(1, 0, n);
-    w.copy_(weight.narrow(1, i, n));
-    Tensor db = dx_buf.narrow(1, 0, n);
-    at::mm_out(db, g32, w);
-    if (add_lora) db.addmm_(gb32, a32.narrow(1, i, n), 1.0, s);
-    grad_x.narrow(1, i, n).copy_(db);
+    if (left32.defined()) ob.addmm_(left32, slice(right32, f, n), 1.0, s);
+    dst.narrow(1, f, n).copy_(ob);
   }
 }
 
@@ -104,7 +95,8 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
     const Tensor x32 = to_float(x2);
     const Tensor xa32 = at::mm(x_lora ? to_float(xl2) : x32, to_float(lora_a).t());
     xa.copy_(xa32);
-    forward_upcast(y, x32, xa32, weight, bias, lora_b, scaling);
+    blocked_upcast_gemm(y, x32, weight, 0, bias ? to_float(*bias) : Tensor(), xa32,
+                        to_float(lora_b), scaling);
   } else {  // fp32
     at::mm_out(xa, xl2, lora_a.t());
     if (bias) {
@@ -136,7 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
     const Tensor gb32 = at::mm(g32, to_float(lora_b));  // [N, r]
     grad_b = at::mm(g32.t(), to_float(xa2)).mul_(scaling).to(opts.dtype());
     if (needs_grad_x) {
-      grad_input_upcast(grad_x, g32, gb32, a32, weight, scaling, !split_grad_x);
+      blocked_upcast_gemm(grad_x, g32, weight, 1, Tensor(), split_grad_x ? Tensor() : gb32, a32,
+                          scaling);
       if (split_grad_x) grad_x_lora.copy_(at::mm(gb32, a32).mul_(scaling));
     }
     g32.reset();  // free before the token reduction below upcasts x

@@ -1,5 +1,9 @@
 """exit_stats against full-logits torch: values, ties, NaN, determinism, opcheck, errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -153,3 +157,26 @@ def test_bad_input(kwargs, message):
         torch.ops.eefast.exit_stats.default(
             args["hidden"], args["weight"], args["bias"], args["temperature"]
         )
+
+
+def test_portable_kernels_match_reference():
+    """The non-AVX2 path (what CPUs without AVX2 run), forced in a fresh process."""
+    code = """
+import torch, eefast
+from eefast.ops import exit_stats_reference
+torch.manual_seed(0)
+for rows, vocab in ((3, 4100), (40, 2500)):
+    for w_dtype in (torch.float32, torch.bfloat16):
+        h = torch.randn(rows, 40)
+        w = (torch.randn(vocab, 40) / 2).to(w_dtype)
+        b = torch.randn(vocab).to(w_dtype)
+        got, want = eefast.exit_stats(h, w, b, 0.7), exit_stats_reference(h, w, b, 0.7)
+        for name in ("lse", "max_prob", "entropy", "margin"):
+            g, w_ = getattr(got, name), getattr(want, name)
+            torch.testing.assert_close(g, w_, atol=2e-5, rtol=2e-5)
+        assert torch.equal(got.argmax, want.argmax)
+print("ok")
+"""
+    env = {**os.environ, "EEFAST_DISABLE_AVX2": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
