@@ -3,8 +3,9 @@
 Every op is defined once in C++ (cpp/registration.cpp). This module gives each one
 - a wrapper that calls ``torch.ops.eefast.<op>.default``;
 - a fake kernel (``torch.library.register_fake``) so it traces under ``torch.compile``;
-- autograd (``torch.library.register_autograd``) for the trainable ones;
 - a pure-torch reference ``<op>_reference`` that the tests use as the oracle.
+Autograd of the trainable ops is registered in C++ (cpp/<op>_autograd.cpp) and calls a separate
+backward op, which has a fake here too.
 """
 
 from __future__ import annotations
@@ -123,52 +124,6 @@ def _lora_linear_backward_fake(
         x_lora.shape if needs_grad_x and split_grad_x else (0, in_features)
     )
     return grad_x, grad_x_lora, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
-
-
-def _lora_linear_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, x_lora = inputs
-    _, xa = output
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise RuntimeError(
-            "lora_linear: weight and bias are frozen and get no gradient; "
-            "set requires_grad=False on them (train lora_a and lora_b instead)"
-        )
-    ctx.scaling = scaling
-    ctx.split_grad_x = x_lora is not None
-    # The backward needs the low-rank input (x, or dropout(x)) and xa; never [tokens, out].
-    ctx.save_for_backward(x if x_lora is None else x_lora, weight, lora_a, lora_b, xa)
-
-
-def _lora_linear_backward(ctx, grad_out, _grad_xa):
-    x_lora, weight, lora_a, lora_b, xa = ctx.saved_tensors
-    # torch drops a trailing defaulted argument (x_lora=None) from needs_input_grad.
-    needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
-    needs_grad_x = needs[0] or needs[6]
-    grad_x, grad_x_lora, grad_a, grad_b = torch.ops.eefast.lora_linear_backward.default(
-        grad_out.contiguous(),
-        weight,
-        lora_a,
-        lora_b,
-        x_lora,
-        xa,
-        ctx.scaling,
-        needs_grad_x,
-        ctx.split_grad_x,
-    )
-    return (
-        grad_x if needs[0] else None,
-        None,  # weight is frozen
-        None,  # bias is frozen
-        grad_a if needs[3] else None,
-        grad_b if needs[4] else None,
-        None,
-        grad_x_lora if needs[6] else None,
-    )[: len(ctx.needs_input_grad)]
-
-
-torch.library.register_autograd(
-    "eefast::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
-)
 
 
 # --------------------------------------------------------------------------------------------
