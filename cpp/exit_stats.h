@@ -2,10 +2,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace eefast {
 
@@ -36,5 +39,25 @@ inline void check_exit_stats_args(const at::Tensor& hidden, const at::Tensor& we
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
               ": temperature must be a finite number > 0, got ", temperature);
 }
+
+// The five outputs of exit_stats for `rows` flattened rows: fp32, argmax int64.
+struct ExitStatsOutputs {
+  at::Tensor lse, max_prob, argmax, entropy, margin;
+
+  ExitStatsOutputs(int64_t rows, const at::TensorOptions& f32)
+      : lse(at::empty({rows}, f32)),
+        max_prob(at::empty({rows}, f32)),
+        argmax(at::empty({rows}, f32.dtype(at::kLong))),
+        entropy(at::empty({rows}, f32)),
+        margin(at::empty({rows}, f32)) {}
+
+  // The outputs shaped like hidden without its last dimension, in schema order.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shaped_like(
+      at::IntArrayRef hidden_shape) const {
+    const std::vector<int64_t> lead(hidden_shape.begin(), hidden_shape.end() - 1);
+    return {lse.view(lead), max_prob.view(lead), argmax.view(lead), entropy.view(lead),
+            margin.view(lead)};
+  }
+};
 
 }  // namespace eefast

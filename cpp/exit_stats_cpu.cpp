@@ -126,13 +126,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> exit_stats_cpu(
     stats_many_rows(h32, w, bias_ptr, inv_t, stats);
   }
 
-  const auto f32 = h32.options();
-  Tensor lse = at::empty({rows}, f32), max_prob = at::empty({rows}, f32);
-  Tensor entropy = at::empty({rows}, f32), margin = at::empty({rows}, f32);
-  Tensor argmax = at::empty({rows}, f32.dtype(at::kLong));
-  float *lse_p = lse.data_ptr<float>(), *mp_p = max_prob.data_ptr<float>();
-  float *ent_p = entropy.data_ptr<float>(), *mg_p = margin.data_ptr<float>();
-  int64_t* arg_p = argmax.data_ptr<int64_t>();
+  ExitStatsOutputs out(rows, h32.options());
+  float *lse_p = out.lse.data_ptr<float>(), *mp_p = out.max_prob.data_ptr<float>();
+  float *ent_p = out.entropy.data_ptr<float>(), *mg_p = out.margin.data_ptr<float>();
+  int64_t* arg_p = out.argmax.data_ptr<int64_t>();
   at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       SoftmaxStats st = stats[r];
@@ -151,9 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> exit_stats_cpu(
       arg_p[r] = st.arg1;
     }
   });
-  std::vector<int64_t> lead(hidden.sizes().begin(), hidden.sizes().end() - 1);
-  return {lse.view(lead), max_prob.view(lead), argmax.view(lead), entropy.view(lead),
-          margin.view(lead)};
+  return out.shaped_like(hidden.sizes());
 }
 
 }  // namespace

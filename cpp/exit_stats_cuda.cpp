@@ -24,22 +24,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> exit_stats_cuda(
   const Tensor w = weight.contiguous();
   const Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
   const int64_t rows = h32.size(0);
-  const auto f32 = h32.options();
-  Tensor lse = at::empty({rows}, f32), max_prob = at::empty({rows}, f32);
-  Tensor entropy = at::empty({rows}, f32), margin = at::empty({rows}, f32);
-  Tensor argmax = at::empty({rows}, f32.dtype(at::kLong));
+  ExitStatsOutputs out(rows, h32.options());
   Tensor workspace =
-      at::empty({cuda::exit_stats_workspace_bytes(rows, vocab)}, f32.dtype(at::kByte));
+      at::empty({cuda::exit_stats_workspace_bytes(rows, vocab)}, h32.options().dtype(at::kByte));
   const cudaError_t err = cuda::exit_stats_forward(
       h32.data_ptr<float>(), w.data_ptr(), w.scalar_type() == at::kBFloat16,
       bias ? b32.data_ptr<float>() : nullptr, static_cast<float>(1.0 / temperature), rows, d,
-      vocab, workspace.data_ptr(), lse.data_ptr<float>(), max_prob.data_ptr<float>(),
-      argmax.data_ptr<int64_t>(), entropy.data_ptr<float>(), margin.data_ptr<float>(),
+      vocab, workspace.data_ptr(), out.lse.data_ptr<float>(), out.max_prob.data_ptr<float>(),
+      out.argmax.data_ptr<int64_t>(), out.entropy.data_ptr<float>(), out.margin.data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "exit_stats: CUDA error: ", cudaGetErrorString(err));
-  std::vector<int64_t> lead(hidden.sizes().begin(), hidden.sizes().end() - 1);
-  return {lse.view(lead), max_prob.view(lead), argmax.view(lead), entropy.view(lead),
-          margin.view(lead)};
+  return out.shaped_like(hidden.sizes());
 }
 
 }  // namespace
