@@ -9,8 +9,8 @@ from functools import partial
 
 import torch
 
-from . import LoRALinear, lora_linear
-from .ops import lora_linear_reference
+from . import LoRALinear, exit_stats, lora_linear
+from .ops import exit_stats_reference, lora_linear_reference
 
 
 def _registered_backends(op: str) -> list[str]:
@@ -25,9 +25,20 @@ def cmd_info(_args: argparse.Namespace) -> None:
     print(
         f"eefast {eefast.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}"
     )
-    for op in ("lora_linear", "lora_linear_backward"):
+    for op in ("lora_linear", "lora_linear_backward", "exit_stats"):
         print(f"  torch.ops.eefast.{op}: {', '.join(_registered_backends(op)) or 'not built'}")
     print(f"  CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+
+
+def _median_call_ms(fn, reps: int) -> float:
+    """Median milliseconds of fn(), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def _fwd_bwd_ms(fwd, x, grad, leaves, reps: int) -> float:
@@ -43,7 +54,7 @@ def _fwd_bwd_ms(fwd, x, grad, leaves, reps: int) -> float:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """A short tour of lora_linear: exactness, a tiny training run, and its speed."""
+    """A short tour of the fused ops: exactness, a tiny training run, and their speed."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cmd_info(args)
@@ -96,6 +107,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"   {str(dtype):15} eefast {fused:8.1f} ms   eager PyTorch {eager:8.1f} ms   "
             f"speedup {eager / fused:5.2f}x"
         )
+
+    print("\n4. exit_stats: the exit decision at decode, from an LM head of SmolLM2's size")
+    print("   (d=576, vocab=49152), without materialising the logits (median):")
+    for dtype in (torch.float32, torch.bfloat16):
+        head = (torch.randn(49152, 576) / 24).to(dtype)
+        h = torch.randn(1, 576)
+        fused = _median_call_ms(lambda h=h, head=head: exit_stats(h, head), args.reps * 5)
+        eager = _median_call_ms(lambda h=h, head=head: exit_stats_reference(h, head), args.reps * 5)
+        stats = exit_stats(h, head)
+        print(
+            f"   weight {str(dtype):15} eefast {fused:6.2f} ms   "
+            f"full-logits PyTorch {eager:6.2f} ms"
+            f"   speedup {eager / fused:5.2f}x   (max prob {stats.max_prob.item():.3f})"
+        )
     print("\nFull comparison against HF PEFT, eager and torch.compile: make bench")
 
 
@@ -104,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what this build provides")
     info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="a short tour of the fused LoRA op and its speed")
+    demo = sub.add_parser("demo", help="a short tour of the fused ops and their speed")
     demo.add_argument("--tokens", type=int, default=512)
     demo.add_argument("--dim", type=int, default=2048)
     demo.add_argument("--threads", type=int, default=2)
