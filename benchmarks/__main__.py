@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_exit_stats, bench_lora_linear
+from . import bench_exit_stats, bench_linear_cross_entropy, bench_lora_linear
 from .common import machine_info, plot_speedups, print_table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -21,8 +21,14 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="suite", required=True)
-    ops = sub.add_parser("ops", help="op microbenchmarks: lora_linear fwd+bwd, exit_stats")
-    ops.add_argument("--op", choices=["all", "lora_linear", "exit_stats"], default="all")
+    ops = sub.add_parser(
+        "ops", help="op microbenchmarks: lora_linear, exit_stats, linear_cross_entropy"
+    )
+    ops.add_argument(
+        "--op",
+        choices=["all", "lora_linear", "exit_stats", "linear_cross_entropy"],
+        default="all",
+    )
     ops.add_argument("--full", action="store_true", help="the whole shape grid (slow)")
     ops.add_argument("--tokens", type=_ints, help="comma-separated token (row) counts")
     ops.add_argument("--dims", type=_ints, help="comma-separated in=out feature sizes")
@@ -64,6 +70,19 @@ def main(argv: list[str] | None = None) -> None:
             vocab=es["vocab"],
             dtypes=dtypes,
             providers=[p for p in args.providers.split(",") if p in bench_exit_stats.PROVIDERS],
+            budget_s=args.budget,
+        )
+    if args.op in ("all", "linear_cross_entropy"):
+        lce = bench_linear_cross_entropy.QUICK
+        rows += bench_linear_cross_entropy.run(
+            tokens=args.tokens or lce["tokens"],
+            d=lce["d"],
+            vocab=lce["vocab"],
+            exits=lce["exits"],
+            dtypes=dtypes,
+            providers=[
+                p for p in args.providers.split(",") if p in bench_linear_cross_entropy.PROVIDERS
+            ],
             budget_s=args.budget,
         )
     print()

@@ -16,7 +16,21 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 from . import ops  # noqa: E402
 from .nn import LoRALinear  # noqa: E402
-from .ops import ExitStats, exit_stats, lora_linear  # noqa: E402
+from .ops import (  # noqa: E402
+    ExitStats,
+    exit_stats,
+    linear_cross_entropy,
+    lora_linear,
+    multi_exit_cross_entropy,
+)
 
-__all__ = ["ExitStats", "LoRALinear", "exit_stats", "lora_linear", "ops"]
+__all__ = [
+    "ExitStats",
+    "LoRALinear",
+    "exit_stats",
+    "linear_cross_entropy",
+    "lora_linear",
+    "multi_exit_cross_entropy",
+    "ops",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""linear_cross_entropy, several exits, forward+backward: eefast against eager PyTorch and
+torch.compile of the same loss (full [tokens, vocab] logits per exit, then cross-entropy).
+The exits share one trainable LM-head weight, so every provider also builds its gradient."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import eefast
+
+from .common import Row, peak_extra_memory_mib, time_median
+
+QUICK = {"tokens": [4096], "d": 576, "vocab": 49152, "exits": 3}
+PROVIDERS = ["eefast", "eager", "compile"]
+
+
+def eager_multi_exit(hiddens, weight, targets):
+    return sum(F.cross_entropy(h @ weight.t(), targets) for h in hiddens)
+
+
+def _case(n, d, vocab, exits, dtype, providers, compiled, budget_s) -> list[Row]:
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, d, generator=gen) / d**0.5).to(dtype).requires_grad_()
+    hiddens = [torch.randn(n, d, generator=gen).to(dtype).requires_grad_() for _ in range(exits)]
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    case = {
+        "tokens": n,
+        "d": d,
+        "vocab": vocab,
+        "exits": exits,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    losses = {
+        "eefast": lambda: eefast.multi_exit_cross_entropy(hiddens, weight, targets)[0],
+        "eager": lambda: eager_multi_exit(hiddens, weight, targets),
+        "compile": lambda: compiled(hiddens, weight, targets),
+    }
+    rows = []
+    for provider in providers:
+        loss_fn = losses[provider]
+
+        def step(loss_fn=loss_fn):
+            loss_fn().backward()
+            for t in (weight, *hiddens):
+                t.grad = None
+
+        seconds, _ = time_median(step, min_reps=3, budget_s=budget_s)
+        row = Row(
+            "linear_cross_entropy", case, provider, seconds * 1e3, peak_extra_memory_mib(step)
+        )
+        rows.append(row)
+        print(f"  {case} {provider:<8} {row.ms:9.1f} ms  peak {row.peak_mib} MiB", flush=True)
+    return rows
+
+
+def run(tokens, d, vocab, exits, dtypes, providers, budget_s: float = 2.0) -> list[Row]:
+    compiled = torch.compile(eager_multi_exit)
+    return [
+        row
+        for dtype in dtypes
+        for n in tokens
+        for row in _case(n, d, vocab, exits, dtype, providers, compiled, budget_s)
+    ]

@@ -1,0 +1,281 @@
+// CPU kernels of linear_cross_entropy: LM head + cross-entropy (+ z-loss, + distillation to a
+// teacher head) without [tokens, vocab] logits.
+//
+// Rows are processed in chunks sized so that one chunk's [rows, vocab] fp32 logits stay a few
+// MB; every chunk computes its logits with sgemm, the loss, and for mean/sum the gradient of the
+// logits right away (softmax - onehot, ...), which turns into the hidden gradient (dz W) and
+// accumulates the weight gradient (dz^T h). That is 3 GEMMs per chunk and no second pass. Extra
+// memory is O(chunk x vocab), independent of the number of tokens. Chunks run in order, so the
+// weight-gradient accumulation is deterministic. bf16 weights are upcast a vocab block at a time.
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace eefast {
+namespace {
+
+using at::Tensor;
+
+// [rows, vocab] fp32 logits per chunk: 32 MB. Fewer, taller chunks matter: each chunk's weight
+// gradient dz^T h is a GEMM of depth `rows` that rewrites the whole [vocab, d] accumulator.
+constexpr int64_t kChunkElems = int64_t{1} << 23;
+constexpr int64_t kVocabBlock = 4096;               // vocab rows of a bf16 weight upcast at once
+
+void check_args(const char* op, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+                const std::optional<Tensor>& teacher_weight, double z_loss, double kd_weight) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [tokens, d], got shape ", hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point");
+  const auto wdt = weight.scalar_type();
+  TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, op,
+              ": weight must be float32 or bfloat16, got ", wdt);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0, op,
+              ": weight must be [vocab, d] with vocab > 0, got shape ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), op, ": hidden has d=", hidden.size(1),
+              " but weight is [vocab, d=", weight.size(1), "]");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), op,
+              ": targets must be [tokens=", hidden.size(0), "], got shape ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ",
+              targets.scalar_type());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [vocab=",
+                weight.size(0), "], got shape ", bias->sizes());
+  }
+  TORCH_CHECK(teacher_hidden.has_value() == teacher_weight.has_value(), op,
+              ": teacher_hidden and teacher_weight come together");
+  if (teacher_hidden) {
+    TORCH_CHECK(teacher_weight->dim() == 2 && teacher_weight->size(0) == weight.size(0), op,
+                ": teacher_weight must have the student's vocab=", weight.size(0), ", got shape ",
+                teacher_weight->sizes());
+    TORCH_CHECK(teacher_hidden->dim() == 2 && teacher_hidden->size(0) == hidden.size(0) &&
+                    teacher_hidden->size(1) == teacher_weight->size(1),
+                op, ": teacher_hidden must be [tokens=", hidden.size(0), ", teacher d=",
+                teacher_weight->size(1), "], got shape ", teacher_hidden->sizes());
+  }
+  TORCH_CHECK(z_loss >= 0 && kd_weight >= 0, op, ": z_loss and kd_weight must be >= 0");
+  for (const Tensor* t : {&weight, &targets}) {
+    TORCH_CHECK(t->device() == hidden.device(), op, ": all inputs must be on hidden's device");
+  }
+}
+
+// z[rows, vocab] = h32 W^T + bias32 in fp32; a bf16 W is upcast one vocab block at a time.
+void logits_into(Tensor& z, const Tensor& h32, const Tensor& weight, const Tensor& bias32,
+                 Tensor& w_buf) {
+  const int64_t vocab = weight.size(0);
+  if (weight.scalar_type() == at::kFloat) {
+    if (bias32.defined()) {
+      at::addmm_out(z, bias32, h32, weight.t());
+    } else {
+      at::mm_out(z, h32, weight.t());
+    }
+    return;
+  }
+  for (int64_t v = 0; v < vocab; v += kVocabBlock) {
+    const int64_t n = std::min(kVocabBlock, vocab - v);
+    Tensor w = w_buf.narrow(0, 0, n).copy_(weight.narrow(0, v, n));
+    Tensor zb = z.narrow(1, v, n);
+    if (bias32.defined()) {
+      at::addmm_out(zb, bias32.narrow(0, v, n), h32, w.t());
+    } else {
+      at::mm_out(zb, h32, w.t());
+    }
+  }
+}
+
+// grad_h[rows, d] = dz W, with a bf16 W upcast one vocab block at a time.
+void grad_hidden_into(Tensor& grad_h, const Tensor& dz, const Tensor& weight, Tensor& w_buf) {
+  if (weight.scalar_type() == at::kFloat) {
+    at::mm_out(grad_h, dz, weight);
+    return;
+  }
+  grad_h.zero_();
+  for (int64_t v = 0; v < weight.size(0); v += kVocabBlock) {
+    const int64_t n = std::min(kVocabBlock, weight.size(0) - v);
+    Tensor w = w_buf.narrow(0, 0, n).copy_(weight.narrow(0, v, n));
+    grad_h.addmm_(dz.narrow(1, v, n), w);
+  }
+}
+
+struct Results {
+  Tensor loss_rows, grad_hidden, grad_weight, grad_bias;
+};
+
+// Per-row losses, and when row_scale is given the gradients of sum_i row_scale[i] * loss_i.
+// The weight/bias gradients are added into grad_weight/grad_bias (fp32 [vocab, d] / [vocab])
+// when those are defined, so several exits can share one buffer.
+Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                 const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+                 const std::optional<Tensor>& teacher_weight, int64_t ignore_index,
+                 double z_loss, double kd_weight, const std::optional<Tensor>& row_scale,
+                 bool weight_grad, Tensor grad_weight = Tensor(), Tensor grad_bias = Tensor()) {
+  const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const Tensor h32 = hidden.to(at::kFloat).contiguous();
+  const Tensor w = weight.contiguous();
+  const Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
+  const bool teach = teacher_hidden.has_value() && kd_weight > 0;
+  const Tensor th32 = teach ? teacher_hidden->to(at::kFloat).contiguous() : Tensor();
+  const Tensor tw = teach ? teacher_weight->contiguous() : Tensor();
+
+  const Tensor valid = targets.ne(ignore_index);
+  const Tensor in_range = targets.ge(0).logical_and(targets.lt(vocab));
+  TORCH_CHECK(in_range.logical_or(valid.logical_not()).all().item<bool>(),
+              "linear_cross_entropy: targets must be in [0, vocab=", vocab, ") or ignore_index=",
+              ignore_index);
+  const Tensor safe_targets = targets.masked_fill(valid.logical_not(), 0);
+
+  const bool grads = row_scale.has_value();
+  Results res;
+  res.loss_rows = at::empty({rows}, f32);
+  res.grad_hidden = at::empty({grads ? rows : 0, d}, f32);
+  res.grad_weight =
+      grad_weight.defined() ? grad_weight : at::zeros({grads && weight_grad ? vocab : 0, d}, f32);
+  res.grad_bias =
+      grad_bias.defined() ? grad_bias : at::zeros({grads && weight_grad && bias ? vocab : 0}, f32);
+
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, kChunkElems / vocab));
+  Tensor z_buf = at::empty({chunk, vocab}, f32);
+  Tensor zt_buf = teach ? at::empty({chunk, vocab}, f32) : Tensor();
+  Tensor w_buf = at::empty({w.scalar_type() == at::kFloat ? 0 : kVocabBlock, d}, f32);
+  Tensor tw_buf = teach ? at::empty({tw.scalar_type() == at::kFloat ? 0 : kVocabBlock,
+                                     tw.size(1)}, f32)
+                        : Tensor();
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    Tensor z = z_buf.narrow(0, 0, n);
+    const Tensor h = h32.narrow(0, r0, n);
+    logits_into(z, h, w, bias32, w_buf);
+    const Tensor tgt = safe_targets.narrow(0, r0, n).unsqueeze(1);
+    const Tensor ok = valid.narrow(0, r0, n).to(at::kFloat);
+    const Tensor lse = z.logsumexp({1}, /*keepdim=*/true);  // [n, 1]
+    Tensor loss = lse.squeeze(1) - z.gather(1, tgt).squeeze(1);
+    if (z_loss > 0) loss = loss + z_loss * lse.squeeze(1).square();
+    Tensor log_pt;
+    if (teach) {
+      Tensor zt = zt_buf.narrow(0, 0, n);
+      logits_into(zt, th32.narrow(0, r0, n), tw, Tensor(), tw_buf);
+      log_pt = zt.log_softmax(1);
+      // KL(teacher || student) = sum p_t (log p_t - log p_s), log p_s = z - lse
+      loss = loss + kd_weight * (log_pt.exp() * (log_pt - (z - lse))).sum(1);
+    }
+    res.loss_rows.narrow(0, r0, n).copy_(loss * ok);
+    if (!grads) continue;
+
+    // dz = scale * [(1 + 2 z_loss lse) p - onehot + kd_weight (p - p_t)], p = softmax(z)
+    Tensor dz = z.sub_(lse).exp_();  // p, in place over the logits
+    const Tensor p_coef = 1.0 + 2.0 * z_loss * lse + kd_weight;
+    if (teach) {
+      dz.mul_(p_coef).sub_(log_pt.exp_().mul_(kd_weight));
+    } else {
+      dz.mul_(p_coef);
+    }
+    dz.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
+    dz.mul_((ok * row_scale->narrow(0, r0, n)).unsqueeze(1));
+    Tensor gh = res.grad_hidden.narrow(0, r0, n);
+    grad_hidden_into(gh, dz, w, w_buf);
+    if (weight_grad) {
+      res.grad_weight.addmm_(dz.t(), h);
+      if (bias) res.grad_bias.add_(dz.sum(0));
+    }
+  }
+  return res;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_cpu(
+    const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+    const std::optional<Tensor>& teacher_weight, int64_t ignore_index, int64_t reduction,
+    double z_loss, double kd_weight, bool weight_grad) {
+  check_args("linear_cross_entropy", hidden, weight, targets, bias, teacher_hidden,
+             teacher_weight, z_loss, kd_weight);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "linear_cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  std::optional<Tensor> scale;
+  double divisor = 1.0;
+  if (reduction == 1) {  // mean over non-ignored rows; no valid row gives 0, not NaN
+    divisor = std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>());
+  }
+  if (reduction != 0) {
+    scale = at::full({hidden.size(0)}, 1.0 / divisor, hidden.options().dtype(at::kFloat));
+  }
+  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
+                       ignore_index, z_loss, kd_weight, scale, weight_grad);
+  const Tensor loss = reduction == 0 ? r.loss_rows : r.loss_rows.sum().div_(divisor);
+  return {loss, r.grad_hidden.to(hidden.scalar_type()), r.grad_weight.to(weight.scalar_type()),
+          bias ? r.grad_bias.to(bias->scalar_type()) : r.grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_cpu(
+    const Tensor& grad_rows, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+    const std::optional<Tensor>& teacher_weight, int64_t ignore_index, double z_loss,
+    double kd_weight, bool weight_grad) {
+  check_args("linear_cross_entropy_backward", hidden, weight, targets, bias, teacher_hidden,
+             teacher_weight, z_loss, kd_weight);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == hidden.size(0),
+              "linear_cross_entropy_backward: grad_rows must be [tokens]");
+  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
+                       ignore_index, z_loss, kd_weight, grad_rows.to(at::kFloat), weight_grad);
+  return {r.grad_hidden.to(hidden.scalar_type()), r.grad_weight.to(weight.scalar_type()),
+          bias ? r.grad_bias.to(bias->scalar_type()) : r.grad_bias};
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_entropy_multi_cpu(
+    at::TensorList hiddens, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, at::ArrayRef<double> exit_weights,
+    const std::optional<Tensor>& teacher_hidden, const std::optional<Tensor>& teacher_weight,
+    int64_t ignore_index, int64_t reduction, double z_loss, double kd_weight, bool weight_grad) {
+  TORCH_CHECK(!hiddens.empty(), "linear_cross_entropy_multi: no exits");
+  TORCH_CHECK(exit_weights.size() == hiddens.size(), "linear_cross_entropy_multi: ",
+              hiddens.size(), " exits but ", exit_weights.size(), " exit weights");
+  TORCH_CHECK(reduction == 1 || reduction == 2,
+              "linear_cross_entropy_multi: reduction must be 1 (mean) or 2 (sum)");
+  for (const Tensor& h : hiddens) {
+    check_args("linear_cross_entropy_multi", h, weight, targets, bias, teacher_hidden,
+               teacher_weight, z_loss, kd_weight);
+  }
+  const auto f32 = hiddens[0].options().dtype(at::kFloat);
+  const double divisor =
+      reduction == 1 ? std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>()) : 1;
+  const int64_t vocab = weight.size(0), d = weight.size(1);
+  // One weight-gradient buffer for every exit sharing the head.
+  Tensor grad_weight = at::zeros({weight_grad ? vocab : 0, d}, f32);
+  Tensor grad_bias = at::zeros({weight_grad && bias ? vocab : 0}, f32);
+  Tensor losses = at::empty({static_cast<int64_t>(hiddens.size())}, f32);
+  std::vector<Tensor> grad_hiddens;
+  for (size_t e = 0; e < hiddens.size(); ++e) {
+    const Tensor scale = at::full({hiddens[e].size(0)}, exit_weights[e] / divisor, f32);
+    Results r = lce_core(hiddens[e], weight, targets, bias, teacher_hidden, teacher_weight,
+                         ignore_index, z_loss, kd_weight, scale, weight_grad, grad_weight,
+                         grad_bias);
+    losses[e].copy_(r.loss_rows.sum().div_(divisor));
+    grad_hiddens.push_back(r.grad_hidden.to(hiddens[e].scalar_type()));
+  }
+  const Tensor total = (losses * at::tensor(std::vector<double>(exit_weights.begin(),
+                                                                  exit_weights.end()),
+                                              f32))
+                           .sum();
+  return {total, losses, grad_hiddens, grad_weight.to(weight.scalar_type()),
+          bias ? grad_bias.to(bias->scalar_type()) : grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eefast, CPU, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_multi", &linear_cross_entropy_multi_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+}
+
+}  // namespace eefast

@@ -1,0 +1,241 @@
+"""linear_cross_entropy against full-logits torch: losses, gradients, multi-exit, errors."""
+
+import pytest
+import torch
+
+import eefast
+from eefast.ops import linear_cross_entropy_reference
+
+# (tokens, d, vocab): one chunk; several chunks of rows (8 MB of logits each) with a remainder.
+SHAPES = [(13, 24, 1001), (150, 16, 30001)]
+
+
+def make(n, d, vocab, device, w_dtype=torch.float32, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=g) / 4).to(w_dtype).to(device).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(device).requires_grad_() if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    targets[::5] = -100
+    return hidden, weight, b, targets
+
+
+def run(fn, hidden, weight, bias, targets, grad_seed=1, **kw):
+    loss = fn(hidden, weight, targets, bias, **kw)
+    grad = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed)).to(loss)
+    loss.backward(grad)
+    out = [loss.detach(), hidden.grad, weight.grad] + ([bias.grad] if bias is not None else [])
+    hidden.grad = weight.grad = None
+    if bias is not None:
+        bias.grad = None
+    return out
+
+
+def assert_matches(got, want, tol):
+    for g, w in zip(got, want, strict=True):
+        scale = max(w.abs().max().item(), 1e-6) if w.numel() else 1.0
+        err = (g.float() - w.float()).abs().max().item() if w.numel() else 0.0
+        assert err <= tol * scale, f"max err {err:.3e} at scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("n,d,vocab", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("extra", ["plain", "z_loss", "kd", "bias"])
+def test_matches_reference(device, n, d, vocab, reduction, extra):
+    hidden, weight, bias, targets = make(n, d, vocab, device, bias=extra == "bias")
+    kw = {"reduction": reduction}
+    if extra == "z_loss":
+        kw["z_loss"] = 1e-3
+    if extra == "kd":
+        g = torch.Generator().manual_seed(7)
+        kw["teacher"] = (
+            torch.randn(n, 12, generator=g).to(device),
+            (torch.randn(vocab, 12, generator=g) / 3).to(device),
+        )
+        kw["kd_weight"] = 0.5
+    got = run(eefast.linear_cross_entropy, hidden, weight, bias, targets, **kw)
+    want = run(linear_cross_entropy_reference, hidden, weight, bias, targets, **kw)
+    assert_matches(got, want, 1e-5)
+
+
+def test_bf16_weight(device):
+    hidden, weight, _, targets = make(40, 16, 9000, device, w_dtype=torch.bfloat16)
+    got = run(eefast.linear_cross_entropy, hidden, weight, None, targets)
+    want = run(linear_cross_entropy_reference, hidden, weight, None, targets)
+    assert got[2].dtype == torch.bfloat16
+    assert_matches(got, want, 1e-2)
+
+
+def test_all_ignored_and_empty(device):
+    hidden, weight, _, targets = make(6, 8, 300, device)
+    targets.fill_(-100)
+    loss = eefast.linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+    empty = torch.zeros(0, 8, device=device, requires_grad=True)
+    loss = eefast.linear_cross_entropy(empty, weight, targets[:0], reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 8)
+
+
+def test_frozen_weight_gets_no_grad(device):
+    hidden, weight, _, targets = make(9, 8, 500, device)
+    weight.requires_grad_(False)
+    eefast.linear_cross_entropy(hidden, weight, targets).backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+def test_multi_exit_shared_weight(device):
+    hidden, weight, _, targets = make(20, 16, 2000, device)
+    hiddens = [hidden, (hidden.detach() * 0.5).requires_grad_(), hidden.detach().requires_grad_()]
+    total, losses = eefast.multi_exit_cross_entropy(hiddens, weight, targets, [1.0, 0.5, 2.0])
+    total.backward()
+    want_grad, want_total = torch.zeros_like(weight), 0.0
+    for h, c in zip(hiddens, [1.0, 0.5, 2.0], strict=True):
+        w = weight.detach().clone().requires_grad_()
+        loss = linear_cross_entropy_reference(h.detach(), w, targets)
+        (c * loss).backward()
+        want_grad += w.grad
+        want_total += c * loss.item()
+    assert len(losses) == 3
+    torch.testing.assert_close(total.item(), want_total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_opcheck(device, reduction):
+    hidden, weight, bias, targets = make(10, 8, 700, device, bias=True)
+    args = (hidden, weight, targets, bias, None, None, -100, reduction, 1e-4, 0.0, True)
+    torch.library.opcheck(torch.ops.eefast.linear_cross_entropy.default, args)
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    hidden, weight, _, targets = make(12, 8, 900, device)
+
+    @torch.compile(fullgraph=True)
+    def step(h, w):
+        return eefast.linear_cross_entropy(h, w, targets, z_loss=1e-4)
+
+    loss = step(hidden, weight)
+    loss.backward()
+    got = [loss.detach(), hidden.grad, weight.grad]
+    hidden.grad = weight.grad = None
+    want = eefast.linear_cross_entropy(hidden, weight, targets, z_loss=1e-4)
+    want.backward()
+    assert_matches(got, [want.detach(), hidden.grad, weight.grad], 1e-6)
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"weight": torch.randn(100, 9)}, "hidden has d=8"),
+        ({"targets": torch.tensor([0, 1, 100, 2])}, "targets must be in"),
+        ({"targets": torch.tensor([0, 1, -3, 2])}, "targets must be in"),
+        ({"targets": torch.tensor([0, 1, 2, 3], dtype=torch.int32)}, "targets must be int64"),
+        ({"targets": torch.tensor([0, 1])}, "targets must be"),
+        ({"weight": torch.randn(100, 8, dtype=torch.float64)}, "weight must be float32 or bf"),
+        ({"bias": torch.randn(99)}, r"bias must be \[vocab=100\]"),
+        (
+            {"teacher_weight": torch.randn(99, 4), "teacher_hidden": torch.randn(4, 4)},
+            "teacher_weight must have the student's vocab",
+        ),
+        ({"z_loss": -1.0}, "z_loss and kd_weight must be >= 0"),
+    ],
+)
+def test_bad_input(over, message):
+    args = {
+        "hidden": torch.randn(4, 8),
+        "weight": torch.randn(100, 8),
+        "targets": torch.tensor([0, 1, 2, -100]),
+        "bias": None,
+        "teacher_hidden": None,
+        "teacher_weight": None,
+        "z_loss": 0.0,
+    }
+    args.update(over)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.eefast.linear_cross_entropy.default(
+            args["hidden"],
+            args["weight"],
+            args["targets"],
+            args["bias"],
+            args["teacher_hidden"],
+            args["teacher_weight"],
+            -100,
+            1,
+            args["z_loss"],
+            0.0,
+            False,
+        )
+
+
+def test_bad_reduction():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        eefast.linear_cross_entropy(
+            torch.randn(2, 4), torch.randn(10, 4), torch.tensor([0, 1]), reduction="avg"
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_multi_exit_fused_with_bias_and_teacher(device, reduction):
+    hidden, weight, bias, targets = make(30, 16, 3000, device, bias=True)
+    hiddens = [hidden, (hidden.detach() * 2).requires_grad_()]
+    g = torch.Generator().manual_seed(3)
+    teacher = (
+        torch.randn(30, 8, generator=g).to(device),
+        (torch.randn(3000, 8, generator=g) / 3).to(device),
+    )
+    kw = {
+        "bias": bias,
+        "reduction": reduction,
+        "z_loss": 1e-3,
+        "teacher": teacher,
+        "kd_weight": 0.3,
+    }
+    total, losses = eefast.multi_exit_cross_entropy(hiddens, weight, targets, [0.7, 1.3], **kw)
+    total.backward()
+    got = [total.detach(), losses, *(h.grad for h in hiddens), weight.grad, bias.grad]
+    for t in (*hiddens, weight, bias):
+        t.grad = None
+    ref = [linear_cross_entropy_reference(h, weight, targets, **kw) for h in hiddens]
+    want_total = 0.7 * ref[0] + 1.3 * ref[1]
+    want_total.backward()
+    want = [
+        want_total.detach(),
+        torch.stack([r.detach() for r in ref]),
+        *(h.grad for h in hiddens),
+        weight.grad,
+        bias.grad,
+    ]
+    assert_matches(got, want, 1e-5)
+
+
+def test_multi_exit_own_weights_match_per_exit_calls(device):
+    hidden, weight, _, targets = make(10, 8, 800, device)
+    weight2 = (weight.detach() * 0.5).requires_grad_()
+    total, losses = eefast.multi_exit_cross_entropy(
+        [hidden, hidden], [weight, weight2], targets, [1.0, 2.0]
+    )
+    want = [linear_cross_entropy_reference(hidden, w, targets) for w in (weight, weight2)]
+    torch.testing.assert_close(losses, torch.stack(want).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, want[0] + 2 * want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_multi_exit_opcheck(device):
+    hidden, weight, bias, targets = make(10, 8, 700, device, bias=True)
+    args = (
+        [hidden, (hidden.detach() + 1).requires_grad_()],
+        weight,
+        targets,
+        bias,
+        [1.0, 0.5],
+        None,
+        None,
+        -100,
+        1,
+        0.0,
+        0.0,
+        True,
+    )
+    torch.library.opcheck(torch.ops.eefast.linear_cross_entropy_multi.default, args)
