@@ -15,6 +15,8 @@ from .ops import exit_stats_reference, lora_linear_reference
 
 def _registered_backends(op: str) -> list[str]:
     table = torch._C._dispatch_dump(f"eefast::{op}")
+    if "\nCompositeExplicitAutograd[alias]:" in f"\n{table}":
+        return ["any device (ATen composite)"]
     return [key for key in ("CPU", "CUDA") if f"\n{key}:" in f"\n{table}"]
 
 
@@ -25,7 +27,8 @@ def cmd_info(_args: argparse.Namespace) -> None:
     print(
         f"eefast {eefast.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}"
     )
-    for op in ("lora_linear", "lora_linear_backward", "exit_stats"):
+    for op in ("lora_linear", "lora_linear_backward", "exit_stats", "linear_cross_entropy",
+               "linear_cross_entropy_multi", "linear_cross_entropy_backward"):
         print(f"  torch.ops.eefast.{op}: {', '.join(_registered_backends(op)) or 'not built'}")
     print(f"  CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 

@@ -1,5 +1,7 @@
-// CPU kernels of linear_cross_entropy: LM head + cross-entropy (+ z-loss, + distillation to a
-// teacher head) without [tokens, vocab] logits.
+// linear_cross_entropy: LM head + cross-entropy (+ z-loss, + distillation to a teacher head)
+// without [tokens, vocab] logits. Written in device-generic ATen ops and registered for
+// CompositeExplicitAutograd, so the same chunked algorithm runs on CPU (MKL) and on CUDA
+// (cuBLAS + ATen kernels); a fused CUDA kernel would save the passes over each chunk.
 //
 // Rows are processed in chunks sized so that one chunk's [rows, vocab] fp32 logits stay a few
 // MB; every chunk computes its logits with sgemm, the loss, and for mean/sum the gradient of the
@@ -192,7 +194,7 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
   return res;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_impl(
     const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
     const std::optional<Tensor>& teacher_weight, int64_t ignore_index, int64_t reduction,
@@ -216,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_cpu(
           bias ? r.grad_bias.to(bias->scalar_type()) : r.grad_bias};
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_impl(
     const Tensor& grad_rows, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
     const std::optional<Tensor>& teacher_weight, int64_t ignore_index, double z_loss,
@@ -231,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_cpu(
           bias ? r.grad_bias.to(bias->scalar_type()) : r.grad_bias};
 }
 
-std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_entropy_multi_cpu(
+std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_entropy_multi_impl(
     at::TensorList hiddens, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, at::ArrayRef<double> exit_weights,
     const std::optional<Tensor>& teacher_hidden, const std::optional<Tensor>& teacher_weight,
@@ -272,10 +274,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(eefast, CPU, m) {
-  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
-  m.impl("linear_cross_entropy_multi", &linear_cross_entropy_multi_cpu);
-  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+TORCH_LIBRARY_IMPL(eefast, CompositeExplicitAutograd, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_impl);
+  m.impl("linear_cross_entropy_multi", &linear_cross_entropy_multi_impl);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_impl);
 }
 
 }  // namespace eefast
