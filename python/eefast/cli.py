@@ -27,8 +27,14 @@ def cmd_info(_args: argparse.Namespace) -> None:
     print(
         f"eefast {eefast.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}"
     )
-    for op in ("lora_linear", "lora_linear_backward", "exit_stats", "linear_cross_entropy",
-               "linear_cross_entropy_multi", "linear_cross_entropy_backward"):
+    for op in (
+        "lora_linear",
+        "lora_linear_backward",
+        "exit_stats",
+        "linear_cross_entropy",
+        "linear_cross_entropy_multi",
+        "linear_cross_entropy_backward",
+    ):
         print(f"  torch.ops.eefast.{op}: {', '.join(_registered_backends(op)) or 'not built'}")
     print(f"  CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 

@@ -206,6 +206,18 @@ def _exit_stats_fake(hidden, weight, bias=None, temperature=1.0):
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
+def _teacher_inputs(teacher):
+    """(teacher_hidden [tokens, d_t], teacher_weight), detached (the teacher gets no gradient)."""
+    if teacher is None:
+        return None, None
+    teacher_hidden, teacher_weight = teacher
+    return teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach()
+
+
+def _head_needs_grad(weight, bias) -> bool:
+    return weight.requires_grad or (bias is not None and bias.requires_grad)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -229,11 +241,8 @@ def linear_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {list(_REDUCTIONS)}")
     lead = hidden.shape[:-1]
-    teacher_hidden, teacher_weight = (None, None) if teacher is None else teacher
-    if teacher_hidden is not None:
-        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-        teacher_weight = teacher_weight.detach()
-    weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    teacher_hidden, teacher_weight = _teacher_inputs(teacher)
+    weight_grad = _head_needs_grad(weight, bias)
     loss, *_ = torch.ops.eefast.linear_cross_entropy.default(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -284,11 +293,8 @@ def multi_exit_cross_entropy(
         "kd_weight": kd_weight,
     }
     if isinstance(weights, torch.Tensor) and reduction in ("mean", "sum"):
-        teacher_hidden, teacher_weight = (None, None) if teacher is None else teacher
-        if teacher_hidden is not None:
-            teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-            teacher_weight = teacher_weight.detach()
-        weight_grad = weights.requires_grad or (bias is not None and bias.requires_grad)
+        teacher_hidden, teacher_weight = _teacher_inputs(teacher)
+        weight_grad = _head_needs_grad(weights, bias)
         total, losses, *_ = torch.ops.eefast.linear_cross_entropy_multi.default(
             [h.reshape(-1, h.shape[-1]) for h in hiddens],
             weights,
