@@ -194,6 +194,18 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
   return res;
 }
 
+// What the mean divides by: the non-ignored rows, at least 1 (no valid row gives 0, not NaN).
+double mean_divisor(const Tensor& targets, int64_t ignore_index) {
+  return static_cast<double>(std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>()));
+}
+
+// The head's fp32 gradients in the dtypes of weight and bias.
+std::tuple<Tensor, Tensor> head_grads(const Tensor& grad_weight, const Tensor& grad_bias,
+                                      const Tensor& weight, const std::optional<Tensor>& bias) {
+  return {grad_weight.to(weight.scalar_type()),
+          bias ? grad_bias.to(bias->scalar_type()) : grad_bias};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_impl(
     const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
@@ -204,18 +216,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_impl(
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
               "linear_cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum)");
   std::optional<Tensor> scale;
-  double divisor = 1.0;
-  if (reduction == 1) {  // mean over non-ignored rows; no valid row gives 0, not NaN
-    divisor = std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>());
-  }
+  const double divisor = reduction == 1 ? mean_divisor(targets, ignore_index) : 1.0;
   if (reduction != 0) {
     scale = at::full({hidden.size(0)}, 1.0 / divisor, hidden.options().dtype(at::kFloat));
   }
   Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
                        ignore_index, z_loss, kd_weight, scale, weight_grad);
   const Tensor loss = reduction == 0 ? r.loss_rows : r.loss_rows.sum().div_(divisor);
-  return {loss, r.grad_hidden.to(hidden.scalar_type()), r.grad_weight.to(weight.scalar_type()),
-          bias ? r.grad_bias.to(bias->scalar_type()) : r.grad_bias};
+  auto [grad_weight, grad_bias] = head_grads(r.grad_weight, r.grad_bias, weight, bias);
+  return {loss, r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_impl(
@@ -229,8 +238,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_impl(
               "linear_cross_entropy_backward: grad_rows must be [tokens]");
   Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
                        ignore_index, z_loss, kd_weight, grad_rows.to(at::kFloat), weight_grad);
-  return {r.grad_hidden.to(hidden.scalar_type()), r.grad_weight.to(weight.scalar_type()),
-          bias ? r.grad_bias.to(bias->scalar_type()) : r.grad_bias};
+  auto [grad_weight, grad_bias] = head_grads(r.grad_weight, r.grad_bias, weight, bias);
+  return {r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
 }
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_entropy_multi_impl(
@@ -248,8 +257,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
                teacher_weight, z_loss, kd_weight);
   }
   const auto f32 = hiddens[0].options().dtype(at::kFloat);
-  const double divisor =
-      reduction == 1 ? std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>()) : 1;
+  const double divisor = reduction == 1 ? mean_divisor(targets, ignore_index) : 1.0;
   const int64_t vocab = weight.size(0), d = weight.size(1);
   // One weight-gradient buffer for every exit sharing the head.
   Tensor grad_weight = at::zeros({weight_grad ? vocab : 0, d}, f32);
@@ -268,8 +276,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
                                                                   exit_weights.end()),
                                               f32))
                            .sum();
-  return {total, losses, grad_hiddens, grad_weight.to(weight.scalar_type()),
-          bias ? grad_bias.to(bias->scalar_type()) : grad_bias};
+  auto [grad_weight_out, grad_bias_out] = head_grads(grad_weight, grad_bias, weight, bias);
+  return {total, losses, grad_hiddens, grad_weight_out, grad_bias_out};
 }
 
 }  // namespace
