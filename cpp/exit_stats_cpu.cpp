@@ -38,24 +38,31 @@ using cpu::SoftmaxStats;
 Tensor weight_chunk_f32(const Tensor& weight, int64_t v0, int64_t n, Tensor& buf) {
   Tensor w = weight.narrow(0, v0, n);
   if (w.scalar_type() == at::kFloat) return w;
-  if (!buf.defined()) buf = at::empty({kVocabChunk, weight.size(1)}, weight.options().dtype(at::kFloat));
+  if (!buf.defined()) {
+    buf = at::empty({kVocabChunk, weight.size(1)}, weight.options().dtype(at::kFloat));
+  }
   return buf.narrow(0, 0, n).copy_(w);
 }
 
-// Logits of rows h32[r0, r0 + z.size(0)) against vocab [v0, v0 + n) into z, then per-row stats.
-// Threads split over rows inside (a no-op when already inside a parallel region).
-void chunk_rows_stats(const Tensor& h32, int64_t r0, const Tensor& w, int64_t v0, Tensor& z,
-                      const float* bias, float inv_t, std::vector<SoftmaxStats>& stats, int64_t c) {
-  const int64_t rows = h32.size(0), nr = z.size(0), n = z.size(1);
-  at::mm_out(z, h32.narrow(0, r0, nr), w.t());
+// Statistics of logits z (rows r0.. of the input, vocab v0..) into stats[c * rows + r0 + r].
+// Threads split over rows (a no-op when already inside a parallel region).
+void logits_stats(Tensor& z, int64_t rows, int64_t r0, int64_t v0, int64_t c, const float* bias,
+                  float inv_t, std::vector<SoftmaxStats>& stats) {
+  const int64_t n = z.size(1), ld = z.stride(0);
   float* base = z.data_ptr<float>();
-  const int64_t ld = z.stride(0);
-  at::parallel_for(0, nr, 16, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, z.size(0), 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       stats[c * rows + r0 + r] =
           cpu::softmax_stats(base + r * ld, n, bias ? bias + v0 : nullptr, inv_t, v0);
     }
   });
+}
+
+// Logits of rows h32[r0, r0 + z.size(0)) against vocab [v0, v0 + n) into z by sgemm, then stats.
+void chunk_rows_stats(const Tensor& h32, int64_t r0, const Tensor& w, int64_t v0, Tensor& z,
+                      const float* bias, float inv_t, std::vector<SoftmaxStats>& stats, int64_t c) {
+  at::mm_out(z, h32.narrow(0, r0, z.size(0)), w.t());
+  logits_stats(z, h32.size(0), r0, v0, c, bias, inv_t, stats);
 }
 
 // Few rows (decode): threads over vocab chunks, each streaming its part of W once.
@@ -81,10 +88,7 @@ void stats_few_rows(const Tensor& h32, const Tensor& weight, const float* bias, 
       // Dot products straight from W (fp32 or bf16), no packing or upcast copy.
       cpu::dot_logits_avx2(h32.data_ptr<float>(), rows, weight.size(1), w_base + v0 * w_row_bytes,
                            w_bf16, n, z.data_ptr<float>(), kVocabChunk);
-      for (int64_t r = 0; r < rows; ++r) {
-        stats[c * rows + r] = cpu::softmax_stats(z.data_ptr<float>() + r * kVocabChunk, n,
-                                                 bias ? bias + v0 : nullptr, inv_t, v0);
-      }
+      logits_stats(z, rows, 0, v0, c, bias, inv_t, stats);
     }
   });
 }
