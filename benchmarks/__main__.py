@@ -18,6 +18,11 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
+def _providers(args: argparse.Namespace, bench) -> list[str]:
+    """The requested providers that this benchmark has."""
+    return [p for p in args.providers.split(",") if p in bench.PROVIDERS]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="suite", required=True)
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             dims=args.dims or grid["dims"],
             ranks=args.ranks or grid["ranks"],
             dtypes=dtypes,
-            providers=[p for p in args.providers.split(",") if p in bench_lora_linear.PROVIDERS],
+            providers=_providers(args, bench_lora_linear),
             budget_s=args.budget,
             slow_cap_s=args.slow_cap,
         )
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             d=es["d"],
             vocab=es["vocab"],
             dtypes=dtypes,
-            providers=[p for p in args.providers.split(",") if p in bench_exit_stats.PROVIDERS],
+            providers=_providers(args, bench_exit_stats),
             budget_s=args.budget,
         )
     if args.op in ("all", "linear_cross_entropy"):
@@ -84,9 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             vocab=lce["vocab"],
             exits=lce["exits"],
             dtypes=dtypes if args.dtypes else [torch.float32],
-            providers=[
-                p for p in args.providers.split(",") if p in bench_linear_cross_entropy.PROVIDERS
-            ],
+            providers=_providers(args, bench_linear_cross_entropy),
             budget_s=args.budget,
         )
     print()

@@ -500,9 +500,8 @@ def _lce_multi_setup_context(ctx, inputs, output):
 def _lce_multi_backward(ctx, grad_total, *_unused):
     grad_weight, grad_bias, *grad_hiddens = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    scale = [g * grad_total.to(g.dtype) for g in grad_hiddens]
     return (
-        scale,
+        [g * grad_total.to(g.dtype) for g in grad_hiddens],
         grad_weight * grad_total.to(grad_weight.dtype) if needs[1] else None,
         None,
         grad_bias * grad_total.to(grad_bias.dtype) if len(needs) > 3 and needs[3] else None,
