@@ -66,8 +66,11 @@ void check_args(const char* op, const Tensor& hidden, const Tensor& weight, cons
                 teacher_weight->size(1), "], got shape ", teacher_hidden->sizes());
   }
   TORCH_CHECK(z_loss >= 0 && kd_weight >= 0, op, ": z_loss and kd_weight must be >= 0");
-  for (const Tensor* t : {&weight, &targets}) {
-    TORCH_CHECK(t->device() == hidden.device(), op, ": all inputs must be on hidden's device");
+  for (const auto& t : {std::optional<Tensor>(weight), std::optional<Tensor>(targets), bias,
+                        teacher_hidden, teacher_weight}) {
+    TORCH_CHECK(!t || t->device() == hidden.device(), op,
+                ": all inputs must be on hidden's device (", hidden.device(), "), got ",
+                t->device());
   }
 }
 
