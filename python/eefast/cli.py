@@ -1,4 +1,4 @@
-"""The `eefast` command line: `eefast demo`, `eefast info`."""
+"""The `eefast` command line: demo (the main job), tune, eval-exits, demo-ops, info."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from functools import partial
 import torch
 
 from . import LoRALinear, exit_stats, lora_linear
+from .cli_ee import add_commands
 from .ops import exit_stats_reference, lora_linear_reference
 
 
@@ -62,7 +63,7 @@ def _fwd_bwd_ms(fwd, x, grad, leaves, reps: int) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo_ops(args: argparse.Namespace) -> None:
     """A short tour of the fused ops: exactness, a tiny training run, and their speed."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -138,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what this build provides")
     info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="a short tour of the fused ops and their speed")
+    add_commands(sub)
+    demo = sub.add_parser("demo-ops", help="a short tour of the fused ops and their speed")
     demo.add_argument("--tokens", type=int, default=512)
     demo.add_argument("--dim", type=int, default=2048)
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("--reps", type=int, default=3)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo_ops)
     args = parser.parse_args(argv)
     args.func(args)

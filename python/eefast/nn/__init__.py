@@ -1,5 +1,6 @@
 """Modules built on the eefast ops."""
 
+from .exit_head import EXIT_KINDS, ExitHead, ResidualMLP
 from .lora import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["EXIT_KINDS", "ExitHead", "LoRALinear", "ResidualMLP"]

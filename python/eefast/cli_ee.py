@@ -1,0 +1,192 @@
+"""EE-Tuning commands: `eefast demo` (the main job), `eefast tune` and `eefast eval-exits`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_CORPUS, load_documents, split_blocks, token_blocks
+from .io import write_json
+from .models import add_exits, load_exits, load_model
+from .models.loading import DEFAULT_MODEL
+from .nn import EXIT_KINDS
+from .train import TuneConfig, ee_tune, evaluate_exits
+from .train.ee_eval import format_table, plot_exits
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated floats, got {text!r}") from None
+
+
+def _say(msg: str) -> None:
+    print(f"[eefast] {msg}", flush=True)
+
+
+def _load(args):
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    _say(
+        f"loaded {model.config._name_or_path} ({model.config.model_type}, "
+        f"{model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s"
+    )
+    blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
+    train, held_out = split_blocks(blocks, args.eval_blocks)
+    _say(
+        f"corpus {args.data}: {blocks.numel():,} tokens = {len(blocks)} blocks of "
+        f"{args.seq_len}; {len(held_out)} held out"
+    )
+    return model, train, held_out
+
+
+def _report(ee, held_out, args, out: Path | None) -> list[dict]:
+    rows = evaluate_exits(ee, held_out, args.batch_size)
+    print(format_table(rows), flush=True)
+    if out:
+        write_json(out / "eval_exits.json", rows)
+        plot_exits(rows, out / "eval_exits.png")
+        _say(f"wrote {out / 'eval_exits.json'} and {out / 'eval_exits.png'}")
+    return rows
+
+
+def _tune_config(args) -> TuneConfig:
+    return TuneConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        kd_weight=args.kd_weight,
+        z_loss=args.z_loss,
+        exit_weights=args.exit_weights,
+        exit_weight_warmup_steps=args.exit_weight_warmup,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        cache_hidden=args.cache_hidden,
+        cache_path=args.cache_path,
+    )
+
+
+def cmd_tune(args) -> None:
+    torch.manual_seed(args.seed)
+    model, train, held_out = _load(args)
+    ee = add_exits(model, args.exits, args.kind, args.init, args.share_lm_head)
+    n_params = sum(p.numel() for p in ee.exit_parameters())
+    _say(f"exits after blocks {ee.exit_layers} ({args.kind}, {n_params:,} trainable parameters)")
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    metrics = ee_tune(ee, train, held_out, _tune_config(args), out, resume=not args.no_resume)
+    _say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
+    if metrics:
+        last = metrics[-1]
+        _say(f"step {last['step']}: loss {last['loss']:.3f}, {last['tokens_per_s']:.0f} tokens/s")
+    _report(ee, held_out, args, out)
+
+
+def cmd_eval_exits(args) -> None:
+    model, _, held_out = _load(args)
+    ee = load_exits(model, args.exits)
+    _report(ee, held_out, args, Path(args.out or args.exits))
+
+
+def cmd_demo(args) -> None:
+    """The main job: EE-tune SmolLM2's exits on pydoc_data for a few minutes, then report."""
+    _say("EE-Tuning demo: frozen backbone, exits tuned with fused multi-exit losses")
+    t_start = time.perf_counter()
+    model, train, held_out = _load(args)
+    ee = add_exits(model, args.exits, args.kind, share_lm_head=args.share_lm_head)
+    _say(
+        f"exits ({args.kind}) after blocks {ee.exit_layers} of {ee.num_layers}; "
+        f"{sum(p.numel() for p in ee.exit_parameters()):,} trainable parameters"
+    )
+    out = Path(args.out)
+    _say(
+        f"tuning {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
+        f"checkpoints and metrics in {out} (rerun resumes)"
+    )
+    ee_tune(ee, train, held_out, _tune_config(args), out)
+    _say("held-out quality per exit (tuned vs untuned baseline = final norm + LM head there):")
+    _report(ee, held_out, args, out)
+    _say(f"demo done in {time.perf_counter() - t_start:.0f} s")
+
+
+def _common(
+    p: argparse.ArgumentParser,
+    exits: str,
+    kind: str,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seq_len: int,
+    eval_blocks: int,
+) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF id or path (default: SmolLM2)")
+    p.add_argument("--data", default=DEFAULT_CORPUS, help="pydoc_data, a .txt or a .jsonl")
+    p.add_argument(
+        "--exits",
+        type=_int_list,
+        default=_int_list(exits),
+        help="exit after these many blocks, e.g. 8,15,22",
+    )
+    p.add_argument("--kind", choices=EXIT_KINDS, default=kind)
+    p.add_argument(
+        "--share-lm-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the frozen LM head in every exit instead of copying it",
+    )
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--eval-blocks", type=int, default=eval_blocks)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--kd-weight", type=float, default=0.0)
+    p.add_argument("--z-loss", type=float, default=0.0)
+    p.add_argument("--exit-weights", type=_float_list, default=None)
+    p.add_argument("--exit-weight-warmup", type=int, default=0)
+    p.add_argument(
+        "--cache-hidden",
+        action="store_true",
+        help="run the backbone once and keep the exit layers' inputs",
+    )
+    p.add_argument("--cache-path", default=None, help="reuse/write the hidden cache here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_commands(sub) -> None:
+    demo = sub.add_parser("demo", help="the main job: EE-tune SmolLM2's exits and report")
+    _common(demo, "8,15,22", "mlp", steps=60, lr=1e-2, batch_size=4, seq_len=128, eval_blocks=16)
+    demo.add_argument("--out", default="eefast-demo")
+    demo.set_defaults(func=cmd_demo)
+
+    tune = sub.add_parser("tune", help="EE-tune exits on a frozen model")
+    _common(tune, "8,15,22", "mlp", steps=200, lr=1e-2, batch_size=4, seq_len=128, eval_blocks=16)
+    tune.add_argument("--init", choices=("copy", "random"), default="copy")
+    tune.add_argument("--out", required=True, help="checkpoints, metrics and the final exits")
+    tune.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    tune.set_defaults(func=cmd_tune)
+
+    ev = sub.add_parser("eval-exits", help="per-exit perplexity, agreement and confidence")
+    ev.add_argument("--model", default=DEFAULT_MODEL)
+    ev.add_argument("--exits", required=True, help="directory with exits.json")
+    ev.add_argument("--data", default=DEFAULT_CORPUS)
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--eval-blocks", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument(
+        "--out", default=None, help="where to write the JSON and PNG (default: --exits)"
+    )
+    ev.set_defaults(func=cmd_eval_exits)

@@ -1,0 +1,72 @@
+"""Corpora and token blocks for tuning and evaluation.
+
+The default corpus is CPython's own ``pydoc_data.topics`` (~750 KB of English documentation),
+so nothing is downloaded. Any local ``.txt`` file, or ``.jsonl`` with ``text`` or
+``instruction``/``input``/``output`` fields, works too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DEFAULT_CORPUS = "pydoc_data"
+
+
+def load_documents(spec: str | None = None) -> list[str]:
+    """The documents of a corpus: ``pydoc_data`` (default), a .txt file or a .jsonl file."""
+    spec = spec or DEFAULT_CORPUS
+    if spec == DEFAULT_CORPUS:
+        from pydoc_data.topics import topics
+
+        docs = [topics[k] for k in sorted(topics)]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus {spec!r}: no such file (or use {DEFAULT_CORPUS!r})")
+        if path.suffix == ".jsonl":
+            docs = [
+                _jsonl_text(line, path, i) for i, line in enumerate(path.open(), 1) if line.strip()
+            ]
+        else:
+            docs = path.read_text().split("\n\n")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"corpus {spec!r} is empty")
+    return docs
+
+
+def _jsonl_text(line: str, path: Path, lineno: int) -> str:
+    row = json.loads(line)
+    if "text" in row:
+        return row["text"]
+    if "instruction" in row:
+        return "\n".join(row.get(k, "") for k in ("instruction", "input", "output") if row.get(k))
+    raise ValueError(f"{path}:{lineno}: expected a 'text' or 'instruction' field")
+
+
+def token_blocks(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+    """All documents tokenized, joined by EOS and cut into ``[n_blocks, seq_len]``."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if eos is not None:
+            ids.append(eos)
+    n_blocks = len(ids) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"corpus has {len(ids)} tokens, fewer than one block of {seq_len}")
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def split_blocks(blocks: torch.Tensor, eval_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out): the held-out blocks are the last ``eval_blocks``."""
+    if not 0 < eval_blocks < len(blocks):
+        raise ValueError(
+            f"need 0 < eval_blocks < {len(blocks)} blocks in the corpus, got {eval_blocks}"
+        )
+    return blocks[:-eval_blocks], blocks[-eval_blocks:]

@@ -1,0 +1,302 @@
+"""add_exits: early-exit heads on a frozen Hugging Face causal LM, attached through hooks.
+
+An exit "at layer l" reads the hidden states after the first l decoder blocks (1 <= l < L).
+The wrapped model's own forward is untouched, so with exits attached but unused its outputs
+are bit-identical; `backbone_states` runs the model without grad, records the exit layers'
+outputs through forward hooks and stops after the deepest exit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..nn.exit_head import EXIT_KINDS, ExitHead, ResidualMLP, block_output
+from .arch import DecoderParts, decoder_parts
+
+
+class _StopBackbone(Exception):
+    """Raised by the deepest exit's hook: nothing past it is needed."""
+
+
+@dataclass
+class BackboneStates:
+    """What one frozen backbone pass gives the exits."""
+
+    hiddens: dict[int, torch.Tensor]  # exit layer -> [batch, seq, d] output of that many blocks
+    final: torch.Tensor | None = None  # final-normed hidden states, when asked for
+    block_args: tuple = ()  # what the blocks were called with besides hidden states
+    block_kwargs: dict = field(default_factory=dict)
+
+
+def _without_cache(value):
+    """Drop KV caches from captured block arguments: an exit block runs cache-free."""
+    return None if type(value).__name__.endswith("Cache") else value
+
+
+class EarlyExitModel(nn.Module):
+    """A causal LM plus early-exit heads. Only the heads are trainable."""
+
+    def __init__(self, model: nn.Module, parts: DecoderParts, exits: dict[int, ExitHead]):
+        super().__init__()
+        self.model = model
+        self.parts = parts
+        self.exits = nn.ModuleDict({str(layer): exits[layer] for layer in sorted(exits)})
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return [int(k) for k in self.exits]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.parts.layers)
+
+    @property
+    def kind(self) -> str:
+        return next(iter(self.exits.values())).kind
+
+    @property
+    def shares_lm_head(self) -> bool:
+        return next(iter(self.exits.values())).lm_head is None
+
+    def exit(self, layer: int) -> ExitHead:
+        return self.exits[str(layer)]
+
+    def head(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the exit's LM head (the model's own when shared)."""
+        lm_head = self.exit(layer).lm_head or self.parts.lm_head
+        return lm_head.weight, lm_head.bias
+
+    def final_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.parts.lm_head.weight, self.parts.lm_head.bias
+
+    def exit_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.exits.parameters() if p.requires_grad)
+
+    def forward(self, *args, **kwargs):
+        """The unchanged model."""
+        return self.model(*args, **kwargs)
+
+    @contextmanager
+    def _hooks(self, layers: Iterable[int], stop: bool, states: BackboneStates):
+        deepest = max(layers)
+        handles = []
+
+        def record(layer):
+            def hook(_module, _args, output):
+                states.hiddens[layer] = block_output(output)
+                if stop and layer == deepest:
+                    raise _StopBackbone
+
+            return hook
+
+        def record_args(_module, args, kwargs):
+            states.block_args = tuple(_without_cache(a) for a in args[1:])
+            states.block_kwargs = {k: _without_cache(v) for k, v in kwargs.items()}
+            if "use_cache" in kwargs:
+                states.block_kwargs["use_cache"] = False
+
+        try:
+            for layer in layers:
+                handles.append(self.parts.layers[layer - 1].register_forward_hook(record(layer)))
+            if self.kind == "layer":
+                handles.append(
+                    self.parts.layers[0].register_forward_pre_hook(record_args, with_kwargs=True)
+                )
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def backbone_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        need_final: bool = False,
+        layers: Iterable[int] | None = None,
+    ) -> BackboneStates:
+        """Run the frozen backbone without grad up to the deepest exit (or to the end when
+        ``need_final``) and return the exit layers' hidden states."""
+        layers = list(self.exit_layers if layers is None else layers)
+        states = BackboneStates(hiddens={})
+        stop = not need_final
+        with self._hooks(layers, stop, states):
+            try:
+                out = self.model.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
+            except _StopBackbone:
+                out = None
+        if need_final:
+            states.final = out[0]
+        return states
+
+    def exit_hidden(self, layer: int, states: BackboneStates) -> torch.Tensor:
+        """The exit's hidden state just before its LM head (with grad through the exit)."""
+        return self.exit(layer)(states.hiddens[layer], states.block_args, states.block_kwargs)
+
+    def baseline_hidden(self, layer: int, states: BackboneStates) -> torch.Tensor:
+        """The untuned baseline exit: the model's final norm applied at ``layer``."""
+        return self.parts.final_norm(states.hiddens[layer])
+
+
+def _reinit(module: nn.Module) -> None:
+    """Random init for init='random': Linear/Embedding reset, norms to identity."""
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        elif "norm" in type(m).__name__.lower():
+            for name, p in m.named_parameters(recurse=False):
+                nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
+
+
+def _check_layers(layers, num_layers: int) -> list[int]:
+    if isinstance(layers, int):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("add_exits: give at least one exit layer")
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"add_exits: exit layers must be ints, got {layer!r}")
+        if not 1 <= layer < num_layers:
+            raise ValueError(
+                f"add_exits: exit layer {layer} out of range; this model has {num_layers} "
+                f"blocks, so exits go after 1..{num_layers - 1} blocks"
+            )
+    dupes = sorted({x for x in layers if layers.count(x) > 1})
+    if dupes:
+        raise ValueError(f"add_exits: duplicate exit layers {dupes}")
+    return sorted(layers)
+
+
+def add_exits(
+    model: nn.Module,
+    layers: Iterable[int] | int,
+    kind: str = "norm",
+    init: str = "copy",
+    share_lm_head: bool = False,
+) -> EarlyExitModel:
+    """Freeze ``model`` and attach early-exit heads after the given numbers of blocks.
+
+    Copy init takes the norm from the final norm, the LM head from the model's (tied or not),
+    an ``mlp`` exit's MLP (and its pre-norm) from the exit layer's own block, and a ``layer``
+    exit's block from the last block. ``share_lm_head`` reuses the frozen LM head instead of
+    copying it (less memory; only the rest of the exit trains).
+    """
+    if kind not in EXIT_KINDS:
+        raise ValueError(f"add_exits: unknown exit kind {kind!r}; choose from {EXIT_KINDS}")
+    if init not in ("copy", "random"):
+        raise ValueError(f"add_exits: init must be 'copy' or 'random', got {init!r}")
+    if kind == "embed" and share_lm_head:
+        raise ValueError("add_exits: an 'embed' exit sharing the LM head has nothing to train")
+    if isinstance(model, EarlyExitModel):
+        raise ValueError("add_exits: the model already has exits; add them all in one call")
+    parts = decoder_parts(model)
+    layers = _check_layers(layers, len(parts.layers))
+    model.requires_grad_(False)
+    model.eval()
+    spec = parts.spec
+    exits = {}
+    for layer in layers:
+        block = None
+        if kind == "mlp":
+            own = parts.layers[layer - 1]
+            block = ResidualMLP(
+                copy.deepcopy(getattr(own, spec.mlp_norm)),
+                [copy.deepcopy(getattr(own, name)) for name in spec.mlp],
+                spec.mlp_adds_residual,
+            )
+        elif kind == "layer":
+            block = copy.deepcopy(parts.layers[-1])
+        norm = None if kind == "embed" else copy.deepcopy(parts.final_norm)
+        lm_head = None if share_lm_head else copy.deepcopy(parts.lm_head)
+        head = ExitHead(kind, norm, lm_head, block)
+        if init == "random":
+            _reinit(head)
+        head.requires_grad_(True)
+        exits[layer] = head
+    return EarlyExitModel(model, parts, exits)
+
+
+EXITS_FORMAT = "eefast-exits/1"
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What identifies a base model for an exits checkpoint: shapes and a weight checksum."""
+    parts = decoder_parts(model)
+    cfg = model.config
+    head = parts.lm_head.weight.detach()
+    return {
+        "model_type": cfg.model_type,
+        "num_layers": len(parts.layers),
+        "hidden_size": head.shape[1],
+        "vocab_size": head.shape[0],
+        "weight_checksum": float(head[:64].double().abs().sum()),
+    }
+
+
+def exits_config(ee: EarlyExitModel) -> dict:
+    return {
+        "format": EXITS_FORMAT,
+        "layers": ee.exit_layers,
+        "kind": ee.kind,
+        "share_lm_head": ee.shares_lm_head,
+        "base_model": getattr(ee.model.config, "_name_or_path", ""),
+        "fingerprint": model_fingerprint(ee.model),
+    }
+
+
+def save_exits(ee: EarlyExitModel, directory) -> None:
+    """Write only the exits (``exits.safetensors`` + ``exits.json``), atomically."""
+    from pathlib import Path
+
+    from ..io import write_json, write_safetensors
+
+    directory = Path(directory)
+    write_safetensors(directory / "exits.safetensors", ee.exits.state_dict())
+    write_json(directory / "exits.json", exits_config(ee))
+
+
+def check_fingerprint(saved: dict, model: nn.Module, what: str) -> None:
+    """Refuse a checkpoint written for another base model."""
+    here = model_fingerprint(model)
+    for key, value in saved.items():
+        mine = here.get(key)
+        same = (
+            abs(mine - value) <= 1e-4 * max(1.0, abs(value))
+            if key == "weight_checksum"
+            else (mine == value)
+        )
+        if not same:
+            raise ValueError(
+                f"{what} was written for another model: its {key} is {value!r}, this model's "
+                f"is {mine!r}"
+            )
+
+
+def load_exits(model: nn.Module, directory) -> EarlyExitModel:
+    """Attach exits saved by `save_exits` to an unchanged base model."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path = directory / "exits.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"load_exits: no exits.json in {directory}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != EXITS_FORMAT:
+        raise ValueError(f"load_exits: {cfg_path} is not an {EXITS_FORMAT} file")
+    check_fingerprint(cfg["fingerprint"], model, f"exits checkpoint {directory}")
+    ee = add_exits(model, cfg["layers"], cfg["kind"], share_lm_head=cfg["share_lm_head"])
+    state = load_file(directory / "exits.safetensors", device=str(model.device))
+    ee.exits.load_state_dict(state, strict=True)
+    return ee

@@ -1,0 +1,119 @@
+"""Hidden-state cache: run the frozen backbone once and keep the exit layers' inputs.
+
+EE-Tuning never changes the backbone, so its outputs at the exit layers are fixed. With the
+cache, epochs after the first and hyper-parameter sweeps skip the backbone entirely. The cache
+can be written to safetensors and reused by later runs; it records which model, layers and
+token blocks it was built from and refuses to serve any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..io import write_safetensors
+from ..models.exits import BackboneStates, EarlyExitModel, check_fingerprint, model_fingerprint
+
+
+def _blocks_digest(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class HiddenCache:
+    """Exit-layer hidden states (and final-normed ones when KD needs them) per token block."""
+
+    def __init__(
+        self,
+        hiddens: dict[int, torch.Tensor],
+        final: torch.Tensor | None,
+        block_args: tuple,
+        block_kwargs: dict,
+        meta: dict,
+    ):
+        self.hiddens, self.final = hiddens, final
+        self.block_args, self.block_kwargs = block_args, block_kwargs
+        self.meta = meta
+
+    @classmethod
+    def build(
+        cls,
+        ee: EarlyExitModel,
+        blocks: torch.Tensor,
+        batch_size: int,
+        need_final: bool = False,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> HiddenCache:
+        layers = ee.exit_layers
+        n, seq = blocks.shape
+        d = ee.parts.lm_head.weight.shape[1]
+        hiddens = {layer: torch.empty(n, seq, d, dtype=dtype) for layer in layers}
+        final = torch.empty(n, seq, d, dtype=dtype) if need_final else None
+        first = None
+        for start in tqdm(
+            range(0, n, batch_size),
+            desc="caching hidden states",
+            disable=not progress,
+            unit="batch",
+        ):
+            ids = blocks[start : start + batch_size].to(ee.model.device)
+            states = ee.backbone_states(ids, need_final=need_final)
+            for layer in layers:
+                hiddens[layer][start : start + len(ids)] = states.hiddens[layer].to(dtype)
+            if need_final:
+                final[start : start + len(ids)] = states.final.to(dtype)
+            if first is None:  # block arguments for batches of batch_size
+                first = states
+        meta = {
+            "layers": layers,
+            "blocks": _blocks_digest(blocks),
+            "need_final": need_final,
+            "fingerprint": model_fingerprint(ee.model),
+        }
+        return cls(hiddens, final, first.block_args, first.block_kwargs, meta)
+
+    def states(self, index: torch.Tensor, device) -> BackboneStates:
+        """What `EarlyExitModel.backbone_states` would give for blocks ``index``."""
+        hiddens = {layer: h[index].to(device, torch.float32) for layer, h in self.hiddens.items()}
+        final = None if self.final is None else self.final[index].to(device, torch.float32)
+        return BackboneStates(hiddens, final, self.block_args, self.block_kwargs)
+
+    def save(self, path: Path) -> None:
+        """Write the cache (not a ``layer`` exit's block arguments, which are rebuilt)."""
+        tensors = {f"layer.{k}": v for k, v in self.hiddens.items()}
+        if self.final is not None:
+            tensors["final"] = self.final
+        write_safetensors(
+            path,
+            tensors
+            | {"meta": torch.tensor(list(json.dumps(self.meta).encode()), dtype=torch.uint8)},
+        )
+
+    @classmethod
+    def load(
+        cls, path: Path, ee: EarlyExitModel, blocks: torch.Tensor, batch_size: int, need_final: bool
+    ) -> HiddenCache | None:
+        """The cache at ``path`` if it was built for this model, these layers and blocks."""
+        if not Path(path).is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(bytes(f.get_tensor("meta").tolist()).decode())
+            check_fingerprint(meta["fingerprint"], ee.model, f"hidden-state cache {path}")
+            if (
+                meta["layers"] != ee.exit_layers
+                or meta["blocks"] != _blocks_digest(blocks)
+                or (need_final and not meta["need_final"])
+            ):
+                return None
+            hiddens = {layer: f.get_tensor(f"layer.{layer}") for layer in meta["layers"]}
+            final = f.get_tensor("final") if meta["need_final"] else None
+        block_args, block_kwargs = (), {}
+        if ee.kind == "layer":  # positions/masks depend only on the batch shape: rebuild them
+            probe = ee.backbone_states(blocks[:batch_size].to(ee.model.device))
+            block_args, block_kwargs = probe.block_args, probe.block_kwargs
+        return cls(hiddens, final, block_args, block_kwargs, meta)

@@ -1,0 +1,171 @@
+"""ee_tune: a frozen backbone, exits that learn, exact resume, caches and clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from eefast.data import load_documents, split_blocks
+from eefast.models import add_exits
+from eefast.train import TuneConfig, ee_tune, evaluate_exits
+from tiny_models import VOCAB, tiny_model
+
+
+def blocks(n=24, seq=12, seed=0):
+    # A learnable stream: token t+1 = token t + 1 (mod vocab) with a random start per block.
+    start = torch.randint(3, VOCAB, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (start + torch.arange(seq)) % VOCAB
+
+
+def config(**kw):
+    return TuneConfig(
+        **(
+            {
+                "steps": 8,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "eval_every": 4,
+                "save_every": 3,
+                "lr_warmup_steps": 2,
+            }
+            | kw
+        )
+    )
+
+
+def exits_state(ee):
+    return {k: v.clone() for k, v in ee.exits.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize(("kind", "share"), [("norm", False), ("mlp", True), ("layer", True)])
+def test_exits_learn_and_backbone_stays_frozen(arch, kind, share):
+    model = tiny_model(arch)
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    ee = add_exits(model, [1, 2], kind=kind, share_lm_head=share)
+    start = exits_state(ee)
+    data = blocks()
+    lr = 3e-3 if kind == "layer" else 1e-2  # a whole block wants a gentler step
+    metrics = ee_tune(ee, data[:20], data[20:], config(steps=24, lr=lr), progress=False)
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    evals = [m for m in metrics if "eval_loss_exit1" in m]
+    assert evals[-1]["eval_loss_exit2"] < evals[0]["eval_loss_exit2"]
+    assert all(torch.equal(v, backbone[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, start[k]) for k, v in ee.exits.state_dict().items())
+
+
+def test_kd_and_z_loss_train(tmp_path):
+    ee = add_exits(tiny_model("qwen2"), [2], kind="norm")
+    metrics = ee_tune(
+        ee,
+        blocks(),
+        None,
+        config(kd_weight=1.0, z_loss=1e-3, exit_weights=[2.0], exit_weight_warmup_steps=4),
+        progress=False,
+    )
+    assert metrics[-1]["loss_exit2"] < metrics[0]["loss_exit2"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = blocks()
+    full = add_exits(tiny_model("llama"), [1, 3], kind="mlp")
+    ee_tune(full, data[:20], data[20:], config(), tmp_path / "full", progress=False)
+
+    interrupted = add_exits(tiny_model("llama"), [1, 3], kind="mlp")
+    calls = []
+
+    def interrupt(*_):
+        calls.append(1)
+        if len(calls) == 5:  # during step 5: steps 1-4 are done, 3 is checkpointed
+            raise KeyboardInterrupt
+
+    handle = interrupted.exit(1).register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ee_tune(interrupted, data[:20], data[20:], config(), tmp_path / "resumed", progress=False)
+    handle.remove()
+    latest = json.loads((tmp_path / "resumed" / "checkpoint" / "latest.json").read_text())
+    assert latest["step"] == 4  # Ctrl-C saved the work done so far
+
+    resumed = add_exits(tiny_model("llama"), [1, 3], kind="mlp")
+    metrics = ee_tune(resumed, data[:20], data[20:], config(), tmp_path / "resumed", progress=False)
+    for k, v in full.exits.state_dict().items():
+        assert torch.equal(v, resumed.exits.state_dict()[k]), k
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 9))
+    assert (tmp_path / "resumed" / "metrics.csv").read_text().startswith("step,")
+    assert (tmp_path / "resumed" / "exits.safetensors").is_file()
+
+
+def test_resume_refuses_another_model(tmp_path):
+    data = blocks()
+    ee_tune(
+        add_exits(tiny_model("llama", seed=0), [1]),
+        data,
+        None,
+        config(steps=2),
+        tmp_path,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="another model"):
+        ee_tune(
+            add_exits(tiny_model("llama", seed=3), [1]),
+            data,
+            None,
+            config(steps=4),
+            tmp_path,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="has exits"):
+        ee_tune(
+            add_exits(tiny_model("llama", seed=0), [2]),
+            data,
+            None,
+            config(steps=4),
+            tmp_path,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("kind", ["norm", "layer"])
+def test_hidden_cache_gives_the_same_training(tmp_path, kind):
+    data = blocks()
+    results = []
+    for cache in (False, True, True):  # the third run reads the cache file the second wrote
+        ee = add_exits(tiny_model("gpt2"), [1, 2], kind=kind, share_lm_head=True)
+        cfg = config(
+            cache_hidden=cache, cache_path=str(tmp_path / "cache.safetensors"), kd_weight=0.5
+        )
+        ee_tune(ee, data[:20], None, cfg, progress=False)
+        results.append(exits_state(ee))
+    assert (tmp_path / "cache.safetensors").is_file()
+    for other in results[1:]:
+        for k, v in results[0].items():
+            torch.testing.assert_close(other[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_exits_reports_agreement():
+    ee = add_exits(tiny_model("llama"), [1, 3], kind="layer")
+    rows = evaluate_exits(ee, blocks(8), batch_size=4, progress=False)
+    by = {(r["layer"], r["exit"]): r for r in rows}
+    # The layer exit after block 3 is a copy of block 4 + final norm: the model itself.
+    assert by[(3, "exit (layer)")]["agreement"] == 1.0
+    assert by[(3, "exit (layer)")]["ppl"] == pytest.approx(by[(4, "final layer")]["ppl"], 1e-4)
+    assert by[(1, "untuned baseline")]["agreement"] < 1.0
+    assert all(0 <= r["conf>=0.5"] <= 1 for r in rows)
+
+
+def test_bad_inputs(tmp_path):
+    ee = add_exits(tiny_model("llama"), [1, 2])
+    with pytest.raises(ValueError, match="exit_weights"):
+        ee_tune(ee, blocks(), None, config(exit_weights=[1.0]), progress=False)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        ee_tune(ee, blocks(2), None, config(), progress=False)
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_documents(str(tmp_path / "empty.txt"))
+    with pytest.raises(FileNotFoundError):
+        load_documents(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="eval_blocks"):
+        split_blocks(blocks(4), 4)
