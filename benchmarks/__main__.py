@@ -1,4 +1,4 @@
-"""`python -m benchmarks ops [...]`: time eefast ops against their peers in one run."""
+"""`python -m benchmarks ops|ee-tune [...]`: time eefast against its peers in one run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_exit_stats, bench_linear_cross_entropy, bench_lora_linear
+from . import bench_ee_tune, bench_exit_stats, bench_linear_cross_entropy, bench_lora_linear
 from .common import machine_info, plot_speedups, print_table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,12 +54,46 @@ def main(argv: list[str] | None = None) -> None:
     )
     ops.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ops.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
+    ee = sub.add_parser("ee-tune", help="EE-Tuning step throughput on SmolLM2 vs naive")
+    ee.add_argument("--exits", type=_ints, default=[8, 15, 22])
+    ee.add_argument("--kind", default="mlp")
+    ee.add_argument("--batch-size", type=int, default=4)
+    ee.add_argument("--seq-len", type=int, default=128)
+    ee.add_argument("--providers", default=",".join(bench_ee_tune.PROVIDERS))
+    ee.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ee.add_argument("--budget", type=float, default=10.0, help="seconds of repeats per case")
+    ee.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ee.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    print(f"machine: {machine_info()}")
+    if args.suite == "ee-tune":
+        rows = bench_ee_tune.run(
+            args.exits,
+            args.kind,
+            args.batch_size,
+            args.seq_len,
+            _providers(args, bench_ee_tune),
+            args.budget,
+        )
+    else:
+        rows = _ops(args)
+    print()
+    print_table(rows)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"{args.suite}-{stamp}.json"
+    write_json(rows, json_path)
+    print(f"\nwrote {json_path}")
+    if args.plot:
+        png = json_path.with_suffix(".png")
+        plot_speedups(rows, png)
+        print(f"wrote {png}")
+
+
+def _ops(args: argparse.Namespace) -> list:
     grid = bench_lora_linear.FULL if args.full else bench_lora_linear.QUICK
     dtypes = [DTYPES[d] for d in (args.dtypes or "fp32,bf16").split(",")]
-    print(f"machine: {machine_info()}")
     rows = []
     if args.op in ("all", "lora_linear"):
         rows += bench_lora_linear.run(
@@ -92,16 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             providers=_providers(args, bench_linear_cross_entropy),
             budget_s=args.budget,
         )
-    print()
-    print_table(rows)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = args.out / f"ops-{stamp}.json"
-    write_json(rows, json_path)
-    print(f"\nwrote {json_path}")
-    if args.plot:
-        png = json_path.with_suffix(".png")
-        plot_speedups(rows, png)
-        print(f"wrote {png}")
+    return rows
 
 
 if __name__ == "__main__":
