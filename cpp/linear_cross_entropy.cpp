@@ -66,6 +66,8 @@ void check_args(const char* op, const Tensor& hidden, const Tensor& weight, cons
                 teacher_weight->size(1), "], got shape ", teacher_hidden->sizes());
   }
   TORCH_CHECK(z_loss >= 0 && kd_weight >= 0, op, ": z_loss and kd_weight must be >= 0");
+  TORCH_CHECK(kd_weight == 0 || teacher_hidden.has_value(), op,
+              ": kd_weight > 0 needs a teacher (teacher_hidden and teacher_weight)");
   for (const auto& t : {std::optional<Tensor>(weight), std::optional<Tensor>(targets), bias,
                         teacher_hidden, teacher_weight}) {
     TORCH_CHECK(!t || t->device() == hidden.device(), op,

@@ -141,6 +141,7 @@ def test_torch_compile_fullgraph(device):
             "teacher_weight must have the student's vocab",
         ),
         ({"z_loss": -1.0}, "z_loss and kd_weight must be >= 0"),
+        ({"kd_weight": 0.5}, "kd_weight > 0 needs a teacher"),
     ],
 )
 def test_bad_input(over, message):
@@ -152,6 +153,7 @@ def test_bad_input(over, message):
         "teacher_hidden": None,
         "teacher_weight": None,
         "z_loss": 0.0,
+        "kd_weight": 0.0,
     }
     args.update(over)
     with pytest.raises(RuntimeError, match=message):
@@ -165,7 +167,7 @@ def test_bad_input(over, message):
             -100,
             1,
             args["z_loss"],
-            0.0,
+            args["kd_weight"],
             False,
         )
 
