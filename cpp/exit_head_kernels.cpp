@@ -77,6 +77,15 @@ SoftmaxStats softmax_stats(float* z, int64_t n, const float* bias, float inv_t, 
   return softmax_stats_portable(z, n, bias, inv_t, base);
 }
 
+void scaled_softmax_portable(float* z, int64_t n, float lse, float coef) {
+  for (int64_t i = 0; i < n; ++i) z[i] = coef * exp_nonpositive(std::max(z[i] - lse, -87.0f));
+}
+
+void scaled_softmax(float* z, int64_t n, float lse, float coef) {
+  if (has_avx2_kernels()) return scaled_softmax_avx2(z, n, lse, coef);
+  scaled_softmax_portable(z, n, lse, coef);
+}
+
 void merge(SoftmaxStats& a, const SoftmaxStats& b) {
   if (a.nan_at < 0) a.nan_at = b.nan_at;
   if (b.max1 > a.max1) {

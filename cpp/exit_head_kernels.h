@@ -27,6 +27,12 @@ SoftmaxStats softmax_stats_portable(float* z, int64_t n, const float* bias, floa
 SoftmaxStats softmax_stats_avx2(float* z, int64_t n, const float* bias, float inv_t,
                                 int64_t base);
 
+// Rewrites z[0, n) as coef * exp(z - lse): the softmax of a row whose logsumexp is lse, scaled
+// (a cross-entropy gradient before its one-hot term). Dispatches like softmax_stats.
+void scaled_softmax(float* z, int64_t n, float lse, float coef);
+void scaled_softmax_portable(float* z, int64_t n, float lse, float coef);
+void scaled_softmax_avx2(float* z, int64_t n, float lse, float coef);
+
 // Whether the AVX2+FMA kernels below can run on this CPU (and were built).
 bool has_avx2_kernels();
 

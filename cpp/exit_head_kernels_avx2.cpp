@@ -209,4 +209,21 @@ SoftmaxStats softmax_stats_avx2(float* z, int64_t n, const float* bias, float in
   return st;
 }
 
+void scaled_softmax_avx2(float* z, int64_t n, float lse, float coef) {
+  constexpr int64_t kW = 8;
+  const __m256 vlse = _mm256_set1_ps(lse), vcoef = _mm256_set1_ps(coef);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const __m256 d = clamp_exp_arg(_mm256_sub_ps(_mm256_loadu_ps(z + i), vlse));
+    _mm256_storeu_ps(z + i, _mm256_mul_ps(vcoef, exp_nonpositive(d)));
+  }
+  if (i < n) {  // the tail through one padded vector, so it uses the same exp
+    float tail[kW];
+    for (int64_t l = 0; l < kW; ++l) tail[l] = i + l < n ? z[i + l] : lse;
+    const __m256 d = clamp_exp_arg(_mm256_sub_ps(_mm256_loadu_ps(tail), vlse));
+    _mm256_storeu_ps(tail, _mm256_mul_ps(vcoef, exp_nonpositive(d)));
+    for (int64_t l = 0; i + l < n; ++l) z[i + l] = tail[l];
+  }
+}
+
 }  // namespace eefast::cpu

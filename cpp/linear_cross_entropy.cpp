@@ -9,7 +9,13 @@
 // accumulates the weight gradient (dz^T h). That is 3 GEMMs per chunk and no second pass. Extra
 // memory is O(chunk x vocab), independent of the number of tokens. Chunks run in order, so the
 // weight-gradient accumulation is deterministic. bf16 weights are upcast a vocab block at a time.
+// On CPU (without a teacher) the per-row logsumexp and softmax-gradient passes go through the
+// vectorised row kernels of exit_head_kernels.h: two reads and one write of each chunk instead
+// of ATen's six element-wise passes and a [rows, vocab] temporary.
 
+#include "exit_head_kernels.h"
+
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +27,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -114,6 +122,33 @@ void grad_hidden_into(Tensor& grad_h, const Tensor& dz, const Tensor& weight, Te
   }
 }
 
+// [rows, 1] logsumexp of each row of contiguous fp32 z, by the vectorised row kernel.
+Tensor row_logsumexp(const Tensor& z) {
+  const int64_t rows = z.size(0), n = z.size(1);
+  Tensor lse = at::empty({rows, 1}, z.options());
+  float* zp = z.data_ptr<float>();
+  float* out = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const cpu::SoftmaxStats st = cpu::softmax_stats(zp + r * n, n, nullptr, 1.f, 0);
+      out[r] = st.nan_at >= 0 ? std::numeric_limits<float>::quiet_NaN()
+                              : st.max1 + std::log(st.sum);
+    }
+  });
+  return lse;
+}
+
+// Row r of z becomes coef[r] * softmax(z[r]), given its logsumexp.
+void rows_scaled_softmax(Tensor& z, const Tensor& lse, const Tensor& coef) {
+  const int64_t n = z.size(1);
+  float* zp = z.data_ptr<float>();
+  const Tensor c = coef.contiguous();
+  const float *lp = lse.data_ptr<float>(), *cp = c.data_ptr<float>();
+  at::parallel_for(0, z.size(0), 1, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) cpu::scaled_softmax(zp + r * n, n, lp[r], cp[r]);
+  });
+}
+
 struct Results {
   Tensor loss_rows, grad_hidden, grad_weight, grad_bias;
 };
@@ -165,7 +200,8 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
     logits_into(z, h, w, bias32, w_buf);
     const Tensor tgt = safe_targets.narrow(0, r0, n).unsqueeze(1);
     const Tensor ok = valid.narrow(0, r0, n).to(at::kFloat);
-    const Tensor lse = z.logsumexp({1}, /*keepdim=*/true);  // [n, 1]
+    const bool cpu_rows = z.is_cpu() && !teach;  // fused row passes (exit_head_kernels.h)
+    const Tensor lse = cpu_rows ? row_logsumexp(z) : z.logsumexp({1}, /*keepdim=*/true);
     Tensor loss = lse.squeeze(1) - z.gather(1, tgt).squeeze(1);
     if (z_loss > 0) loss = loss + z_loss * lse.squeeze(1).square();
     Tensor log_pt;
@@ -180,15 +216,17 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
     if (!grads) continue;
 
     // dz = scale * [(1 + 2 z_loss lse) p - onehot + kd_weight (p - p_t)], p = softmax(z)
-    Tensor dz = z.sub_(lse).exp_();  // p, in place over the logits
-    const Tensor p_coef = 1.0 + 2.0 * z_loss * lse + kd_weight;
-    if (teach) {
-      dz.mul_(p_coef).sub_(log_pt.exp_().mul_(kd_weight));
+    const Tensor scale = (ok * row_scale->narrow(0, r0, n)).unsqueeze(1);  // [n, 1]
+    Tensor dz = z;  // in place over the logits
+    if (cpu_rows) {
+      rows_scaled_softmax(dz, lse, (1.0 + 2.0 * z_loss * lse) * scale);
+      dz.scatter_add_(1, tgt, -scale);
     } else {
-      dz.mul_(p_coef);
+      dz.sub_(lse).exp_().mul_(1.0 + 2.0 * z_loss * lse + kd_weight);
+      if (teach) dz.sub_(log_pt.exp_().mul_(kd_weight));
+      dz.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
+      dz.mul_(scale);
     }
-    dz.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
-    dz.mul_((ok * row_scale->narrow(0, r0, n)).unsqueeze(1));
     Tensor gh = res.grad_hidden.narrow(0, r0, n);
     grad_hidden_into(gh, dz, w, w_buf);
     if (weight_grad) {
