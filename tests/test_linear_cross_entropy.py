@@ -269,3 +269,18 @@ print("ok")
     env = {**os.environ, "EEFAST_DISABLE_AVX2": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_multi_exit_per_exit_biases():
+    g = torch.Generator().manual_seed(3)
+    hiddens = [torch.randn(9, 8, generator=g) for _ in range(2)]
+    weights = [torch.randn(50, 8, generator=g) for _ in range(2)]
+    biases = [torch.randn(50, generator=g), None]
+    targets = torch.randint(0, 50, (9,), generator=g)
+    total, losses = eefast.multi_exit_cross_entropy(hiddens, weights, targets, [0.5, 2.0], biases)
+    want = [
+        linear_cross_entropy_reference(h, w, targets, b)
+        for h, w, b in zip(hiddens, weights, biases, strict=True)
+    ]
+    torch.testing.assert_close(losses, torch.stack(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, 0.5 * want[0] + 2.0 * want[1], rtol=1e-5, atol=1e-5)

@@ -82,15 +82,22 @@ def cmd_tune(args) -> None:
     torch.manual_seed(args.seed)
     model, train, held_out = _load(args)
     ee = add_exits(model, args.exits, args.kind, args.init, args.share_lm_head)
-    n_params = sum(p.numel() for p in ee.exit_parameters())
-    _say(f"exits after blocks {ee.exit_layers} ({args.kind}, {n_params:,} trainable parameters)")
+    _say(
+        f"exits ({args.kind}) after blocks {ee.exit_layers} of {ee.num_layers}; "
+        f"{sum(p.numel() for p in ee.exit_parameters()):,} trainable parameters"
+    )
     out = Path(args.out)
+    _say(
+        f"tuning {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
+        f"checkpoints and metrics in {out} (rerun resumes)"
+    )
     t0 = time.perf_counter()
     metrics = ee_tune(ee, train, held_out, _tune_config(args), out, resume=not args.no_resume)
     _say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
     if metrics:
         last = metrics[-1]
         _say(f"step {last['step']}: loss {last['loss']:.3f}, {last['tokens_per_s']:.0f} tokens/s")
+    _say("held-out quality per exit (tuned vs untuned baseline = final norm + LM head there):")
     _report(ee, held_out, args, out)
 
 
@@ -104,20 +111,7 @@ def cmd_demo(args) -> None:
     """The main job: EE-tune SmolLM2's exits on pydoc_data for a few minutes, then report."""
     _say("EE-Tuning demo: frozen backbone, exits tuned with fused multi-exit losses")
     t_start = time.perf_counter()
-    model, train, held_out = _load(args)
-    ee = add_exits(model, args.exits, args.kind, share_lm_head=args.share_lm_head)
-    _say(
-        f"exits ({args.kind}) after blocks {ee.exit_layers} of {ee.num_layers}; "
-        f"{sum(p.numel() for p in ee.exit_parameters()):,} trainable parameters"
-    )
-    out = Path(args.out)
-    _say(
-        f"tuning {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
-        f"checkpoints and metrics in {out} (rerun resumes)"
-    )
-    ee_tune(ee, train, held_out, _tune_config(args), out)
-    _say("held-out quality per exit (tuned vs untuned baseline = final norm + LM head there):")
-    _report(ee, held_out, args, out)
+    cmd_tune(args)
     _say(f"demo done in {time.perf_counter() - t_start:.0f} s")
 
 
@@ -170,7 +164,7 @@ def add_commands(sub) -> None:
     demo = sub.add_parser("demo", help="the main job: EE-tune SmolLM2's exits and report")
     _common(demo, "8,15,22", "mlp", steps=60, lr=1e-2, batch_size=4, seq_len=128, eval_blocks=16)
     demo.add_argument("--out", default="eefast-demo")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, init="copy", no_resume=False)
 
     tune = sub.add_parser("tune", help="EE-tune exits on a frozen model")
     _common(tune, "8,15,22", "mlp", steps=200, lr=1e-2, batch_size=4, seq_len=128, eval_blocks=16)

@@ -44,6 +44,8 @@ def write_text(path: Path, text: str) -> None:
     _atomic(path, write)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp))
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

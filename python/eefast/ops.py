@@ -264,7 +264,7 @@ def multi_exit_cross_entropy(
     weights: torch.Tensor | list[torch.Tensor],
     targets: torch.Tensor,
     exit_weights: list[float] | None = None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | list[torch.Tensor | None] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     z_loss: float = 0.0,
@@ -273,7 +273,8 @@ def multi_exit_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Several exits in one call: ``(sum_e exit_weights[e] · loss_e, losses [exits])``.
 
-    ``weights`` is one LM-head weight shared by every exit, or one per exit. A shared head with
+    ``weights`` is one LM-head weight shared by every exit, or one per exit; ``bias`` likewise
+    (a list, one per exit, goes with per-exit weights). A shared head with
     ``reduction`` mean or sum runs as one fused op that accumulates the weight gradient of all
     exits in one buffer; other cases run ``linear_cross_entropy`` per exit. The per-exit
     losses are for logging (no gradient); backpropagate the total.
@@ -285,14 +286,14 @@ def multi_exit_cross_entropy(
             f"multi_exit_cross_entropy: {n_exits} exits but {len(exit_weights)} exit weights"
         )
     kw = {
-        "bias": bias,
         "ignore_index": ignore_index,
         "reduction": reduction,
         "z_loss": z_loss,
         "teacher": teacher,
         "kd_weight": kd_weight,
     }
-    if isinstance(weights, torch.Tensor) and reduction in ("mean", "sum"):
+    shared = isinstance(weights, torch.Tensor) and not isinstance(bias, list)
+    if shared and reduction in ("mean", "sum"):
         teacher_hidden, teacher_weight = _teacher_inputs(teacher)
         weight_grad = _head_needs_grad(weights, bias)
         total, losses, *_ = torch.ops.eefast.linear_cross_entropy_multi.default(
@@ -312,10 +313,15 @@ def multi_exit_cross_entropy(
         return total, losses
     if isinstance(weights, torch.Tensor):
         weights = [weights] * n_exits
-    if len(weights) != n_exits:
-        raise ValueError(f"multi_exit_cross_entropy: {n_exits} exits but {len(weights)} weights")
+    biases = bias if isinstance(bias, list) else [bias] * n_exits
+    if len(weights) != n_exits or len(biases) != n_exits:
+        raise ValueError(
+            f"multi_exit_cross_entropy: {n_exits} exits but {len(weights)} weights and "
+            f"{len(biases)} biases"
+        )
     losses = [
-        linear_cross_entropy(h, w, targets, **kw) for h, w in zip(hiddens, weights, strict=True)
+        linear_cross_entropy(h, w, targets, bias=b, **kw)
+        for h, w, b in zip(hiddens, weights, biases, strict=True)
     ]
     total = sum(c * loss for c, loss in zip(exit_weights, losses, strict=True))
     return total, torch.stack([loss.detach() for loss in losses])

@@ -9,13 +9,17 @@ outputs through forward hooks and stops after the deepest exit.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from ..io import write_json, write_safetensors
 from ..nn.exit_head import EXIT_KINDS, ExitHead, ResidualMLP, block_output
 from .arch import DecoderParts, decoder_parts
 
@@ -255,10 +259,6 @@ def exits_config(ee: EarlyExitModel) -> dict:
 
 def save_exits(ee: EarlyExitModel, directory) -> None:
     """Write only the exits (``exits.safetensors`` + ``exits.json``), atomically."""
-    from pathlib import Path
-
-    from ..io import write_json, write_safetensors
-
     directory = Path(directory)
     write_safetensors(directory / "exits.safetensors", ee.exits.state_dict())
     write_json(directory / "exits.json", exits_config(ee))
@@ -283,11 +283,6 @@ def check_fingerprint(saved: dict, model: nn.Module, what: str) -> None:
 
 def load_exits(model: nn.Module, directory) -> EarlyExitModel:
     """Attach exits saved by `save_exits` to an unchanged base model."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     cfg_path = directory / "exits.json"
     if not cfg_path.exists():

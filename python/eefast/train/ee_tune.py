@@ -28,7 +28,7 @@ from ..models.exits import (
     exits_config,
     save_exits,
 )
-from ..ops import linear_cross_entropy, multi_exit_cross_entropy
+from ..ops import multi_exit_cross_entropy
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .hidden_cache import HiddenCache
 
@@ -110,16 +110,20 @@ def exit_losses(
     teacher = None
     if kd_weight > 0:
         teacher = (states.final.flatten(0, -2), ee.final_head()[0])
-    kw = {"z_loss": z_loss, "teacher": teacher, "kd_weight": kd_weight}
     if ee.shares_lm_head:
         weight, bias = ee.final_head()
-        return multi_exit_cross_entropy(hiddens, weight, targets, exit_weights, bias=bias, **kw)
-    losses = []
-    for layer, h in zip(layers, hiddens, strict=True):
-        weight, bias = ee.head(layer)
-        losses.append(linear_cross_entropy(h, weight, targets, bias=bias, **kw))
-    total = sum(c * loss for c, loss in zip(exit_weights, losses, strict=True))
-    return total, torch.stack([loss.detach() for loss in losses])
+    else:
+        weight, bias = (list(h) for h in zip(*(ee.head(layer) for layer in layers), strict=True))
+    return multi_exit_cross_entropy(
+        hiddens,
+        weight,
+        targets,
+        exit_weights,
+        bias=bias,
+        z_loss=z_loss,
+        teacher=teacher,
+        kd_weight=kd_weight,
+    )
 
 
 class _Data:
@@ -227,8 +231,9 @@ def ee_tune(
             states, targets = train.states(
                 batch_index(len(train_blocks), cfg.batch_size, step, cfg.seed)
             )
+            lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step)
+                group["lr"] = lr
             total, losses = exit_losses(
                 ee,
                 states,
@@ -247,7 +252,7 @@ def ee_tune(
             record = {
                 "step": step,
                 "loss": float(total.detach()),
-                "lr": lr_at(cfg, step - 1),
+                "lr": lr,
                 "tokens_per_s": tokens / (time.perf_counter() - t0),
             }
             record |= {

@@ -88,11 +88,7 @@ class HiddenCache:
         tensors = {f"layer.{k}": v for k, v in self.hiddens.items()}
         if self.final is not None:
             tensors["final"] = self.final
-        write_safetensors(
-            path,
-            tensors
-            | {"meta": torch.tensor(list(json.dumps(self.meta).encode()), dtype=torch.uint8)},
-        )
+        write_safetensors(path, tensors, metadata={"eefast": json.dumps(self.meta)})
 
     @classmethod
     def load(
@@ -102,7 +98,7 @@ class HiddenCache:
         if not Path(path).is_file():
             return None
         with safe_open(str(path), "pt") as f:
-            meta = json.loads(bytes(f.get_tensor("meta").tolist()).decode())
+            meta = json.loads(f.metadata()["eefast"])
             check_fingerprint(meta["fingerprint"], ee.model, f"hidden-state cache {path}")
             if (
                 meta["layers"] != ee.exit_layers
