@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         "whose bf16 peers spend minutes per step in ATen's bf16 GEMM on AVX2 CPUs)",
     )
     ops.add_argument("--providers", default=",".join(bench_lora_linear.PROVIDERS))
+    ops.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ops.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ops.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per case")
     ops.add_argument(
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    torch.set_default_device(getattr(args, "device", "cpu"))
     print(f"machine: {machine_info()}")
     if args.suite == "ee-tune":
         rows = bench_ee_tune.run(

@@ -14,7 +14,7 @@ import torch
 
 import eefast
 
-from .common import Row, peak_extra_memory_mib, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
 
 QUICK = {"rows": [1, 8, 2048], "d": 576, "vocab": 49152}
 PROVIDERS = ["eefast", "eager", "compile"]
@@ -42,7 +42,7 @@ def run(rows, d, vocab, dtypes, providers, budget_s: float = 2.0) -> list[Row]:
     print(f"  copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
     compiled = torch.compile(eager_stats, dynamic=True)
     for dtype, n in itertools.product(dtypes, rows):
-        gen = torch.Generator().manual_seed(0)
+        gen = seeded_generator()
         weight = (torch.randn(vocab, d, generator=gen) / d**0.5).to(dtype)
         hidden = torch.randn(n, d, generator=gen)
         case = {"rows": n, "d": d, "vocab": vocab, "weight": str(dtype).removeprefix("torch.")}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import eefast
 
-from .common import Row, peak_extra_memory_mib, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
 
 QUICK = {"tokens": [4096], "d": 576, "vocab": 49152, "exits": 3}
 PROVIDERS = ["eefast", "eager", "compile"]
@@ -20,7 +20,7 @@ def eager_multi_exit(hiddens, weight, targets):
 
 
 def _case(n, d, vocab, exits, dtype, providers, compiled, budget_s) -> list[Row]:
-    gen = torch.Generator().manual_seed(0)
+    gen = seeded_generator()
     weight = (torch.randn(vocab, d, generator=gen) / d**0.5).to(dtype).requires_grad_()
     hiddens = [torch.randn(n, d, generator=gen).to(dtype).requires_grad_() for _ in range(exits)]
     targets = torch.randint(0, vocab, (n,), generator=gen)

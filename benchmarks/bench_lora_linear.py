@@ -16,7 +16,7 @@ from torch import nn
 import eefast
 from eefast.ops import lora_linear_reference
 
-from .common import Row, peak_extra_memory_mib, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
 
 QUICK = {"tokens": [1, 512, 2048], "dims": [576, 2048], "ranks": [16]}
 FULL = {"tokens": [1, 512, 2048], "dims": [576, 2048, 4096], "ranks": [8, 16, 64]}
@@ -77,7 +77,7 @@ def run(
     rows = []
     too_slow: dict[tuple[str, torch.dtype], int] = {}  # (provider, dtype) -> work that was
     for dtype, n, d, r in itertools.product(dtypes, tokens, dims, ranks):
-        gen = torch.Generator().manual_seed(0)
+        gen = seeded_generator()
         weight = torch.randn(d, d, generator=gen, dtype=dtype) / d**0.5
         lora_a = (torch.randn(r, d, generator=gen, dtype=dtype) / d**0.5).requires_grad_()
         lora_b = (torch.randn(d, r, generator=gen, dtype=dtype) / r**0.5).requires_grad_()

@@ -22,6 +22,16 @@ import torch
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
 
 
+def on_cuda() -> bool:
+    """Whether the benchmarks run on the GPU (`--device cuda` sets torch's default device)."""
+    return torch.get_default_device().type == "cuda"
+
+
+def seeded_generator(seed: int = 0) -> torch.Generator:
+    """A generator on the benchmark device, so inputs are made where they are used."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     if Path("/proc/cpuinfo").exists():
@@ -34,7 +44,7 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if on_cuda() else "cpu",
     }
 
 
@@ -46,7 +56,7 @@ def time_median(
     One warm-up call, then repeats until min_reps and the time budget are both met. A call
     slower than the whole budget is repeated once only: its median is then of one sample.
     """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if on_cuda() else (lambda: None)
 
     def timed() -> float:
         sync()
@@ -83,7 +93,7 @@ def peak_extra_memory_mib(fn: Callable[[], object]) -> float | None:
     after returning freed heap to the OS. CUDA: torch.cuda.max_memory_allocated.
     """
     gc.collect()
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
