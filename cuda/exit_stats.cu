@@ -6,8 +6,10 @@
 // are merged in a fixed order into one partial per (chunk, row). Kernel 2 merges the chunks per
 // row in vocab order and writes the outputs. Argmax ties go to the lower vocab index explicitly,
 // so merge order never changes the argmax, and the fixed order makes the sums deterministic.
-// Decode (few rows) is bound by reading W once, which this does; for many rows it re-reads W
-// per row tile (from L2) and uses no tensor cores, which a GEMM-based path would fix.
+// Decode (few rows) is bound by reading W once, which this does. For many rows the glue
+// (cpp/exit_stats_cuda.cpp) instead computes chunks of logits with cuBLAS and reduces each row
+// with exit_stats_from_logits: one block per row, the same online-softmax fold and merge, in a
+// fixed tree order.
 #include <cfloat>
 #include <cstdint>
 
@@ -119,13 +121,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void finish_kernel(const ExitStatsPartial* __restrict__ partials, int64_t chunks,
-                              int64_t rows, float* lse, float* max_prob, int64_t* argmax,
-                              float* entropy, float* margin) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  ExitStatsPartial s = partials[r];
-  for (int64_t c = 1; c < chunks; ++c) merge(s, partials[c * rows + r]);
+__device__ void write_stats(const ExitStatsPartial& s, int64_t r, float* lse, float* max_prob,
+                            int64_t* argmax, float* entropy, float* margin) {
   if (s.nan_at != kNoIndex) {
     lse[r] = max_prob[r] = entropy[r] = margin[r] = __int_as_float(0x7fc00000);
     argmax[r] = s.nan_at;
@@ -137,6 +134,38 @@ __global__ void finish_kernel(const ExitStatsPartial* __restrict__ partials, int
   entropy[r] = log_sum - s.ent / s.sum;
   margin[r] = (1.f - expf(s.max2 - s.max1)) / s.sum;
   argmax[r] = s.arg1;
+}
+
+__global__ void finish_kernel(const ExitStatsPartial* __restrict__ partials, int64_t chunks,
+                              int64_t rows, float* lse, float* max_prob, int64_t* argmax,
+                              float* entropy, float* margin) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  ExitStatsPartial s = partials[r];
+  for (int64_t c = 1; c < chunks; ++c) merge(s, partials[c * rows + r]);
+  write_stats(s, r, lse, max_prob, argmax, entropy, margin);
+}
+
+// One block per row of fp32 logits: thread t folds vocab entries t, t + kThreads, ... (ascending,
+// as push_logit needs), then the block merges its partials in a fixed tree order.
+__global__ void __launch_bounds__(kThreads)
+    logits_stats_kernel(const float* __restrict__ logits, const float* __restrict__ bias,
+                        float inv_t, int64_t vocab, float* lse, float* max_prob, int64_t* argmax,
+                        float* entropy, float* margin) {
+  __shared__ ExitStatsPartial parts[kThreads];
+  const int64_t r = blockIdx.x;
+  const float* z = logits + r * vocab;
+  ExitStatsPartial s = empty_partial();
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    push_logit(s, (z[v] + (bias != nullptr ? bias[v] : 0.f)) * inv_t, v);
+  }
+  parts[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) merge(parts[threadIdx.x], parts[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) write_stats(parts[0], r, lse, max_prob, argmax, entropy, margin);
 }
 
 template <typename W, int R>
@@ -182,6 +211,16 @@ cudaError_t exit_stats_forward(const float* hidden, const void* weight, bool wei
   const int64_t chunks = (vocab + kChunk - 1) / kChunk;
   finish_kernel<<<static_cast<unsigned>((rows + 127) / 128), 128, 0, stream>>>(
       partials, chunks, rows, lse, max_prob, argmax, entropy, margin);
+  return cudaGetLastError();
+}
+
+cudaError_t exit_stats_from_logits(const float* logits, const float* bias, float inv_temperature,
+                                   int64_t rows, int64_t vocab, float* lse, float* max_prob,
+                                   int64_t* argmax, float* entropy, float* margin,
+                                   cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  logits_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      logits, bias, inv_temperature, vocab, lse, max_prob, argmax, entropy, margin);
   return cudaGetLastError();
 }
 

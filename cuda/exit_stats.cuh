@@ -25,4 +25,12 @@ cudaError_t exit_stats_forward(const float* hidden, const void* weight, bool wei
                                int64_t* argmax, float* entropy, float* margin,
                                cudaStream_t stream);
 
+// The same statistics from precomputed fp32 logits [rows, vocab] (contiguous), adding bias
+// (fp32 [vocab] or null) before the temperature. Used for many rows, where a GEMM makes the
+// logits faster than the fused kernel can.
+cudaError_t exit_stats_from_logits(const float* logits, const float* bias, float inv_temperature,
+                                   int64_t rows, int64_t vocab, float* lse, float* max_prob,
+                                   int64_t* argmax, float* entropy, float* margin,
+                                   cudaStream_t stream);
+
 }  // namespace eefast::cuda
