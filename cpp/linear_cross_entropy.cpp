@@ -1,19 +1,24 @@
 // linear_cross_entropy: LM head + cross-entropy (+ z-loss, + distillation to a teacher head)
 // without [tokens, vocab] logits. Written in device-generic ATen ops and registered for
 // CompositeExplicitAutograd, so the same chunked algorithm runs on CPU (MKL) and on CUDA
-// (cuBLAS + ATen kernels); a fused CUDA kernel would save the passes over each chunk.
+// (cuBLAS); each chunk's row work goes through a fused row pass on either device.
 //
 // Rows are processed in chunks sized so that one chunk's [rows, vocab] fp32 logits stay a few
 // MB; every chunk computes its logits with sgemm, the loss, and for mean/sum the gradient of the
 // logits right away (softmax - onehot, ...), which turns into the hidden gradient (dz W) and
 // accumulates the weight gradient (dz^T h). That is 3 GEMMs per chunk and no second pass. Extra
 // memory is O(chunk x vocab), independent of the number of tokens. Chunks run in order, so the
-// weight-gradient accumulation is deterministic. bf16 weights are upcast a vocab block at a time.
-// On CPU (without a teacher) the per-row logsumexp and softmax-gradient passes go through the
-// vectorised row kernels of exit_head_kernels.h: two reads and one write of each chunk instead
-// of ATen's six element-wise passes and a [rows, vocab] temporary.
+// weight-gradient accumulation is deterministic. On CPU, bf16 weights are upcast a vocab block at
+// a time (ATen's bf16 GEMMs are slow on AVX2 CPUs). On CUDA, chunks are 8x taller so cuBLAS gets
+// GEMMs that fill the GPU, and a bf16 hidden with a bf16 head runs bf16 GEMMs with fp32 output
+// (mm.dtype): the logits, softmax and loss stay fp32, dz is rounded to bf16 for the two
+// backward GEMMs, as bf16 autograd would do.
+// Without a teacher, the per-row logsumexp and softmax-gradient passes go through the
+// vectorised row kernels of exit_head_kernels.h on CPU and cuda/lce_rows.cu on CUDA: two reads
+// and one write of each chunk instead of ATen's six element-wise passes and a temporary.
 
 #include "exit_head_kernels.h"
+#include "linear_cross_entropy.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
@@ -37,9 +42,24 @@ namespace {
 
 using at::Tensor;
 
-// [rows, vocab] fp32 logits per chunk: 32 MB. Fewer, taller chunks matter: each chunk's weight
-// gradient dz^T h is a GEMM of depth `rows` that rewrites the whole [vocab, d] accumulator.
-constexpr int64_t kChunkElems = int64_t{1} << 23;
+#ifdef EEFAST_WITH_CUDA
+constexpr bool kCudaRowPass = true;
+#else
+constexpr bool kCudaRowPass = false;
+// Never called: cuda_rows is false without CUDA.
+void lce_rows_cuda(const Tensor&, const Tensor&, const Tensor&, double, Tensor&, const Tensor&) {}
+#endif
+
+// [rows, vocab] fp32 logits per chunk: 32 MB on CPU, 256 MB on CUDA. Fewer, taller chunks
+// matter: each chunk's weight gradient dz^T h is a GEMM of depth `rows` that rewrites the whole
+// [vocab, d] accumulator, and on CUDA a short GEMM leaves most of the GPU idle.
+int64_t chunk_elems(const Tensor& t) { return int64_t{1} << (t.is_cpu() ? 23 : 26); }
+
+// bf16 x bf16 GEMMs with fp32 output: CUDA only, where cuBLAS runs them on tensor cores.
+bool bf16_gemms(const Tensor& hidden, const Tensor& weight) {
+  return hidden.is_cuda() && hidden.scalar_type() == at::kBFloat16 &&
+         weight.scalar_type() == at::kBFloat16;
+}
 constexpr int64_t kVocabBlock = 4096;               // vocab rows of a bf16 weight upcast at once
 
 void check_args(const char* op, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
@@ -84,10 +104,16 @@ void check_args(const char* op, const Tensor& hidden, const Tensor& weight, cons
   }
 }
 
-// z[rows, vocab] = h32 W^T + bias32 in fp32; a bf16 W is upcast one vocab block at a time.
+// z[rows, vocab] = h W^T + bias32 in fp32. h is fp32, or bf16 for bf16_gemms; otherwise a
+// bf16 W is upcast one vocab block at a time.
 void logits_into(Tensor& z, const Tensor& h32, const Tensor& weight, const Tensor& bias32,
                  Tensor& w_buf) {
   const int64_t vocab = weight.size(0);
+  if (h32.scalar_type() == at::kBFloat16) {
+    at::mm_out(z, h32, weight.t(), at::kFloat);
+    if (bias32.defined()) z.add_(bias32);
+    return;
+  }
   if (weight.scalar_type() == at::kFloat) {
     if (bias32.defined()) {
       at::addmm_out(z, bias32, h32, weight.t());
@@ -108,8 +134,13 @@ void logits_into(Tensor& z, const Tensor& h32, const Tensor& weight, const Tenso
   }
 }
 
-// grad_h[rows, d] = dz W, with a bf16 W upcast one vocab block at a time.
+// grad_h[rows, d] = dz W in fp32: dz is fp32, or bf16 for bf16_gemms; otherwise a bf16 W is
+// upcast one vocab block at a time.
 void grad_hidden_into(Tensor& grad_h, const Tensor& dz, const Tensor& weight, Tensor& w_buf) {
+  if (dz.scalar_type() == at::kBFloat16) {
+    at::mm_out(grad_h, dz, weight, at::kFloat);
+    return;
+  }
   if (weight.scalar_type() == at::kFloat) {
     at::mm_out(grad_h, dz, weight);
     return;
@@ -163,11 +194,15 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
                  bool weight_grad, Tensor grad_weight = Tensor(), Tensor grad_bias = Tensor()) {
   const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1);
   const auto f32 = hidden.options().dtype(at::kFloat);
-  const Tensor h32 = hidden.to(at::kFloat).contiguous();
+  const bool lowp = bf16_gemms(hidden, weight);
+  const Tensor h32 = lowp ? hidden.contiguous() : hidden.to(at::kFloat).contiguous();
   const Tensor w = weight.contiguous();
   const Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
   const bool teach = teacher_hidden.has_value() && kd_weight > 0;
-  const Tensor th32 = teach ? teacher_hidden->to(at::kFloat).contiguous() : Tensor();
+  const bool teach_lowp = teach && bf16_gemms(*teacher_hidden, *teacher_weight);
+  const Tensor th32 = !teach        ? Tensor()
+                      : teach_lowp ? teacher_hidden->contiguous()
+                                   : teacher_hidden->to(at::kFloat).contiguous();
   const Tensor tw = teach ? teacher_weight->contiguous() : Tensor();
 
   const Tensor valid = targets.ne(ignore_index);
@@ -186,8 +221,9 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
   res.grad_bias =
       grad_bias.defined() ? grad_bias : at::zeros({grads && weight_grad && bias ? vocab : 0}, f32);
 
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, kChunkElems / vocab));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, chunk_elems(hidden) / vocab));
   Tensor z_buf = at::empty({chunk, vocab}, f32);
+  Tensor dz_lowp = lowp && grads ? at::empty({chunk, vocab}, hidden.options()) : Tensor();
   Tensor zt_buf = teach ? at::empty({chunk, vocab}, f32) : Tensor();
   Tensor w_buf = at::empty({w.scalar_type() == at::kFloat ? 0 : kVocabBlock, d}, f32);
   Tensor tw_buf = teach ? at::empty({tw.scalar_type() == at::kFloat ? 0 : kVocabBlock,
@@ -200,9 +236,21 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
     logits_into(z, h, w, bias32, w_buf);
     const Tensor tgt = safe_targets.narrow(0, r0, n).unsqueeze(1);
     const Tensor ok = valid.narrow(0, r0, n).to(at::kFloat);
+    const Tensor z_target = z.gather(1, tgt).squeeze(1);  // before dz may overwrite z
     const bool cpu_rows = z.is_cpu() && !teach;  // fused row passes (exit_head_kernels.h)
-    const Tensor lse = cpu_rows ? row_logsumexp(z) : z.logsumexp({1}, /*keepdim=*/true);
-    Tensor loss = lse.squeeze(1) - z.gather(1, tgt).squeeze(1);
+    const bool cuda_rows = kCudaRowPass && z.is_cuda() && !teach;  // fused (cuda/lce_rows.cu)
+    // dz = scale * [(1 + 2 z_loss lse) p - onehot + kd_weight (p - p_t)], p = softmax(z)
+    const Tensor scale = grads ? (ok * row_scale->narrow(0, r0, n)).unsqueeze(1) : Tensor();
+    Tensor dz = grads && lowp ? dz_lowp.narrow(0, 0, n) : z;  // fp32 dz: in place over z
+    Tensor lse;
+    if (cuda_rows) {
+      lse = at::empty({n, 1}, f32);
+      lce_rows_cuda(z, tgt.squeeze(1), grads ? scale.squeeze(1) : Tensor(), z_loss, lse,
+                    grads ? dz : Tensor());
+    } else {
+      lse = cpu_rows ? row_logsumexp(z) : z.logsumexp({1}, /*keepdim=*/true);
+    }
+    Tensor loss = lse.squeeze(1) - z_target;
     if (z_loss > 0) loss = loss + z_loss * lse.squeeze(1).square();
     Tensor log_pt;
     if (teach) {
@@ -215,23 +263,25 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
     res.loss_rows.narrow(0, r0, n).copy_(loss * ok);
     if (!grads) continue;
 
-    // dz = scale * [(1 + 2 z_loss lse) p - onehot + kd_weight (p - p_t)], p = softmax(z)
-    const Tensor scale = (ok * row_scale->narrow(0, r0, n)).unsqueeze(1);  // [n, 1]
-    Tensor dz = z;  // in place over the logits
     if (cpu_rows) {
-      rows_scaled_softmax(dz, lse, (1.0 + 2.0 * z_loss * lse) * scale);
-      dz.scatter_add_(1, tgt, -scale);
-    } else {
-      dz.sub_(lse).exp_().mul_(1.0 + 2.0 * z_loss * lse + kd_weight);
-      if (teach) dz.sub_(log_pt.exp_().mul_(kd_weight));
-      dz.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
-      dz.mul_(scale);
+      rows_scaled_softmax(z, lse, (1.0 + 2.0 * z_loss * lse) * scale);
+      z.scatter_add_(1, tgt, -scale);
+    } else if (!cuda_rows) {
+      z.sub_(lse).exp_().mul_(1.0 + 2.0 * z_loss * lse + kd_weight);
+      if (teach) z.sub_(log_pt.exp_().mul_(kd_weight));
+      z.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
+      z.mul_(scale);
     }
+    if (lowp && !cuda_rows) dz.copy_(z);
+    if (bias && weight_grad) res.grad_bias.add_(dz.sum(0, /*keepdim=*/false, at::kFloat));
     Tensor gh = res.grad_hidden.narrow(0, r0, n);
     grad_hidden_into(gh, dz, w, w_buf);
     if (weight_grad) {
-      res.grad_weight.addmm_(dz.t(), h);
-      if (bias) res.grad_bias.add_(dz.sum(0));
+      if (lowp) {
+        at::addmm_out(res.grad_weight, res.grad_weight, dz.t(), h, at::kFloat);
+      } else {
+        res.grad_weight.addmm_(dz.t(), h);
+      }
     }
   }
   return res;

@@ -62,11 +62,15 @@ def test_matches_reference(device, n, d, vocab, reduction, extra):
     assert_matches(got, want, 1e-5)
 
 
-def test_bf16_weight(device):
-    hidden, weight, _, targets = make(40, 16, 9000, device, w_dtype=torch.bfloat16)
-    got = run(eefast.linear_cross_entropy, hidden, weight, None, targets)
-    want = run(linear_cross_entropy_reference, hidden, weight, None, targets)
-    assert got[2].dtype == torch.bfloat16
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_weight(device, h_dtype, bias):
+    """A bf16 head (CPU: upcast blocks; CUDA with a bf16 hidden: bf16 GEMMs, fp32 logits)."""
+    hidden, weight, b, targets = make(40, 16, 9000, device, w_dtype=torch.bfloat16, bias=bias)
+    hidden = hidden.detach().to(h_dtype).requires_grad_()
+    got = run(eefast.linear_cross_entropy, hidden, weight, b, targets)
+    want = run(linear_cross_entropy_reference, hidden, weight, b, targets)
+    assert got[1].dtype == h_dtype and got[2].dtype == torch.bfloat16
     assert_matches(got, want, 1e-2)
 
 
