@@ -18,7 +18,7 @@ namespace {
 using at::Tensor;
 
 // From this many rows on, cuBLAS logits + a row reduction beat the fused kernel, which re-reads
-// W per tile of 8 rows and uses no tensor cores (measured on an H100: benchmarks/README.md).
+// W per tile of 8 rows and uses no tensor cores (measured on an H100: see the README).
 constexpr int64_t kGemmRows = 32;
 constexpr int64_t kChunkElems = int64_t{1} << 26;  // fp32 logits per row chunk: 256 MB
 constexpr int64_t kVocabBlock = 8192;              // vocab rows of a bf16 W upcast at once

@@ -141,4 +141,3 @@ def test_unknown_architecture_lists_module_lists():
 
     with pytest.raises(ValueError, match="unsupported architecture 'odd'.*blocks"):
         add_exits(Odd(), [1])
-
