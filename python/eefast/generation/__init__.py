@@ -1,0 +1,171 @@
+"""Early-exit generation: ``eefast.generate(ee_model, tokenizer, prompts, mode=...)``.
+
+Modes:
+  ``full``         full-depth decoding (the reference, and what the others are checked against)
+  ``speculative``  lossless self-speculative decoding: an exit drafts, the upper blocks verify
+  ``threshold``    lossy: a token leaves at the first exit whose confidence passes a threshold
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..models.exits import EarlyExitModel
+from .decode import (
+    CONFIDENCE_MEASURES,
+    DecodeStats,
+    DraftLength,
+    Outputs,
+    decode_full,
+    decode_speculative,
+    decode_threshold,
+    prefill,
+)
+from .sampling import Sampling
+from .state import DecodeState, LlamaRunner
+
+MODES = ("full", "speculative", "threshold")
+__all__ = ["CONFIDENCE_MEASURES", "MODES", "GenerationResult", "Sampling", "generate"]
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]  # new tokens per prompt
+    layers: list[list[int]]  # per new token, the layer it was decided at (num_layers: full)
+    stats: DecodeStats
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.stats.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("eefast.generate: no prompts")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"eefast.generate: prompt {i} is empty")
+            if chat:
+                msgs = [{"role": "user", "content": p}]
+                p_ids = tokenizer.apply_chat_template(
+                    msgs, add_generation_prompt=True, tokenize=True
+                )
+                p_ids = p_ids["input_ids"] if isinstance(p_ids, dict) else p_ids
+            else:
+                p_ids = tokenizer(p)["input_ids"]
+        else:
+            p_ids = list(p)
+        if not p_ids:
+            raise ValueError(f"eefast.generate: prompt {i} is empty")
+        ids.append([int(t) for t in p_ids])
+    return ids
+
+
+def _left_pad(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), width), pad, dtype=torch.long, device=device)
+    valid = torch.zeros(len(ids), width, dtype=torch.bool, device=device)
+    for row, x in enumerate(ids):
+        tokens[row, width - len(x) :] = torch.tensor(x, device=device)
+        valid[row, width - len(x) :] = True
+    return tokens, valid
+
+
+def _eos_ids(tokenizer, stop_at_eos: bool) -> set[int]:
+    if not stop_at_eos or tokenizer is None:
+        return set()
+    eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+@torch.no_grad()
+def generate(
+    ee: EarlyExitModel,
+    tokenizer,
+    prompts,
+    mode: str = "speculative",
+    max_new_tokens: int = 128,
+    *,
+    exit_layer: int | None = None,
+    draft_k: int = 4,
+    adaptive: bool = True,
+    draft_stop: float = 0.0,
+    threshold: float = 0.9,
+    measure: str = "max_prob",
+    exits: list[int] | None = None,
+    min_exit: int = 1,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    stop_at_eos: bool = True,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` for each prompt (a string, or token ids).
+
+    ``speculative`` drafts with ``exit_layer`` (default: the deepest exit), ``draft_k``
+    tokens per round (adaptive unless ``adaptive=False``) and is lossless: greedy output is
+    the full model's, token for token. ``threshold`` is lossy: it leaves at the first exit in
+    ``exits`` (default all, at or above ``min_exit``) whose ``measure`` (max_prob, margin or
+    entropy, scaled to [0, 1]) reaches ``threshold``; it is greedy only.
+    """
+    if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
+        raise ValueError(
+            "eefast.generate: no exits attached; add them with eefast.models.add_exits or "
+            "load tuned ones with eefast.models.load_exits"
+        )
+    if mode not in MODES:
+        raise ValueError(f"eefast.generate: unknown mode {mode!r}; choose from {MODES}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"eefast.generate: max_new_tokens must be > 0, got {max_new_tokens}")
+    if draft_k <= 0:
+        raise ValueError(f"eefast.generate: draft_k must be > 0, got {draft_k}")
+    if measure not in CONFIDENCE_MEASURES:
+        raise ValueError(f"eefast.generate: unknown measure {measure!r}; {CONFIDENCE_MEASURES}")
+    available = ee.exit_layers
+    if exit_layer is None:
+        exit_layer = available[-1]
+    for layer in [exit_layer, *(exits or [])]:
+        if layer not in available:
+            raise ValueError(
+                f"eefast.generate: no exit at layer {layer}; this model has exits at {available}"
+            )
+    active = [e for e in (exits or available) if e >= min_exit]
+    if mode == "threshold" and not active:
+        raise ValueError(f"eefast.generate: no exit at or above min_exit={min_exit}")
+    sampling = Sampling(temperature, top_k, top_p)
+    if mode == "threshold" and not sampling.greedy:
+        raise ValueError("eefast.generate: threshold mode is greedy; set temperature=0")
+
+    runner = LlamaRunner(ee)
+    device = next(ee.model.parameters()).device
+    ids = _prompt_ids(tokenizer, prompts, chat)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    tokens, valid = _left_pad(ids, pad, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = Outputs(len(ids), max_new_tokens, _eos_ids(tokenizer, stop_at_eos))
+    state = DecodeState(runner.num_layers, len(ids), device)
+
+    t0 = time.perf_counter()
+    logits = prefill(runner, state, tokens, valid)
+    if mode == "full":
+        stats = decode_full(runner, state, logits, out, sampling, gen)
+    elif mode == "speculative":
+        draft = DraftLength(draft_k, adaptive)
+        stats = decode_speculative(
+            runner, state, logits, out, sampling, gen, exit_layer, draft, draft_stop
+        )
+    else:
+        stats = decode_threshold(runner, state, logits, out, active, threshold, measure)
+    seconds = time.perf_counter() - t0
+    texts = [tokenizer.decode(t, skip_special_tokens=True) if tokenizer else "" for t in out.tokens]
+    return GenerationResult(texts, out.tokens, out.layers, stats, seconds)

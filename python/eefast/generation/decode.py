@@ -1,0 +1,325 @@
+"""The three decoding loops over a DecodeState: full depth, self-speculative and threshold.
+
+Every loop keeps only unfinished sequences in the batch: a sequence that emits EOS or reaches
+its token budget is dropped from the cache (rows are selected away), so batch > 1 never pays
+for finished rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops import exit_stats
+from .sampling import Sampling
+from .state import DecodeState, LlamaRunner
+
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+
+
+@dataclass
+class DecodeStats:
+    """What a decoding loop did, summed over the batch."""
+
+    tokens: int = 0  # tokens emitted
+    rounds: int = 0  # draft/verify rounds (speculative) or decode steps
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    layers_run: int = 0  # sum over emitted tokens of the blocks their step ran
+    exit_layers: Counter = field(default_factory=Counter)  # layer a token was decided at
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per verify round (accepted drafts + the verifier's own)."""
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+
+class Outputs:
+    """Per-sequence emitted tokens, EOS and budget handling, and the map from batch rows to
+    the caller's sequences."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos_ids: set[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.layers: list[list[int]] = [[] for _ in range(batch)]  # layer each was decided at
+        self.rows = list(range(batch))  # batch row -> sequence index
+        self.max_new = max_new_tokens
+        self.eos = eos_ids
+
+    def emit(self, row: int, new: list[int], layers: list[int]) -> tuple[int, bool]:
+        """Append tokens (decided at these layers) to a row's sequence, up to EOS or the
+        budget: (kept, finished)."""
+        out, out_layers = self.tokens[self.rows[row]], self.layers[self.rows[row]]
+        kept = 0
+        for t, layer in zip(new, layers, strict=True):
+            if len(out) >= self.max_new:
+                return kept, True
+            out.append(t)
+            out_layers.append(layer)
+            kept += 1
+            if t in self.eos:
+                return kept, True
+        return kept, len(out) >= self.max_new
+
+    def drop(self, finished: list[bool], state: DecodeState, *tensors):
+        """Remove finished rows from the batch, the state and the given [B, ...] tensors."""
+        if not any(finished):
+            return tensors
+        keep = [i for i, f in enumerate(finished) if not f]
+        self.rows = [self.rows[i] for i in keep]
+        idx = torch.tensor(keep, dtype=torch.long, device=state.valid.device)
+        state.select(idx)
+        return tuple(t[idx] for t in tensors)
+
+
+def prefill(runner: LlamaRunner, state: DecodeState, ids: torch.Tensor, valid: torch.Tensor):
+    """Every layer over the left-padded prompts; the final logits of the last slot."""
+    state.add_slots(valid)
+    h = runner.run(runner.embed(ids), 0, runner.num_layers, state)
+    return runner.final_logits(h[:, -1])
+
+
+def _step_all(runner: LlamaRunner, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
+    state.add_slots(torch.ones(tok.shape[0], 1, dtype=torch.bool, device=tok.device))
+    h = runner.run(runner.embed(tok[:, None]), 0, runner.num_layers, state)
+    return runner.final_logits(h[:, -1])
+
+
+def decode_full(runner, state, logits, out: Outputs, sampling: Sampling, gen) -> DecodeStats:
+    """Plain full-depth decoding: the reference every other mode is checked against."""
+    stats = DecodeStats()
+    L = runner.num_layers
+    while out.rows:
+        tok = sampling.pick(logits, gen)
+        finished = []
+        for row in range(len(out.rows)):
+            kept, done = out.emit(row, [int(tok[row])], [L])
+            stats.tokens += kept
+            stats.layers_run += kept * L
+            stats.exit_layers[L] += kept
+            finished.append(done)
+        stats.rounds += 1
+        (tok,) = out.drop(finished, state, tok)
+        if out.rows:
+            logits = _step_all(runner, state, tok)
+    return stats
+
+
+@dataclass
+class DraftLength:
+    """Draft length: fixed, or adaptive (+2 after a fully accepted round, -1 otherwise)."""
+
+    k: int
+    adaptive: bool = True
+    k_max: int = 16
+
+    def update(self, all_accepted: bool) -> None:
+        if self.adaptive:
+            self.k = min(self.k_max, self.k + 2) if all_accepted else max(1, self.k - 1)
+
+
+def decode_speculative(
+    runner: LlamaRunner,
+    state: DecodeState,
+    logits: torch.Tensor,
+    out: Outputs,
+    sampling: Sampling,
+    gen,
+    exit_layer: int,
+    draft: DraftLength,
+    draft_stop: float = 0.0,
+) -> DecodeStats:
+    """Exit ``exit_layer`` drafts through the lower blocks; the upper blocks verify.
+
+    A round feeds the last verified token x0 and the drafts d1..dm through blocks < E one at a
+    time (their KV stays: an accepted draft's lower-layer KV is exactly the full model's), then
+    runs blocks >= E once over the m+1 layer-E hidden states. Rejected drafts become invalid
+    slots, so each sequence of the batch accepts its own number of tokens. Greedy output equals
+    full-depth greedy; sampled output follows the full model's distribution (accept d with
+    probability min(1, p/q), else resample from norm(max(p - q, 0))). ``draft_stop`` ends a
+    draft early when the exit's top probability falls below it (greedy only).
+    """
+    stats = DecodeStats()
+    L, E = runner.num_layers, exit_layer
+    x0 = sampling.pick(logits, gen)
+    first = True
+    while out.rows:
+        batch, device = x0.shape[0], x0.device
+        if first:  # the prefill's token is emitted before any draft
+            finished = []
+            for row in range(batch):
+                kept, done = out.emit(row, [int(x0[row])], [L])
+                stats.tokens += kept
+                stats.layers_run += kept * L
+                stats.exit_layers[L] += kept
+                finished.append(done)
+            (x0,) = out.drop(finished, state, x0)
+            first = False
+            continue
+        start = state.slots
+        tok, hiddens, drafts, q_probs = x0, [], [], []
+        limit = draft.k
+        while True:  # lower blocks over x0, d1, ..., dm; the exit drafts d1..dm
+            state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
+            h = runner.run(runner.embed(tok[:, None]), 0, E, state)
+            hiddens.append(h)
+            if len(drafts) == limit:
+                break
+            if sampling.greedy:
+                w, b = runner.ee.head(E)
+                st = exit_stats(runner.exit_hidden(E, h[:, -1]), w, b)
+                tok = st.argmax
+                if draft_stop and bool((st.max_prob < draft_stop).all()):
+                    limit = len(drafts) + 1  # this draft is the round's last
+            else:
+                q = sampling.probs(runner.exit_logits(E, h[:, -1]))
+                tok = torch.multinomial(q, 1, generator=gen).squeeze(-1)
+                q_probs.append(q)
+            drafts.append(tok)
+        m = len(drafts)
+        d = torch.stack(drafts, 1)  # [B, m]
+        h = runner.run(torch.cat(hiddens, 1), E, L, state)
+        ver = runner.final_logits(h)  # [B, m + 1, V]
+        new_x0 = torch.empty_like(x0)
+        reject = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
+        finished, all_accepted = [], True
+        if sampling.greedy:
+            target = ver.argmax(-1)  # [B, m + 1]
+        else:
+            p = sampling.probs(ver)
+        for row in range(batch):
+            if sampling.greedy:
+                match = (d[row] == target[row, :m]).long()
+                n_acc = int(match.cumprod(0).sum())
+                nxt = int(target[row, n_acc])
+            else:
+                n_acc, nxt = _accept_sampled(row, d, p, q_probs, gen)
+            all_accepted &= n_acc == m
+            reject[row, 1 + n_acc :] = True  # slot 0 is x0, slots 1..m the drafts
+            emitted = d[row, :n_acc].tolist() + [nxt]
+            kept, done = out.emit(row, emitted, [E] * n_acc + [L])
+            new_x0[row] = nxt
+            stats.tokens += kept
+            stats.accepted += n_acc
+            stats.layers_run += (m + 1) * L  # each of the round's slots ran every block once
+            stats.exit_layers[E] += min(kept, n_acc)
+            stats.exit_layers[L] += int(kept > n_acc)
+            finished.append(done)
+        stats.rounds += 1
+        stats.drafted += m * batch
+        state.invalidate(reject, start)
+        draft.update(all_accepted)
+        (x0,) = out.drop(finished, state, new_x0)
+        state.trim()
+    return stats
+
+
+def _accept_sampled(row, d, p, q_probs, gen) -> tuple[int, int]:
+    """Speculative-sampling acceptance for one row: (accepted drafts, the next token)."""
+    m = d.shape[1]
+    for j in range(m):
+        tok = int(d[row, j])
+        pj, qj = p[row, j], q_probs[j][row]
+        u = torch.rand((), generator=gen, device=pj.device)
+        if u * qj[tok] <= pj[tok]:  # accept with probability min(1, p/q)
+            continue
+        resid = (pj - qj).clamp(min=0)
+        resid = resid / resid.sum() if resid.sum() > 0 else pj
+        return j, int(torch.multinomial(resid, 1, generator=gen))
+    return m, int(torch.multinomial(p[row, m], 1, generator=gen))
+
+
+def confidence(stats, measure: str, vocab: int) -> torch.Tensor:
+    """A per-row confidence in [0, 1] from exit_stats outputs; exit when >= the threshold."""
+    if measure == "max_prob":
+        return stats.max_prob
+    if measure == "margin":
+        return stats.margin
+    if measure == "entropy":
+        return 1.0 - stats.entropy / torch.log(torch.tensor(float(vocab)))
+    raise ValueError(f"unknown confidence measure {measure!r}; choose from {CONFIDENCE_MEASURES}")
+
+
+def decode_threshold(
+    runner: LlamaRunner,
+    state: DecodeState,
+    logits: torch.Tensor,
+    out: Outputs,
+    exits: list[int],
+    threshold: float,
+    measure: str = "max_prob",
+) -> DecodeStats:
+    """Lossy early exit, greedy. A token leaves at the first active exit where every sequence
+    of the batch is confident; a sequence confident at an earlier exit keeps its token from
+    that exit. Exited tokens' KV in the skipped blocks is recomputed EE-LLM style: they wait,
+    with their hidden state, and join the next token that climbs past their exit, so each
+    block computes their KV from the true hidden state, batched with that token.
+    """
+    stats = DecodeStats()
+    L = runner.num_layers
+    pending: list[tuple[torch.Tensor, int]] = []  # (hidden [B, n, d], layer) per waiting group
+    tok = logits.argmax(-1)
+    first = True
+    while out.rows:
+        batch, device = tok.shape[0], tok.device
+        if first:
+            exit_at = torch.full((batch,), L, device=device)
+            first = False
+        else:
+            state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
+            h = runner.embed(tok[:, None])
+            layer = 0
+            decided = torch.full((batch,), -1, dtype=torch.long, device=device)
+            exit_at = torch.full((batch,), L, device=device)
+            for target in [*exits, L]:
+                h = _run_joining(runner, state, h, layer, target, pending)
+                layer = target
+                if target == L:
+                    break
+                w, b = runner.ee.head(target)
+                st = exit_stats(runner.exit_hidden(target, h[:, -1]), w, b)
+                conf = confidence(st, measure, w.shape[0])
+                newly = (decided < 0) & (conf >= threshold)
+                decided = torch.where(newly, st.argmax, decided)
+                exit_at = torch.where(newly, torch.full_like(exit_at, target), exit_at)
+                if bool((decided >= 0).all()):
+                    pending.append((h, target))
+                    break
+            if layer == L:
+                final = runner.final_logits(h[:, -1]).argmax(-1)
+                tok = torch.where(decided >= 0, decided, final)
+            else:
+                tok = decided
+        finished = []
+        for row in range(batch):
+            e = int(exit_at[row])
+            kept, done = out.emit(row, [int(tok[row])], [e])
+            stats.tokens += kept
+            stats.layers_run += kept * e
+            stats.exit_layers[e] += kept
+            finished.append(done)
+        stats.rounds += 1
+        if any(finished):
+            keep = [i for i, f in enumerate(finished) if not f]
+            keep = torch.tensor(keep, dtype=torch.long, device=device)
+            pending = [(g[keep], lay) for g, lay in pending]
+        (tok,) = out.drop(finished, state, tok)
+    return stats
+
+
+def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:
+    """Blocks [start, end) on h. A waiting group joins at its own layer: groups wait at
+    non-increasing layers in slot order, so the lowest one holds the slots just before h's."""
+    layer = start
+    while pending and start <= min(g[1] for g in pending) < end:
+        i = min(range(len(pending)), key=lambda j: pending[j][1])
+        group_h, group_layer = pending.pop(i)
+        h = runner.run(h, layer, group_layer, state)
+        h = torch.cat([group_h, h], 1)
+        layer = group_layer
+    return runner.run(h, layer, end, state)

@@ -1,0 +1,161 @@
+"""Decoding state shared by every generation mode: a slot-indexed KV cache and a runner that
+calls a llama-family model's own decoder blocks on any range of layers.
+
+Slots are the cache's time axis. Each sequence of the batch marks its slots valid or not:
+left padding, drafts the verifier rejected and tokens of finished sequences are invalid slots
+that the attention mask hides. A token's rotary position is its sequence's count of valid slots
+before it, so holes never shift positions. Layers may hold different numbers of slots for a
+while (a draft has run only the lower layers), which is what lets speculative and threshold
+decoding reuse the lower layers' KV.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.exits import EarlyExitModel
+
+GENERATION_ARCHS = ("llama", "mistral", "qwen2")
+
+
+class SlotCache:
+    """Per-layer keys/values in preallocated [batch, heads, capacity, dim] buffers.
+
+    It implements the one method HF attention calls, ``update``, which appends at the layer's
+    current length and returns the filled prefix.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        n, q = self.lengths[layer_idx], key.shape[2]
+        buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
+        if buf_k is None or buf_k.shape[2] < n + q:
+            cap = max(64, 2 * (n + q))
+            new_k = key.new_empty(key.shape[0], key.shape[1], cap, key.shape[3])
+            new_v = value.new_empty(value.shape[0], value.shape[1], cap, value.shape[3])
+            if n:
+                new_k[:, :, :n] = buf_k[:, :, :n]
+                new_v[:, :, :n] = buf_v[:, :, :n]
+            self.keys[layer_idx], self.values[layer_idx] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, n : n + q] = key
+        buf_v[:, :, n : n + q] = value
+        self.lengths[layer_idx] = n + q
+        return buf_k[:, :, : n + q], buf_v[:, :, : n + q]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def truncate(self, slots: int) -> None:
+        self.lengths = [min(n, slots) for n in self.lengths]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[rows], v[rows]
+
+
+class DecodeState:
+    """The batch's cache plus which slots are valid and each slot's rotary position."""
+
+    def __init__(self, num_layers: int, batch: int, device):
+        self.cache = SlotCache(num_layers)
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.valid.shape[1]
+
+    def add_slots(self, valid: torch.Tensor) -> None:
+        """Append slots; ``valid [batch, q]`` says which of them hold real tokens."""
+        start = self.valid.sum(1, keepdim=True)
+        pos = start + valid.long().cumsum(1) - 1
+        self.valid = torch.cat([self.valid, valid], 1)
+        self.pos = torch.cat([self.pos, pos.clamp(min=0)], 1)
+
+    def invalidate(self, mask: torch.Tensor, start: int) -> None:
+        """Mark slots [start, start + mask.shape[1]) invalid where mask is True."""
+        self.valid[:, start : start + mask.shape[1]] &= ~mask
+
+    def trim(self) -> None:
+        """Drop trailing slots that no sequence uses (the batch-1 case of a KV rollback)."""
+        used = self.valid.any(0).nonzero()
+        keep = int(used[-1]) + 1 if len(used) else 0
+        self.valid, self.pos = self.valid[:, :keep], self.pos[:, :keep]
+        self.cache.truncate(keep)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.valid, self.pos = self.valid[rows], self.pos[rows]
+        self.cache.select(rows)
+
+
+class LlamaRunner:
+    """Runs a llama-family model's embedding, blocks, final norm and heads piecewise."""
+
+    def __init__(self, ee: EarlyExitModel):
+        if ee.parts.model_type not in GENERATION_ARCHS:
+            raise ValueError(
+                f"eefast.generate: {ee.parts.model_type!r} models are not supported yet; "
+                f"generation runs on {list(GENERATION_ARCHS)}"
+            )
+        if ee.kind == "layer":
+            raise ValueError(
+                "eefast.generate: 'layer' exits need their own KV cache; use norm, mlp or "
+                "embed exits for generation"
+            )
+        self.ee = ee
+        self.base = ee.model.get_decoder()
+        self.layers: nn.ModuleList = ee.parts.layers
+        self.num_layers = len(self.layers)
+        self.dtype = next(ee.model.parameters()).dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_tokens(ids)
+
+    def _mask(self, state: DecodeState, first: int, q: int) -> torch.Tensor:
+        """Additive mask [batch, 1, q, first + q]: valid keys at or before each query slot."""
+        keys = state.valid[:, : first + q]
+        key_slot = torch.arange(first + q, device=keys.device)
+        query_slot = torch.arange(first, first + q, device=keys.device)
+        allowed = keys[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=keys.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[:, None]
+
+    def run(self, h: torch.Tensor, start: int, end: int, state: DecodeState) -> torch.Tensor:
+        """Blocks [start, end) on h [batch, q, d], whose tokens are the next q slots of each
+        of those layers (layers in the range must hold the same number of slots)."""
+        if start >= end:
+            return h
+        first, q = state.cache.lengths[start], h.shape[1]
+        pos = state.pos[:, first : first + q]
+        mask = self._mask(state, first, q)
+        rotary = self.base.rotary_emb(h, position_ids=pos)
+        for i in range(start, end):
+            assert state.cache.lengths[i] == first, "layers in one run must be in step"
+            h = self.layers[i](
+                h,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=state.cache,
+                use_cache=True,
+                position_embeddings=rotary,
+            )
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+    def final_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ee.parts.lm_head(self.ee.parts.final_norm(h)).float()
+
+    def exit_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self.ee.exit(layer)(h)
+
+    def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.ee.head(layer)
+        return nn.functional.linear(self.exit_hidden(layer, h), weight, bias).float()

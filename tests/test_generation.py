@@ -1,0 +1,176 @@
+"""Early-exit generation on tiny random models: speculative decoding is lossless, threshold
+mode's KV recompute is exact, sampling is reproducible, bad input is refused."""
+
+import pytest
+import torch
+
+from eefast.generation import generate
+from eefast.models import add_exits
+from tiny_models import tiny_model, token_batch
+
+NEW = 24
+
+
+class StubTokenizer:
+    """Just what generate needs when prompts are token ids: an EOS id and decode."""
+
+    def __init__(self, eos):
+        self.eos_token_id = eos
+        self.pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def ragged_prompts():
+    ids = token_batch(3, 9, seed=3).tolist()
+    return [ids[0], ids[1][:4], ids[2][:7]]  # different lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def llama_ee():
+    return add_exits(tiny_model("llama"), [1, 2], kind="norm")
+
+
+def full_greedy(ee, prompts, tokenizer=None):
+    return generate(ee, tokenizer, prompts, mode="full", max_new_tokens=NEW).tokens
+
+
+def test_full_depth_matches_hf_generate(llama_ee):
+    for prompt in token_batch(2, 6, seed=5).tolist():
+        ids = torch.tensor([prompt])
+        want = llama_ee.model.generate(ids, max_new_tokens=NEW, do_sample=False)
+        want = want[0, len(prompt) :].tolist()
+        assert full_greedy(llama_ee, [prompt])[0] == want
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2])
+@pytest.mark.parametrize("k,adaptive", [(1, False), (3, False), (2, True)])
+def test_speculative_greedy_is_exact(llama_ee, exit_layer, k, adaptive):
+    prompts = ragged_prompts()
+    want = full_greedy(llama_ee, prompts)
+    for batch in ([p] for p in prompts):  # batch 1, each prompt
+        got = generate(
+            llama_ee,
+            None,
+            batch,
+            "speculative",
+            NEW,
+            exit_layer=exit_layer,
+            draft_k=k,
+            adaptive=adaptive,
+        )
+        assert got.tokens[0] == want[prompts.index(batch[0])]
+    got = generate(
+        llama_ee,
+        None,
+        prompts,
+        "speculative",
+        NEW,
+        exit_layer=exit_layer,
+        draft_k=k,
+        adaptive=adaptive,
+    )  # batch 3, ragged
+    assert got.tokens == want
+    assert got.stats.drafted > 0 and got.stats.tokens == 3 * NEW
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_speculative_exact_on_other_llama_family(arch):
+    ee = add_exits(tiny_model(arch), [2], kind="mlp")
+    prompts = ragged_prompts()
+    got = generate(ee, None, prompts, "speculative", NEW, exit_layer=2, draft_k=3)
+    assert got.tokens == full_greedy(ee, prompts)
+
+
+def test_speculative_accepts_everything_when_the_exit_is_the_model():
+    """A model whose upper blocks are zeroed (identity) has exit == final: every draft is
+    accepted, so rounds emit k + 1 tokens."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for block in model.model.layers[2:]:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+    ee = add_exits(model, [2], kind="norm", share_lm_head=True)
+    got = generate(ee, None, ragged_prompts()[:1], "speculative", NEW, draft_k=3, adaptive=False)
+    assert got.stats.acceptance == 1.0
+    assert got.tokens[0] == full_greedy(ee, ragged_prompts()[:1])[0]
+
+
+def test_eos_inside_an_accepted_block_ends_generation(llama_ee):
+    prompts = ragged_prompts()
+    plain = full_greedy(llama_ee, prompts)
+    eos = plain[0][5]  # a token the first sequence emits mid-way
+    tok = StubTokenizer(eos)
+    want = generate(llama_ee, tok, prompts, "full", NEW).tokens
+    assert want[0] == plain[0][: plain[0].index(eos) + 1]
+    for k in (2, 6):
+        got = generate(
+            llama_ee, tok, prompts, "speculative", NEW, exit_layer=2, draft_k=k, adaptive=False
+        )
+        assert got.tokens == want
+
+
+def test_threshold_above_one_is_full_greedy(llama_ee):
+    prompts = ragged_prompts()
+    got = generate(llama_ee, None, prompts, "threshold", NEW, threshold=1.01)
+    assert got.tokens == full_greedy(llama_ee, prompts)
+    assert set(got.stats.exit_layers) == {4}
+
+
+@pytest.mark.parametrize("measure,threshold", [("max_prob", 0.015), ("margin", 0.002)])
+def test_threshold_recompute_gives_full_forward_logits(llama_ee, measure, threshold):
+    """Tokens that exited early leave their KV to be recomputed; every token decided at full
+    depth afterwards must be what a full forward over the same tokens predicts."""
+    prompts = ragged_prompts()
+    got = generate(llama_ee, None, prompts, "threshold", NEW, threshold=threshold, measure=measure)
+    layers = [layer for row in got.layers for layer in row]
+    assert min(layers) < 4 and layers.count(4) > 3, "want a mix of exits and full depth"
+    for prompt, toks, lays in zip(prompts, got.tokens, got.layers, strict=True):
+        logits = llama_ee.model(torch.tensor([prompt + toks])).logits[0]
+        want = logits[len(prompt) - 1 : -1].argmax(-1)
+        for j, (t, layer) in enumerate(zip(toks, lays, strict=True)):
+            if layer == 4:
+                assert t == int(want[j]), f"token {j} decided at full depth"
+
+
+def test_sampling_is_reproducible_and_seeded(llama_ee):
+    prompts = ragged_prompts()
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, exit_layer=2, draft_k=3)
+    a = generate(llama_ee, None, prompts, "speculative", NEW, seed=7, **kw).tokens
+    b = generate(llama_ee, None, prompts, "speculative", NEW, seed=7, **kw).tokens
+    c = generate(llama_ee, None, prompts, "speculative", NEW, seed=8, **kw).tokens
+    assert a == b and a != c
+    full = generate(llama_ee, None, prompts, "full", NEW, seed=7, temperature=0.9).tokens
+    assert full == generate(llama_ee, None, prompts, "full", NEW, seed=7, temperature=0.9).tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(mode="speculative", exit_layer=3), r"no exit at layer 3; .* exits at \[1, 2\]"),
+        (dict(mode="speculative", draft_k=0), "draft_k must be > 0"),
+        (dict(mode="speculative", draft_k=-2), "draft_k must be > 0"),
+        (dict(mode="sideways"), "unknown mode"),
+        (dict(mode="threshold", measure="vibes"), "unknown measure"),
+        (dict(mode="threshold", min_exit=3), "no exit at or above min_exit"),
+        (dict(mode="threshold", temperature=0.5), "threshold mode is greedy"),
+        (dict(mode="full", max_new_tokens=0), "max_new_tokens must be > 0"),
+    ],
+)
+def test_bad_arguments(llama_ee, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(llama_ee, None, [[5, 6, 7]], **kwargs)
+
+
+def test_bad_models_and_prompts(llama_ee):
+    with pytest.raises(ValueError, match="no exits attached"):
+        generate(tiny_model("llama"), None, [[5, 6]])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(llama_ee, None, [[5, 6], []])
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(llama_ee, None, [])
+    with pytest.raises(ValueError, match="'gpt2' models are not supported"):
+        generate(add_exits(tiny_model("gpt2"), [1]), None, [[5, 6]])
+    with pytest.raises(ValueError, match="'layer' exits"):
+        generate(add_exits(tiny_model("llama"), [1], kind="layer"), None, [[5, 6]])
