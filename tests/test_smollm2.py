@@ -80,3 +80,27 @@ def test_tune_and_eval_exits_commands(smollm2, tmp_path, capsys):
     assert "final layer" in capsys.readouterr().out
     with pytest.raises(ValueError, match="out of range"):
         main(["tune", *common, "--exits", "1,9", "--steps", "1", "--out", str(out / "x")])
+
+
+def test_generation_on_smollm2(smollm2):
+    """Speculative greedy equals full greedy and HF generate on the real model, at batch 1
+    and batch 2 (ragged chat prompts); threshold > 1 equals full greedy."""
+    from eefast.generation import generate
+
+    model, tokenizer = smollm2
+    ee = add_exits(model, [15, 22], kind="mlp", share_lm_head=True)
+    prompts = ["What is the capital of France?", "Write one sentence about cats and dogs."]
+    full = generate(ee, tokenizer, prompts, "full", 16, chat=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompts[0]}], add_generation_prompt=True, tokenize=True
+    )
+    ids = torch.tensor([ids if isinstance(ids, list) else ids["input_ids"]])
+    hf = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert full.tokens[0] == hf[: len(full.tokens[0])]
+    for layer in (15, 22):
+        spec = generate(ee, tokenizer, prompts, "speculative", 16, exit_layer=layer, chat=True)
+        assert spec.tokens == full.tokens
+        one = generate(ee, tokenizer, prompts[1:], "speculative", 16, exit_layer=layer, chat=True)
+        assert one.tokens == full.tokens[1:]
+    thr = generate(ee, tokenizer, prompts, "threshold", 16, threshold=1.5, chat=True)
+    assert thr.tokens == full.tokens

@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 
-from . import LoRALinear, exit_stats, lora_linear
+from . import LoRALinear, cli_generate, exit_stats, lora_linear
 from .cli_ee import add_commands
 from .ops import exit_stats_reference, lora_linear_reference
 
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     info = sub.add_parser("info", help="what this build provides")
     info.set_defaults(func=cmd_info)
     add_commands(sub)
+    cli_generate.add_commands(sub)
     demo = sub.add_parser("demo-ops", help="a short tour of the fused ops and their speed")
     demo.add_argument("--tokens", type=int, default=512)
     demo.add_argument("--dim", type=int, default=2048)

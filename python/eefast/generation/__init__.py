@@ -59,7 +59,7 @@ def _prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
                 p_ids = tokenizer.apply_chat_template(
                     msgs, add_generation_prompt=True, tokenize=True
                 )
-                p_ids = p_ids["input_ids"] if isinstance(p_ids, dict) else p_ids
+                p_ids = p_ids if isinstance(p_ids, list) else p_ids["input_ids"]
             else:
                 p_ids = tokenizer(p)["input_ids"]
         else:

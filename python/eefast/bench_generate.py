@@ -1,0 +1,158 @@
+"""`eefast bench-generate`: eefast's generation modes against HF generate, in one run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .cli_generate import PROMPTS, _prompt_ids, _say, agreement
+from .generation import generate
+from .io import write_json
+
+
+def _hf_generate(model, tokenizer, batch_ids, max_new, **kw) -> tuple[list[list[int]], float]:
+    width = max(len(x) for x in batch_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids])
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=pad,
+        **kw,
+    )
+    seconds = time.perf_counter() - t0
+    eos = tokenizer.eos_token_id
+    toks = []
+    for row in out[:, width:].tolist():
+        toks.append(row[: row.index(eos) + 1] if eos in row else row)
+    return toks, seconds
+
+
+def _batches(ids, size):
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def run_bench(ee, tokenizer, args) -> None:
+    torch.set_num_threads(args.threads)
+    ids = _prompt_ids(tokenizer, PROMPTS[: args.prompts])
+    max_new = args.max_new_tokens
+    rows = []
+    for bs in args.batch_sizes:
+        batches = _batches(ids, bs)
+        cases = [("hf greedy", None, {})]
+        if bs == 1:  # HF's assisted generation is batch-1 only
+            cases += [
+                (f"hf assistant_early_exit={e}", None, {"assistant_early_exit": e})
+                for e in ee.exit_layers
+            ]
+        cases += [("eefast full", "full", {})]
+        cases += [
+            (f"eefast speculative E={e}", "speculative", {"exit_layer": e}) for e in ee.exit_layers
+        ]
+        cases += [
+            (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t})
+            for t in args.thresholds
+        ]
+        reference = None
+        for name, mode, kw in cases:
+            toks, seconds, stats = [], 0.0, None
+            for batch in batches:
+                if mode is None:
+                    t, s = _hf_generate(ee.model, tokenizer, batch, max_new, **kw)
+                else:
+                    res = generate(ee, tokenizer, batch, mode, max_new, **kw)
+                    t, s = res.tokens, res.seconds
+                    stats = _merge(stats, res)
+                toks += t
+                seconds += s
+            n = sum(len(t) for t in toks)
+            row = {
+                "batch": bs,
+                "provider": name,
+                "tokens": n,
+                "seconds": seconds,
+                "tokens_per_s": n / seconds,
+            }
+            if name == "hf greedy":
+                reference = toks
+            row["same_as_hf_greedy"] = toks == reference
+            if stats is not None:
+                layers = [la for seq in stats["layers"] for la in seq]
+                row["mean_layers"] = sum(layers) / max(1, len(layers))
+                row["exit_layers"] = {str(k): v for k, v in sorted(stats["hist"].items())}
+                if mode == "speculative":
+                    row["acceptance"] = stats["accepted"] / max(1, stats["drafted"])
+                    row["tokens_per_round"] = n / max(1, stats["rounds"])
+                if mode == "threshold":
+                    row["agreement"] = agreement(ee, ids[: len(toks)], toks)
+            rows.append(row)
+            _say(_format(row, rows))
+    out = Path(args.out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(out / f"generate-{stamp}.json", rows)
+    _plot(rows, out / f"generate-{stamp}.png")
+    _say(f"wrote {out / f'generate-{stamp}.json'} and the PNG beside it")
+
+
+def _merge(acc, res):
+    acc = acc or {"layers": [], "hist": {}, "accepted": 0, "drafted": 0, "rounds": 0}
+    acc["layers"] += res.layers
+    for k, v in res.stats.exit_layers.items():
+        acc["hist"][k] = acc["hist"].get(k, 0) + v
+    acc["accepted"] += res.stats.accepted
+    acc["drafted"] += res.stats.drafted
+    acc["rounds"] += res.stats.rounds
+    return acc
+
+
+def _format(row, rows) -> str:
+    base = next(r for r in rows if r["batch"] == row["batch"] and r["provider"] == "hf greedy")
+    text = (
+        f"batch {row['batch']} {row['provider']:<34} {row['tokens_per_s']:6.1f} tok/s "
+        f"({row['tokens_per_s'] / base['tokens_per_s']:.2f}x HF greedy)"
+    )
+    for key in ("acceptance", "tokens_per_round", "agreement", "mean_layers"):
+        if key in row:
+            text += f" {key} {row[key]:.2f}"
+    if "exit_layers" in row:
+        text += f" exits {row['exit_layers']}"
+    return text + ("" if row["same_as_hf_greedy"] else " [output differs from HF greedy]")
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for bs in sorted({r["batch"] for r in rows}):
+        base = next(r for r in rows if r["batch"] == bs and r["provider"] == "hf greedy")
+        pts = [
+            (r["agreement"], r["tokens_per_s"] / base["tokens_per_s"])
+            for r in rows
+            if r["batch"] == bs and "agreement" in r
+        ]
+        spec = [
+            r["tokens_per_s"] / base["tokens_per_s"]
+            for r in rows
+            if r["batch"] == bs and "acceptance" in r
+        ]
+        if pts:
+            ax.plot(*zip(*sorted(pts), strict=True), "o-", label=f"threshold, batch {bs}")
+        if spec:
+            ax.plot([1.0], [max(spec)], "*", ms=12, label=f"best speculative, batch {bs}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("token agreement with the full model")
+    ax.set_ylabel("speed vs HF greedy")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

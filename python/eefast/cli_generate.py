@@ -1,0 +1,191 @@
+"""Generation commands: `eefast generate`, `eefast calibrate` and `eefast bench-generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .generation import CONFIDENCE_MEASURES, MODES, generate
+from .io import write_json
+from .models import load_exits, load_model
+from .models.loading import DEFAULT_MODEL
+
+# Chat prompts on mixed topics for calibration and benchmarks.
+PROMPTS = [
+    "Explain what a Python list comprehension is, with an example.",
+    "Write a short poem about the sea at night.",
+    "What are three tips for staying focused while studying?",
+    "Summarise the causes of the French Revolution in a few sentences.",
+    "How do I reverse a string in JavaScript?",
+    "Describe how photosynthesis works to a ten-year-old.",
+    "Give me a simple recipe for pancakes.",
+    "What is the difference between a virus and a bacterium?",
+]
+THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+def _say(msg: str) -> None:
+    print(f"[eefast] {msg}", flush=True)
+
+
+def _load(args):
+    model, tokenizer = load_model(args.model)
+    ee = load_exits(model, args.exits)
+    _say(f"exits at {ee.exit_layers} of {ee.num_layers} blocks ({ee.kind}) from {args.exits}")
+    return ee, tokenizer
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def agreement(ee, prompt_ids: list[list[int]], outputs: list[list[int]]) -> float:
+    """Share of generated tokens equal to the full model's greedy choice after the same prefix
+    (one teacher-forced forward per sequence)."""
+    same = total = 0
+    with torch.no_grad():
+        for prompt, toks in zip(prompt_ids, outputs, strict=True):
+            if not toks:
+                continue
+            logits = ee.model(torch.tensor([prompt + toks])).logits[0]
+            want = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
+            same += sum(a == b for a, b in zip(toks, want, strict=True))
+            total += len(toks)
+    return same / total if total else 1.0
+
+
+def _prompt_ids(tokenizer, prompts):
+    out = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        out.append(list(ids if isinstance(ids, list) else ids["input_ids"]))
+    return out
+
+
+def _stats_line(res) -> str:
+    s = res.stats
+    hist = ", ".join(f"{k}:{v}" for k, v in sorted(s.exit_layers.items()))
+    line = f"{s.tokens} tokens in {res.seconds:.2f} s = {res.tokens_per_second:.1f} tok/s"
+    if s.drafted:
+        line += f"; acceptance {s.acceptance:.2f}, {s.mean_accepted:.2f} tokens/round"
+    return line + f"; decided at layer {{{hist}}}"
+
+
+def cmd_generate(args) -> None:
+    ee, tokenizer = _load(args)
+    prompts = args.prompt or PROMPTS[:1]
+    res = generate(
+        ee,
+        tokenizer,
+        prompts,
+        args.mode,
+        args.max_new_tokens,
+        exit_layer=args.exit_layer,
+        draft_k=args.draft_k,
+        adaptive=not args.fixed_k,
+        threshold=args.threshold,
+        measure=args.measure,
+        min_exit=args.min_exit,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=not args.no_chat,
+    )
+    lossy = " (lossy)" if args.mode == "threshold" else ""
+    for prompt, text in zip(prompts, res.texts, strict=True):
+        print(f"\n>>> {prompt}\n{text}")
+    _say(f"{args.mode}{lossy}: {_stats_line(res)}")
+
+
+def calibrate(ee, tokenizer, prompt_ids, thresholds, target, max_new, measure="max_prob"):
+    """Per threshold: agreement with the full model and speed; the lowest threshold whose
+    agreement reaches the target (None when none does)."""
+    rows = []
+    for th in sorted(thresholds):
+        res = generate(
+            ee, tokenizer, prompt_ids, "threshold", max_new, threshold=th, measure=measure
+        )
+        layers = [la for row in res.layers for la in row]
+        rows.append(
+            {
+                "threshold": th,
+                "agreement": agreement(ee, prompt_ids, res.tokens),
+                "tokens_per_s": res.tokens_per_second,
+                "mean_layers": sum(layers) / max(1, len(layers)),
+                "exit_layers": dict(sorted(res.stats.exit_layers.items())),
+            }
+        )
+        _say(
+            f"threshold {th}: agreement {rows[-1]['agreement']:.3f}, "
+            f"{rows[-1]['tokens_per_s']:.1f} tok/s, mean layers {rows[-1]['mean_layers']:.1f}"
+        )
+    ok = [r for r in rows if r["agreement"] >= target]
+    return rows, (min(ok, key=lambda r: r["threshold"])["threshold"] if ok else None)
+
+
+def cmd_calibrate(args) -> None:
+    ee, tokenizer = _load(args)
+    ids = _prompt_ids(tokenizer, PROMPTS[: args.prompts])
+    rows, best = calibrate(
+        ee, tokenizer, ids, args.thresholds, args.target, args.max_new_tokens, args.measure
+    )
+    out = Path(args.exits) / "calibration.json"
+    write_json(
+        out, {"target": args.target, "measure": args.measure, "threshold": best, "rows": rows}
+    )
+    if best is None:
+        _say(f"no threshold reached agreement {args.target}; wrote {out}")
+    else:
+        _say(f"threshold {best} reaches agreement >= {args.target}; wrote {out}")
+
+
+def cmd_bench_generate(args) -> None:
+    from .bench_generate import run_bench
+
+    ee, tokenizer = _load(args)
+    run_bench(ee, tokenizer, args)
+
+
+def add_commands(sub) -> None:
+    def common(p):
+        p.add_argument("--model", default=DEFAULT_MODEL)
+        p.add_argument("--exits", required=True, help="directory with exits.json (eefast tune)")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+
+    g = sub.add_parser("generate", help="early-exit generation (speculative, threshold, full)")
+    common(g)
+    g.add_argument("--prompt", action="append", help="a user message (repeat for a batch)")
+    g.add_argument("--mode", choices=MODES, default="speculative")
+    g.add_argument("--exit-layer", type=int, default=None, help="draft exit (speculative)")
+    g.add_argument("--draft-k", type=int, default=4)
+    g.add_argument("--fixed-k", action="store_true", help="no adaptive draft length")
+    g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
+    g.add_argument("--min-exit", type=int, default=1)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="prompts are raw text, no template")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate", help="pick a threshold for a target agreement")
+    common(c)
+    c.add_argument("--target", type=float, default=0.95)
+    c.add_argument("--thresholds", type=_float_list, default=THRESHOLDS)
+    c.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
+    c.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
+    c.set_defaults(func=cmd_calibrate)
+
+    b = sub.add_parser("bench-generate", help="eefast generation against HF generate")
+    common(b)
+    b.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4])
+    b.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
+    b.add_argument("--thresholds", type=_float_list, default=[0.5, 0.8, 0.9, 0.99])
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--out", default="benchmarks/results")
+    b.set_defaults(func=cmd_bench_generate)
