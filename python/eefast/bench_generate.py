@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .cli_generate import PROMPTS, _prompt_ids, _say, agreement
-from .generation import generate
+from .cli_generate import PROMPTS, _say, agreement
+from .generation import generate, prompt_ids
 from .io import write_json
 
 
@@ -40,7 +40,7 @@ def _batches(ids, size):
 
 def run_bench(ee, tokenizer, args) -> None:
     torch.set_num_threads(args.threads)
-    ids = _prompt_ids(tokenizer, PROMPTS[: args.prompts])
+    ids = prompt_ids(tokenizer, PROMPTS[: args.prompts], chat=True)
     max_new = args.max_new_tokens
     rows = []
     for bs in args.batch_sizes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .generation import CONFIDENCE_MEASURES, MODES, generate
+from .generation import CONFIDENCE_MEASURES, MODES, generate, prompt_ids
 from .io import write_json
 from .models import load_exits, load_model
 from .models.loading import DEFAULT_MODEL
@@ -40,12 +40,12 @@ def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def agreement(ee, prompt_ids: list[list[int]], outputs: list[list[int]]) -> float:
+def agreement(ee, ids: list[list[int]], outputs: list[list[int]]) -> float:
     """Share of generated tokens equal to the full model's greedy choice after the same prefix
     (one teacher-forced forward per sequence)."""
     same = total = 0
     with torch.no_grad():
-        for prompt, toks in zip(prompt_ids, outputs, strict=True):
+        for prompt, toks in zip(ids, outputs, strict=True):
             if not toks:
                 continue
             logits = ee.model(torch.tensor([prompt + toks])).logits[0]
@@ -53,16 +53,6 @@ def agreement(ee, prompt_ids: list[list[int]], outputs: list[list[int]]) -> floa
             same += sum(a == b for a, b in zip(toks, want, strict=True))
             total += len(toks)
     return same / total if total else 1.0
-
-
-def _prompt_ids(tokenizer, prompts):
-    out = []
-    for p in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-        )
-        out.append(list(ids if isinstance(ids, list) else ids["input_ids"]))
-    return out
 
 
 def _stats_line(res) -> str:
@@ -101,19 +91,17 @@ def cmd_generate(args) -> None:
     _say(f"{args.mode}{lossy}: {_stats_line(res)}")
 
 
-def calibrate(ee, tokenizer, prompt_ids, thresholds, target, max_new, measure="max_prob"):
+def calibrate(ee, tokenizer, ids, thresholds, target, max_new, measure="max_prob"):
     """Per threshold: agreement with the full model and speed; the lowest threshold whose
     agreement reaches the target (None when none does)."""
     rows = []
     for th in sorted(thresholds):
-        res = generate(
-            ee, tokenizer, prompt_ids, "threshold", max_new, threshold=th, measure=measure
-        )
+        res = generate(ee, tokenizer, ids, "threshold", max_new, threshold=th, measure=measure)
         layers = [la for row in res.layers for la in row]
         rows.append(
             {
                 "threshold": th,
-                "agreement": agreement(ee, prompt_ids, res.tokens),
+                "agreement": agreement(ee, ids, res.tokens),
                 "tokens_per_s": res.tokens_per_second,
                 "mean_layers": sum(layers) / max(1, len(layers)),
                 "exit_layers": dict(sorted(res.stats.exit_layers.items())),
@@ -129,7 +117,7 @@ def calibrate(ee, tokenizer, prompt_ids, thresholds, target, max_new, measure="m
 
 def cmd_calibrate(args) -> None:
     ee, tokenizer = _load(args)
-    ids = _prompt_ids(tokenizer, PROMPTS[: args.prompts])
+    ids = prompt_ids(tokenizer, PROMPTS[: args.prompts], chat=True)
     rows, best = calibrate(
         ee, tokenizer, ids, args.thresholds, args.target, args.max_new_tokens, args.measure
     )

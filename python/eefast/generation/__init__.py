@@ -28,7 +28,7 @@ from .sampling import Sampling
 from .state import DecodeState, LlamaRunner
 
 MODES = ("full", "speculative", "threshold")
-__all__ = ["CONFIDENCE_MEASURES", "MODES", "GenerationResult", "Sampling", "generate"]
+__all__ = ["CONFIDENCE_MEASURES", "MODES", "GenerationResult", "Sampling", "generate", "prompt_ids"]
 
 
 @dataclass
@@ -44,7 +44,9 @@ class GenerationResult:
         return self.stats.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
+def prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
+    """Token ids per prompt: strings are tokenized (through the chat template when ``chat``),
+    id lists pass through; a clear error for no prompts or an empty one."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -148,7 +150,7 @@ def generate(
 
     runner = LlamaRunner(ee)
     device = next(ee.model.parameters()).device
-    ids = _prompt_ids(tokenizer, prompts, chat)
+    ids = prompt_ids(tokenizer, prompts, chat)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     tokens, valid = _left_pad(ids, pad, device)
     gen = torch.Generator(device=device).manual_seed(seed)

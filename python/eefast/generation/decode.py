@@ -7,6 +7,7 @@ for finished rows.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,7 +28,6 @@ class DecodeStats:
     rounds: int = 0  # draft/verify rounds (speculative) or decode steps
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
-    layers_run: int = 0  # sum over emitted tokens of the blocks their step ran
     exit_layers: Counter = field(default_factory=Counter)  # layer a token was decided at
 
     @property
@@ -90,21 +90,25 @@ def _step_all(runner: LlamaRunner, state: DecodeState, tok: torch.Tensor) -> tor
     return runner.final_logits(h[:, -1])
 
 
+def _emit_each(out: Outputs, stats: DecodeStats, tok: torch.Tensor, layers) -> list[bool]:
+    """One token per batch row, decided at layers[row]; which rows finished."""
+    finished = []
+    for row, layer in enumerate(layers):
+        kept, done = out.emit(row, [int(tok[row])], [layer])
+        stats.tokens += kept
+        stats.exit_layers[layer] += kept
+        finished.append(done)
+    return finished
+
+
 def decode_full(runner, state, logits, out: Outputs, sampling: Sampling, gen) -> DecodeStats:
     """Plain full-depth decoding: the reference every other mode is checked against."""
     stats = DecodeStats()
     L = runner.num_layers
     while out.rows:
         tok = sampling.pick(logits, gen)
-        finished = []
-        for row in range(len(out.rows)):
-            kept, done = out.emit(row, [int(tok[row])], [L])
-            stats.tokens += kept
-            stats.layers_run += kept * L
-            stats.exit_layers[L] += kept
-            finished.append(done)
         stats.rounds += 1
-        (tok,) = out.drop(finished, state, tok)
+        (tok,) = out.drop(_emit_each(out, stats, tok, [L] * len(tok)), state, tok)
         if out.rows:
             logits = _step_all(runner, state, tok)
     return stats
@@ -146,21 +150,10 @@ def decode_speculative(
     """
     stats = DecodeStats()
     L, E = runner.num_layers, exit_layer
-    x0 = sampling.pick(logits, gen)
-    first = True
+    x0 = sampling.pick(logits, gen)  # the prefill's token is emitted before any draft
+    (x0,) = out.drop(_emit_each(out, stats, x0, [L] * len(x0)), state, x0)
     while out.rows:
         batch, device = x0.shape[0], x0.device
-        if first:  # the prefill's token is emitted before any draft
-            finished = []
-            for row in range(batch):
-                kept, done = out.emit(row, [int(x0[row])], [L])
-                stats.tokens += kept
-                stats.layers_run += kept * L
-                stats.exit_layers[L] += kept
-                finished.append(done)
-            (x0,) = out.drop(finished, state, x0)
-            first = False
-            continue
         start = state.slots
         tok, hiddens, drafts, q_probs = x0, [], [], []
         limit = draft.k
@@ -206,7 +199,6 @@ def decode_speculative(
             new_x0[row] = nxt
             stats.tokens += kept
             stats.accepted += n_acc
-            stats.layers_run += (m + 1) * L  # each of the round's slots ran every block once
             stats.exit_layers[E] += min(kept, n_acc)
             stats.exit_layers[L] += int(kept > n_acc)
             finished.append(done)
@@ -241,7 +233,7 @@ def confidence(stats, measure: str, vocab: int) -> torch.Tensor:
     if measure == "margin":
         return stats.margin
     if measure == "entropy":
-        return 1.0 - stats.entropy / torch.log(torch.tensor(float(vocab)))
+        return 1.0 - stats.entropy / math.log(vocab)
     raise ValueError(f"unknown confidence measure {measure!r}; choose from {CONFIDENCE_MEASURES}")
 
 
@@ -264,52 +256,40 @@ def decode_threshold(
     L = runner.num_layers
     pending: list[tuple[torch.Tensor, int]] = []  # (hidden [B, n, d], layer) per waiting group
     tok = logits.argmax(-1)
-    first = True
-    while out.rows:
-        batch, device = tok.shape[0], tok.device
-        if first:
-            exit_at = torch.full((batch,), L, device=device)
-            first = False
-        else:
-            state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
-            h = runner.embed(tok[:, None])
-            layer = 0
-            decided = torch.full((batch,), -1, dtype=torch.long, device=device)
-            exit_at = torch.full((batch,), L, device=device)
-            for target in [*exits, L]:
-                h = _run_joining(runner, state, h, layer, target, pending)
-                layer = target
-                if target == L:
-                    break
-                w, b = runner.ee.head(target)
-                st = exit_stats(runner.exit_hidden(target, h[:, -1]), w, b)
-                conf = confidence(st, measure, w.shape[0])
-                newly = (decided < 0) & (conf >= threshold)
-                decided = torch.where(newly, st.argmax, decided)
-                exit_at = torch.where(newly, torch.full_like(exit_at, target), exit_at)
-                if bool((decided >= 0).all()):
-                    pending.append((h, target))
-                    break
-            if layer == L:
-                final = runner.final_logits(h[:, -1]).argmax(-1)
-                tok = torch.where(decided >= 0, decided, final)
-            else:
-                tok = decided
-        finished = []
-        for row in range(batch):
-            e = int(exit_at[row])
-            kept, done = out.emit(row, [int(tok[row])], [e])
-            stats.tokens += kept
-            stats.layers_run += kept * e
-            stats.exit_layers[e] += kept
-            finished.append(done)
+    exit_at = [L] * len(tok)  # the prefill's token is full depth
+    while True:
+        finished = _emit_each(out, stats, tok, exit_at)
         stats.rounds += 1
-        if any(finished):
-            keep = [i for i, f in enumerate(finished) if not f]
-            keep = torch.tensor(keep, dtype=torch.long, device=device)
-            pending = [(g[keep], lay) for g, lay in pending]
-        (tok,) = out.drop(finished, state, tok)
-    return stats
+        tok, *groups = out.drop(finished, state, tok, *(g for g, _ in pending))
+        pending = [(g, layer) for g, (_, layer) in zip(groups, pending, strict=True)]
+        if not out.rows:
+            return stats
+        batch, device = tok.shape[0], tok.device
+        state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
+        h = runner.embed(tok[:, None])
+        layer = 0
+        decided = torch.full((batch,), -1, dtype=torch.long, device=device)
+        exit_at = torch.full((batch,), L, device=device)
+        for target in [*exits, L]:
+            h = _run_joining(runner, state, h, layer, target, pending)
+            layer = target
+            if target == L:
+                break
+            w, b = runner.ee.head(target)
+            st = exit_stats(runner.exit_hidden(target, h[:, -1]), w, b)
+            conf = confidence(st, measure, w.shape[0])
+            newly = (decided < 0) & (conf >= threshold)
+            decided = torch.where(newly, st.argmax, decided)
+            exit_at = torch.where(newly, torch.full_like(exit_at, target), exit_at)
+            if bool((decided >= 0).all()):
+                pending.append((h, target))
+                break
+        if layer == L:
+            final = runner.final_logits(h[:, -1]).argmax(-1)
+            tok = torch.where(decided >= 0, decided, final)
+        else:
+            tok = decided
+        exit_at = exit_at.tolist()
 
 
 def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:

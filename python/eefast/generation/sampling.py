@@ -35,8 +35,8 @@ class Sampling:
             z = z.masked_fill(z < kth, float("-inf"))
         if self.top_p < 1.0:
             sorted_z, order = z.sort(dim=-1, descending=True)
-            cum = sorted_z.softmax(-1).cumsum(-1)
-            drop = cum - sorted_z.softmax(-1) >= self.top_p  # keep the smallest set reaching p
+            sorted_p = sorted_z.softmax(-1)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # smallest set reaching p
             z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
         return z.softmax(-1)
 
