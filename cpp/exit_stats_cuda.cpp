@@ -1,9 +1,9 @@
 // CUDA dispatch glue of exit_stats: checks, allocation and the current stream around the
 // launch function in cuda/exit_stats.cuh. Built only against a CUDA-enabled torch.
 #include "exit_stats.h"
+#include "head_logits.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -20,32 +20,21 @@ using at::Tensor;
 // From this many rows on, cuBLAS logits + a row reduction beat the fused kernel, which re-reads
 // W per tile of 8 rows and uses no tensor cores (measured on an H100: see the README).
 constexpr int64_t kGemmRows = 32;
-constexpr int64_t kChunkElems = int64_t{1} << 26;  // fp32 logits per row chunk: 256 MB
-constexpr int64_t kVocabBlock = 8192;              // vocab rows of a bf16 W upcast at once
 
-// Statistics of many rows: logits a row chunk at a time with fp32 GEMMs (a bf16 W is upcast a
-// vocab block at a time, as the fused kernel reads it), then one reduction block per row.
+// Statistics of many rows: logits a row chunk at a time with linear_cross_entropy's fp32 GEMMs
+// (a bf16 W is upcast a vocab block at a time, as the fused kernel reads it), then one
+// reduction block per row.
 void exit_stats_by_gemm(const Tensor& h32, const Tensor& w, const Tensor& b32, float inv_t,
                         ExitStatsOutputs& out) {
   const int64_t rows = h32.size(0), vocab = w.size(0), d = w.size(1);
-  const int64_t chunk = std::max<int64_t>(1, std::min(rows, kChunkElems / vocab));
+  const int64_t chunk = std::max<int64_t>(1, std::min(rows, chunk_elems(h32) / vocab));
   Tensor z_buf = at::empty({chunk, vocab}, h32.options());
-  const bool upcast = w.scalar_type() != at::kFloat;
-  Tensor w_buf = at::empty({upcast ? std::min(kVocabBlock, vocab) : 0, d}, h32.options());
+  Tensor w_buf = at::empty({w.scalar_type() == at::kFloat ? 0 : kVocabBlock, d}, h32.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
     Tensor z = z_buf.narrow(0, 0, n);
-    const Tensor h = h32.narrow(0, r0, n);
-    if (!upcast) {
-      at::mm_out(z, h, w.t());
-    } else {
-      for (int64_t v = 0; v < vocab; v += kVocabBlock) {
-        const int64_t m = std::min(kVocabBlock, vocab - v);
-        Tensor zb = z.narrow(1, v, m);
-        at::mm_out(zb, h, w_buf.narrow(0, 0, m).copy_(w.narrow(0, v, m)).t());
-      }
-    }
+    logits_into(z, h32.narrow(0, r0, n), w, Tensor(), w_buf);
     const cudaError_t err = cuda::exit_stats_from_logits(
         z.data_ptr<float>(), b32.defined() ? b32.data_ptr<float>() : nullptr, inv_t, n, vocab,
         out.lse.data_ptr<float>() + r0, out.max_prob.data_ptr<float>() + r0,

@@ -18,6 +18,7 @@
 // and one write of each chunk instead of ATen's six element-wise passes and a temporary.
 
 #include "exit_head_kernels.h"
+#include "head_logits.h"
 #include "linear_cross_entropy.h"
 
 #include <ATen/Parallel.h>
@@ -50,17 +51,11 @@ constexpr bool kCudaRowPass = false;
 void lce_rows_cuda(const Tensor&, const Tensor&, const Tensor&, double, Tensor&, const Tensor&) {}
 #endif
 
-// [rows, vocab] fp32 logits per chunk: 32 MB on CPU, 256 MB on CUDA. Fewer, taller chunks
-// matter: each chunk's weight gradient dz^T h is a GEMM of depth `rows` that rewrites the whole
-// [vocab, d] accumulator, and on CUDA a short GEMM leaves most of the GPU idle.
-int64_t chunk_elems(const Tensor& t) { return int64_t{1} << (t.is_cpu() ? 23 : 26); }
-
 // bf16 x bf16 GEMMs with fp32 output: CUDA only, where cuBLAS runs them on tensor cores.
 bool bf16_gemms(const Tensor& hidden, const Tensor& weight) {
   return hidden.is_cuda() && hidden.scalar_type() == at::kBFloat16 &&
          weight.scalar_type() == at::kBFloat16;
 }
-constexpr int64_t kVocabBlock = 4096;               // vocab rows of a bf16 weight upcast at once
 
 void check_args(const char* op, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                 const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
@@ -101,36 +96,6 @@ void check_args(const char* op, const Tensor& hidden, const Tensor& weight, cons
     TORCH_CHECK(!t || t->device() == hidden.device(), op,
                 ": all inputs must be on hidden's device (", hidden.device(), "), got ",
                 t->device());
-  }
-}
-
-// z[rows, vocab] = h W^T + bias32 in fp32. h is fp32, or bf16 for bf16_gemms; otherwise a
-// bf16 W is upcast one vocab block at a time.
-void logits_into(Tensor& z, const Tensor& h32, const Tensor& weight, const Tensor& bias32,
-                 Tensor& w_buf) {
-  const int64_t vocab = weight.size(0);
-  if (h32.scalar_type() == at::kBFloat16) {
-    at::mm_out(z, h32, weight.t(), at::kFloat);
-    if (bias32.defined()) z.add_(bias32);
-    return;
-  }
-  if (weight.scalar_type() == at::kFloat) {
-    if (bias32.defined()) {
-      at::addmm_out(z, bias32, h32, weight.t());
-    } else {
-      at::mm_out(z, h32, weight.t());
-    }
-    return;
-  }
-  for (int64_t v = 0; v < vocab; v += kVocabBlock) {
-    const int64_t n = std::min(kVocabBlock, vocab - v);
-    Tensor w = w_buf.narrow(0, 0, n).copy_(weight.narrow(0, v, n));
-    Tensor zb = z.narrow(1, v, n);
-    if (bias32.defined()) {
-      at::addmm_out(zb, bias32.narrow(0, v, n), h32, w.t());
-    } else {
-      at::mm_out(zb, h32, w.t());
-    }
   }
 }
 
