@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from . import bench_ee_tune, bench_exit_stats, bench_linear_cross_entropy, bench_lora_linear
+from . import (
+    bench_bottleneck_adapter,
+    bench_ee_tune,
+    bench_exit_stats,
+    bench_linear_cross_entropy,
+    bench_lora_linear,
+)
 from .common import machine_info, plot_speedups, print_table, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -27,17 +33,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="suite", required=True)
     ops = sub.add_parser(
-        "ops", help="op microbenchmarks: lora_linear, exit_stats, linear_cross_entropy"
+        "ops",
+        help="op microbenchmarks: lora_linear, bottleneck_adapter, exit_stats, "
+        "linear_cross_entropy",
     )
     ops.add_argument(
         "--op",
-        choices=["all", "lora_linear", "exit_stats", "linear_cross_entropy"],
+        choices=["all", "lora_linear", "bottleneck_adapter", "exit_stats", "linear_cross_entropy"],
         default="all",
     )
     ops.add_argument("--full", action="store_true", help="the whole shape grid (slow)")
     ops.add_argument("--tokens", type=_ints, help="comma-separated token (row) counts")
     ops.add_argument("--dims", type=_ints, help="comma-separated in=out feature sizes")
-    ops.add_argument("--ranks", type=_ints, help="comma-separated LoRA ranks")
+    ops.add_argument("--ranks", type=_ints, help="comma-separated LoRA ranks / bottleneck sizes")
     ops.add_argument(
         "--dtypes",
         help="comma-separated: fp32,bf16 (default both; fp32 only for linear_cross_entropy, "
@@ -106,6 +114,16 @@ def _ops(args: argparse.Namespace) -> list:
             providers=_providers(args, bench_lora_linear),
             budget_s=args.budget,
             slow_cap_s=args.slow_cap,
+        )
+    if args.op in ("all", "bottleneck_adapter"):
+        ba = bench_bottleneck_adapter.FULL if args.full else bench_bottleneck_adapter.QUICK
+        rows += bench_bottleneck_adapter.run(
+            tokens=args.tokens or ba["tokens"],
+            dims=args.dims or ba["dims"],
+            ranks=args.ranks or ba["ranks"],
+            dtypes=dtypes,
+            providers=_providers(args, bench_bottleneck_adapter),
+            budget_s=args.budget,
         )
     if args.op in ("all", "exit_stats"):
         es = bench_exit_stats.QUICK

@@ -24,6 +24,22 @@ TORCH_LIBRARY(eefast, m) {
       "lora_linear_backward(Tensor grad_out, Tensor weight, Tensor lora_a, Tensor lora_b, "
       "Tensor x_lora, Tensor xa, float scaling, bool needs_grad_x, bool split_grad_x) "
       "-> (Tensor grad_x, Tensor grad_x_lora, Tensor grad_a, Tensor grad_b)");
+  // out = residual + scale * (act(x D^T + bd) U^T + bu), with residual = x when None (a series
+  // adapter; a parallel one passes the sublayer's output). scale is a one-element float32
+  // tensor, so it can be learned. Returns (out, z) where z = x D^T + bd, the float32
+  // bottleneck pre-activation the backward needs. activation: identity, relu, gelu,
+  // gelu_tanh, silu or tanh.
+  m.def(
+      "bottleneck_adapter(Tensor x, Tensor? residual, Tensor down_weight, Tensor? down_bias, "
+      "Tensor up_weight, Tensor? up_bias, Tensor scale, str activation) -> (Tensor, Tensor)");
+  // Gradients of bottleneck_adapter; that of the residual is grad_out itself. residual_is_x adds
+  // grad_out to grad_x. grad_x and grad_scale are empty [0] tensors when not needed.
+  m.def(
+      "bottleneck_adapter_backward(Tensor grad_out, Tensor x, Tensor down_weight, "
+      "Tensor up_weight, Tensor? up_bias, Tensor z, Tensor scale, str activation, "
+      "bool residual_is_x, bool needs_grad_x, bool needs_grad_scale) -> (Tensor grad_x, "
+      "Tensor grad_down_weight, Tensor grad_down_bias, Tensor grad_up_weight, "
+      "Tensor grad_up_bias, Tensor grad_scale)");
   // Softmax statistics of (hidden W^T + b) / temperature per row, without [N, vocab] logits:
   // logsumexp, max prob, argmax, entropy and top-1 minus top-2 prob (fp32; argmax int64).
   // Forward only: it makes decode-time exit decisions.

@@ -18,6 +18,7 @@ from . import ops  # noqa: E402
 from .nn import LoRALinear  # noqa: E402
 from .ops import (  # noqa: E402
     ExitStats,
+    bottleneck_adapter,
     exit_stats,
     linear_cross_entropy,
     lora_linear,
@@ -27,6 +28,7 @@ from .ops import (  # noqa: E402
 __all__ = [
     "ExitStats",
     "LoRALinear",
+    "bottleneck_adapter",
     "exit_stats",
     "linear_cross_entropy",
     "lora_linear",

@@ -31,6 +31,8 @@ def cmd_info(_args: argparse.Namespace) -> None:
     for op in (
         "lora_linear",
         "lora_linear_backward",
+        "bottleneck_adapter",
+        "bottleneck_adapter_backward",
         "exit_stats",
         "linear_cross_entropy",
         "linear_cross_entropy_multi",
