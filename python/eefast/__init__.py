@@ -15,6 +15,12 @@ except ImportError as e:  # pragma: no cover - only without a build
     )
 
 from . import ops  # noqa: E402
+from .adapters import (  # noqa: E402
+    add_adapters,
+    load_adapter,
+    mark_only_adapters_trainable,
+    save_adapter,
+)
 from .nn import LoRALinear  # noqa: E402
 from .ops import (  # noqa: E402
     ExitStats,
@@ -28,11 +34,15 @@ from .ops import (  # noqa: E402
 __all__ = [
     "ExitStats",
     "LoRALinear",
+    "add_adapters",
     "bottleneck_adapter",
     "exit_stats",
     "linear_cross_entropy",
+    "load_adapter",
     "lora_linear",
+    "mark_only_adapters_trainable",
     "multi_exit_cross_entropy",
     "ops",
+    "save_adapter",
 ]
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
 """Modules built on the eefast ops."""
 
+from .bottleneck import BottleneckAdapter
 from .exit_head import EXIT_KINDS, ExitHead, ResidualMLP
+from .ia3 import IA3Linear
 from .lora import LoRALinear
 
-__all__ = ["EXIT_KINDS", "ExitHead", "LoRALinear", "ResidualMLP"]
+__all__ = ["BottleneckAdapter", "EXIT_KINDS", "ExitHead", "IA3Linear", "LoRALinear", "ResidualMLP"]

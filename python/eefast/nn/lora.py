@@ -16,7 +16,9 @@ class LoRALinear(nn.Module):
     The base ``weight``/``bias`` are frozen buffers-by-convention (``requires_grad=False``);
     only ``lora_a [r, in]`` and ``lora_b [out, r]`` train. ``lora_b`` starts at zero, so a fresh
     module computes exactly the base layer. ``merge()`` folds the update into ``weight`` for
-    inference and ``unmerge()`` takes it out again.
+    inference and ``unmerge()`` takes it out again. ``fan_in_fan_out`` stores ``weight`` as
+    ``[in, out]``, the layout of GPT-2's Conv1D, so a wrapped Conv1D keeps its parameter.
+    ``enabled = False`` computes the base layer alone.
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class LoRALinear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        fan_in_fan_out: bool = False,
     ) -> None:
         super().__init__()
         if r <= 0:
@@ -39,45 +42,53 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.scaling = alpha / r
         self.dropout = dropout
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, **kw), requires_grad=False
-        )
+        self.fan_in_fan_out = fan_in_fan_out
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(*shape, **kw), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
         )
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_b = nn.Parameter(torch.zeros(out_features, r, **kw))
         self.merged = False
+        self.enabled = True
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0
+        cls, linear: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0
     ) -> LoRALinear:
-        """Wrap an existing ``nn.Linear``; its weight and bias are shared, not copied."""
+        """Wrap an existing ``nn.Linear`` or Conv1D; its weight and bias are shared, not copied."""
         w = linear.weight
+        conv1d = not isinstance(linear, nn.Linear)  # GPT-2's Conv1D: weight [in, out]
+        in_f, out_f = w.shape if conv1d else w.shape[::-1]
         module = cls(
-            linear.in_features,
-            linear.out_features,
+            in_f,
+            out_f,
             r,
             alpha,
             dropout,
             bias=linear.bias is not None,
             device=w.device,
             dtype=w.dtype,
+            fan_in_fan_out=conv1d,
         )
         module.weight = nn.Parameter(w.data, requires_grad=False)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         return module
 
+    def base_weight(self) -> torch.Tensor:
+        """``weight`` as ``[out, in]`` (a view for fan_in_fan_out)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+        if self.merged or not self.enabled:
+            return nn.functional.linear(x, self.base_weight(), self.bias)
         return lora_linear(
             x,
-            self.weight,
+            self.base_weight(),
             self.bias,
             self.lora_a,
             self.lora_b,
@@ -87,8 +98,9 @@ class LoRALinear(nn.Module):
         )
 
     def delta_weight(self) -> torch.Tensor:
-        """The update ``scaling · B A`` that ``merge()`` adds to ``weight``, in fp32."""
-        return self.scaling * (self.lora_b.float() @ self.lora_a.float())
+        """``scaling · B A`` in fp32, in the layout of ``weight``: what ``merge()`` adds."""
+        delta = self.scaling * (self.lora_b.float() @ self.lora_a.float())
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -112,5 +124,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
+            f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}, "
+            f"enabled={self.enabled}"
         )
