@@ -1,4 +1,5 @@
-"""The `eefast` command line: demo (the main job), tune, eval-exits, demo-ops, info."""
+"""The `eefast` command line: demo (the main job), tune, eval-exits, generate, finetune, eval,
+demo-ops, info."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from functools import partial
 
 import torch
 
-from . import LoRALinear, cli_generate, exit_stats, lora_linear
+from . import LoRALinear, cli_adapters, cli_generate, exit_stats, lora_linear
 from .cli_ee import add_commands
 from .ops import exit_stats_reference, lora_linear_reference
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     info.set_defaults(func=cmd_info)
     add_commands(sub)
     cli_generate.add_commands(sub)
+    cli_adapters.add_commands(sub)
     demo = sub.add_parser("demo-ops", help="a short tour of the fused ops and their speed")
     demo.add_argument("--tokens", type=int, default=512)
     demo.add_argument("--dim", type=int, default=2048)

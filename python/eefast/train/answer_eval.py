@@ -1,0 +1,71 @@
+"""Answer accuracy on problems with a numeric answer: greedy replies, last number extracted."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..tasks.arith import last_number
+from .finetune import format_prompt
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module,
+    tokenizer,
+    rows: list[dict],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    chat: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Greedy-decode a reply to each row's instruction and compare the reply's last number
+    with ``row["answer"]`` (or, without one, the last number of ``row["output"]``)."""
+    from tqdm.auto import tqdm
+
+    if not rows:
+        raise ValueError("answer_accuracy: no rows")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    samples, correct = [], 0
+    for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="eval"):
+        chunk = rows[start : start + batch_size]
+        prompts = [
+            format_prompt(tokenizer, r["instruction"], r.get("input", ""), chat) for r in chunk
+        ]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every reply starts at the same column
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, reply_ids in zip(chunk, out[:, width:], strict=True):
+            reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
+            gold = row.get("answer", last_number(row.get("output", "")))
+            got = last_number(reply)
+            ok = got is not None and gold is not None and abs(got - float(gold)) < 1e-6
+            correct += ok
+            samples.append(
+                {
+                    "instruction": row["instruction"],
+                    "reply": reply,
+                    "gold": gold,
+                    "correct": bool(ok),
+                }
+            )
+    model.train(was_training)
+    return {
+        "accuracy": correct / len(rows),
+        "correct": correct,
+        "total": len(rows),
+        "samples": samples,
+    }

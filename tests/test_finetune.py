@@ -1,0 +1,172 @@
+"""Adapter fine-tuning loop and the arithmetic task: masking, learning, exact resume, errors."""
+
+import json
+
+import pytest
+import torch
+
+from eefast.adapters import LoraConfig, SeriesConfig, add_adapters, mark_only_adapters_trainable
+from eefast.tasks import arith
+from eefast.train.finetune import IGNORE, Example, FinetuneConfig, collate, finetune
+from tiny_models import VOCAB, tiny_model
+
+
+def examples(n=24, seed=0):
+    """A learnable toy task: random prompts, one fixed response."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(
+            3, VOCAB, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g
+        ).tolist()
+        out.append(Example(prompt, [7, 8, 9, 1]))
+    return out
+
+
+def adapted_model(config=None):
+    model = tiny_model("llama")
+    add_adapters(model, config or LoraConfig(r=4, target_modules=("q_proj", "v_proj", "o_proj")))
+    mark_only_adapters_trainable(model)
+    return model
+
+
+def state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_collate_masks_prompt_and_padding():
+    batch = collate([Example([5, 6, 7], [8, 9]), Example([4], [3, 2, 1])], 16, 0, True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 2, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE] * 3 + [8, 9], [IGNORE, 3, 2, 1, IGNORE]]
+    unmasked = collate([Example([5, 6], [8])], 16, 0, False)
+    assert unmasked["labels"].tolist() == [[5, 6, 8]]
+    truncated = collate([Example([5, 6, 7], [8, 9])], 4, 0, True)
+    assert truncated["labels"].tolist() == [[IGNORE] * 3 + [8]]
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4), SeriesConfig(bottleneck_size=8)])
+def test_loss_falls(config):
+    model = adapted_model(config)
+    log = finetune(
+        model,
+        examples(),
+        FinetuneConfig(steps=30, batch_size=8, lr=3e-2, warmup_steps=2),
+        progress=False,
+    )
+    first = sum(r["loss"] for r in log[:3]) / 3
+    last = sum(r["loss"] for r in log[-3:]) / 3
+    assert last < 0.92 * first, (first, last)
+    assert all(r["tokens"] > 0 for r in log)
+
+
+def test_grad_accumulation_matches_one_big_batch_count():
+    """Accumulating 2 micro-batches of 4 consumes 8 examples' response tokens per step."""
+    model = adapted_model()
+    log = finetune(
+        model, examples(), FinetuneConfig(steps=2, batch_size=4, grad_accum=2), progress=False
+    )
+    assert all(r["tokens"] == 8 * 4 for r in log)  # 4 response tokens per example
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    config = FinetuneConfig(steps=9, batch_size=4, lr=5e-3, warmup_steps=2, save_every=3)
+    straight = adapted_model()
+    straight_log = finetune(straight, examples(), config, tmp_path / "a", progress=False)
+
+    interrupted = adapted_model()
+    forward, calls = interrupted.forward, []
+
+    def ctrl_c_at_step_6(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    interrupted.forward = ctrl_c_at_step_6
+    with pytest.raises(KeyboardInterrupt):
+        finetune(interrupted, examples(), config, tmp_path / "b", progress=False)
+    saved = json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())
+    assert saved["step"] == 5  # Ctrl-C saved the 5 finished steps
+    resumed = adapted_model()  # a fresh process: new model, state only from the checkpoint
+    resumed_log = finetune(resumed, examples(), config, tmp_path / "b", progress=False)
+    for name, value in state(straight).items():
+        assert torch.equal(state(resumed)[name], value), name
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in straight_log]
+    latest = json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 9
+
+
+def test_resume_refuses_another_run(tmp_path):
+    finetune(
+        adapted_model(),
+        examples(),
+        FinetuneConfig(steps=2, batch_size=2),
+        tmp_path,
+        fingerprint={"adapter": "lora"},
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="from another run"):
+        finetune(
+            adapted_model(),
+            examples(),
+            FinetuneConfig(steps=2, batch_size=2, lr=0.5),
+            tmp_path,
+            fingerprint={"adapter": "lora"},
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="from another run"):
+        finetune(
+            adapted_model(),
+            examples(),
+            FinetuneConfig(steps=2, batch_size=2),
+            tmp_path,
+            fingerprint={"adapter": "series"},
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (FinetuneConfig(steps=0), "steps must be positive"),
+        (FinetuneConfig(batch_size=0), "batch_size must be positive"),
+        (FinetuneConfig(lr=0.0), "lr must be positive"),
+    ],
+)
+def test_bad_finetune_config(config, message):
+    with pytest.raises(ValueError, match=message):
+        finetune(adapted_model(), examples(), config, progress=False)
+
+
+def test_nothing_to_train_is_refused():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        model = tiny_model()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        finetune(model, examples(), FinetuneConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="no training examples"):
+        finetune(adapted_model(), [], FinetuneConfig(steps=1), progress=False)
+
+
+def test_shipped_task_files_match_the_generator():
+    for split in arith.SPLITS:
+        assert arith.load_split(split) == arith.generate(split), split
+    train = {r["instruction"] for r in arith.load_split("train")}
+    test = arith.load_split("test")
+    assert len(test) == 200 and not train & {r["instruction"] for r in test}
+    for row in test:
+        assert arith.last_number(row["output"]) == row["answer"]
+
+
+@pytest.mark.parametrize(
+    "text,number",
+    [
+        ("so 3 + 4 = 7. The answer is 7.", 7.0),
+        ("1,250 apples", 1250.0),
+        ("none", None),
+        ("-3 left, or 2.5", 2.5),
+    ],
+)
+def test_last_number(text, number):
+    assert arith.last_number(text) == number
