@@ -1,4 +1,4 @@
-"""`python -m benchmarks ops|ee-tune [...]`: time eefast against its peers in one run."""
+"""`python -m benchmarks ops|ee-tune|adapters [...]`: time eefast against its peers in one run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import (
+    bench_adapters,
     bench_bottleneck_adapter,
     bench_ee_tune,
     bench_exit_stats,
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     ee.add_argument("--budget", type=float, default=10.0, help="seconds of repeats per case")
     ee.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ee.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
+    ad = sub.add_parser("adapters", help="adapter training steps on SmolLM2 vs HF PEFT")
+    ad.add_argument("--methods", default=",".join(bench_adapters.METHODS))
+    ad.add_argument("--batch-size", type=int, default=1)
+    ad.add_argument("--seq-len", type=int, default=256)
+    ad.add_argument("--providers", default=",".join(bench_adapters.PROVIDERS))
+    ad.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ad.add_argument("--budget", type=float, default=10.0, help="seconds of repeats per case")
+    ad.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ad.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -85,6 +95,14 @@ def main(argv: list[str] | None = None) -> None:
             args.batch_size,
             args.seq_len,
             _providers(args, bench_ee_tune),
+            args.budget,
+        )
+    elif args.suite == "adapters":
+        rows = bench_adapters.run(
+            args.methods.split(","),
+            args.batch_size,
+            args.seq_len,
+            _providers(args, bench_adapters),
             args.budget,
         )
     else:

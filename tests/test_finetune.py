@@ -5,10 +5,23 @@ import json
 import pytest
 import torch
 
-from eefast.adapters import LoraConfig, SeriesConfig, add_adapters, mark_only_adapters_trainable
+from eefast.adapters import (
+    LoraConfig,
+    PrefixConfig,
+    SeriesConfig,
+    add_adapters,
+    mark_only_adapters_trainable,
+)
 from eefast.tasks import arith
-from eefast.train.finetune import IGNORE, Example, FinetuneConfig, collate, finetune
-from tiny_models import VOCAB, tiny_model
+from eefast.train.finetune import (
+    IGNORE,
+    Example,
+    FinetuneConfig,
+    causal_lm_loss,
+    collate,
+    finetune,
+)
+from tiny_models import ARCH_NAMES, VOCAB, tiny_model, token_batch
 
 
 def examples(n=24, seed=0):
@@ -43,6 +56,27 @@ def test_collate_masks_prompt_and_padding():
     assert unmasked["labels"].tolist() == [[5, 6, 8]]
     truncated = collate([Example([5, 6, 7], [8, 9])], 4, 0, True)
     assert truncated["labels"].tolist() == [[IGNORE] * 3 + [8]]
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("prefix", [False, True])
+def test_fused_loss_equals_hf_loss_and_grads(arch, prefix):
+    model = tiny_model(arch)
+    add_adapters(model, PrefixConfig(num_virtual_tokens=3) if prefix else LoraConfig(r=4))
+    mark_only_adapters_trainable(model)
+    ids = token_batch(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :3] = IGNORE
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    want_grads = torch.autograd.grad(want, params)
+    got = causal_lm_loss(model, ids, mask, labels)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [LoraConfig(r=4), SeriesConfig(bottleneck_size=8)])

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..models.arch import decoder_stack
 from ..nn import BottleneckAdapter, IA3Linear, LoRALinear
 from .config import (
     AdapterConfig,
@@ -332,12 +333,16 @@ def _attach_parallel(model: nn.Module, adapter: Adapter) -> None:
 
 
 def _attach_prefix(model: nn.Module, adapter: Adapter) -> None:
-    check_prefix_support(model)
+    # The hook sits on the decoder stack, so the causal LM's forward, generate() and eefast's
+    # fused-loss path (which calls the stack directly) all see it.
+    decoder = decoder_stack(model)
+    check_prefix_support(decoder)
     if any(a.method == "prefix" for a in adapters(model).values()):
         raise ValueError("eefast: the model already has a prefix adapter; one prefix per model")
     like = next(model.parameters())
     adapter.prefix = PrefixEncoder(adapter.config, model.config, like.device, like.dtype)
-    hook = PrefixHook(adapter.prefix, model)
+    hook = PrefixHook(adapter.prefix, decoder)
     adapter.__dict__["_prefix_hook"] = hook
-    adapter._handles.append(("", model.register_forward_pre_hook(hook, with_kwargs=True)))
-    adapter.targets.append("")
+    path = "" if decoder is model else next(n for n, m in model.named_modules() if m is decoder)
+    adapter._handles.append((path, decoder.register_forward_pre_hook(hook, with_kwargs=True)))
+    adapter.targets.append(path)

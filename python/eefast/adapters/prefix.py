@@ -71,8 +71,9 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixHook:
-    """A forward pre-hook on the causal LM: a fresh call gets a cache holding the prefix, and
-    every call that uses such a cache gets its 2-D attention mask and positions extended."""
+    """A forward pre-hook on the decoder stack: a fresh call gets a cache holding the prefix,
+    and every call that uses such a cache gets its 2-D attention mask extended and its
+    positions made explicit."""
 
     def __init__(self, encoder: PrefixEncoder, model: nn.Module) -> None:
         self.encoder = encoder

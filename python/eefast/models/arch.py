@@ -52,6 +52,19 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return mod
 
 
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that runs the decoder blocks and the final norm (``model.model`` for Llama,
+    ``model.model.decoder`` for OPT, ``model.transformer`` for GPT-2): what every path into the
+    model calls, and whose output is the last hidden state. ``model.base_model`` for an
+    architecture eefast does not know."""
+    spec = ARCHS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if spec is not None:
+        stack = _get(model, spec.layers.rsplit(".", 1)[0])
+        if stack is not None:
+            return stack
+    return getattr(model, "base_model", model)
+
+
 @dataclass
 class DecoderParts:
     model_type: str

@@ -17,9 +17,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.arch import ARCHS, decoder_stack
+from ..ops import linear_cross_entropy
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 
 IGNORE = -100
+
+
+def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
+    """HF's causal-LM loss (mean next-token cross-entropy over labelled tokens), with the LM
+    head fused into the loss: the decoder stack runs, then ``linear_cross_entropy`` on its
+    last hidden states, so ``[tokens, vocab]`` logits (and their gradient) never exist. Other
+    architectures than eefast's known ones fall back to ``model(..., labels=labels).loss``.
+    """
+    head = model.get_output_embeddings()
+    if model.config.model_type not in ARCHS or not isinstance(head, nn.Linear):
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = decoder_stack(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    return linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], head.bias)
 
 
 @dataclass
@@ -188,7 +205,7 @@ def finetune(
                 batch = collate(
                     [examples[i] for i in idx], config.max_len, pad_id, config.mask_prompt
                 )
-                loss = model(**batch).loss / config.grad_accum
+                loss = causal_lm_loss(model, **batch) / config.grad_accum
                 loss.backward()
                 total += loss.item()
                 tokens += int((batch["labels"] != IGNORE).sum())

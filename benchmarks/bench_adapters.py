@@ -1,0 +1,80 @@
+"""Adapter training steps on SmolLM2: eefast against HF PEFT 0.21 on the same model and data.
+
+Each provider gets its own copy of the model with the same adapter (same method, targets and
+hyper-parameters), and runs forward (HF's causal-LM loss) + backward + an AdamW step on the
+adapter parameters, on the same token block. Series and parallel adapters have no PEFT
+counterpart; their op is compared with eager and torch.compile in `ops --op bottleneck_adapter`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from eefast.adapters import IA3Config, LoraConfig, PrefixConfig, add_adapters
+from eefast.adapters import mark_only_adapters_trainable as eefast_freeze
+from eefast.data import load_documents, token_blocks
+from eefast.models import load_model
+
+from .common import Row, peak_extra_memory_mib, time_median
+
+PROVIDERS = ["eefast", "peft"]
+METHODS = ["lora", "ia3", "prefix"]
+
+
+def _eefast(model, method: str):
+    config = {
+        "lora": LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
+        "ia3": IA3Config(),
+        "prefix": PrefixConfig(num_virtual_tokens=16),
+    }[method]
+    add_adapters(model, config)
+    eefast_freeze(model)
+    return model
+
+
+def _peft(model, method: str):
+    import peft
+
+    config = {
+        "lora": peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "ia3": peft.IA3Config(task_type="CAUSAL_LM"),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+    }[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, config)
+
+
+def run(methods, batch_size: int, seq_len: int, providers, budget_s: float = 10.0) -> list[Row]:
+    base, tokenizer = load_model()
+    ids = token_blocks(tokenizer, load_documents(), seq_len)[:batch_size]
+    rows = []
+    for method in methods:
+        case = {"model": "SmolLM2-135M", "method": method, "tokens": ids.numel(), "dtype": "fp32"}
+        for provider in providers:
+            model = (_eefast if provider == "eefast" else _peft)(copy.deepcopy(base), method)
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-5)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+
+            seconds, _ = time_median(step, min_reps=3, budget_s=budget_s)
+            peak = peak_extra_memory_mib(step)
+            n_params = sum(p.numel() for p in params)
+            rows.append(
+                Row("adapter_step", case, provider, seconds * 1e3, peak, {"params": n_params})
+            )
+            print(
+                f"  {case} {provider:<7} {seconds * 1e3:9.1f} ms  peak {peak} MiB  "
+                f"trainable {n_params:,}",
+                flush=True,
+            )
+            del model, opt
+    return rows
