@@ -104,3 +104,101 @@ def test_generation_on_smollm2(smollm2):
         assert one.tokens == full.tokens[1:]
     thr = generate(ee, tokenizer, prompts, "threshold", 16, threshold=1.5, chat=True)
     assert thr.tokens == full.tokens
+
+
+def _tiny_llama_with_smollm2_tokenizer(tokenizer, path):
+    config = T.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.mark.parametrize("method", ["lora", "series", "prefix"])
+def test_finetune_and_eval_commands(smollm2, tmp_path, capsys, method):
+    """The CLI end to end on a tiny model with SmolLM2's tokenizer and chat template: it trains
+    with the prompt masked, resumes, writes loadable adapter files and scores the test split."""
+    _, tokenizer = smollm2
+    model_dir = tmp_path / "model"
+    _tiny_llama_with_smollm2_tokenizer(tokenizer, model_dir)
+    out = tmp_path / method
+    args = [
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--method",
+        method,
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--save-every",
+        "2",
+        "--bottleneck-size",
+        "16",
+    ]
+    main([*args, "--steps", "2"])
+    main([*args, "--steps", "3", "--eval", "--limit", "4", "--max-new-tokens", "4"])
+    log = json.loads((out / "finetune.json").read_text())["log"]
+    assert [r["step"] for r in log] == [1, 2, 3]  # resumed at 2, not restarted
+    result = json.loads((out / "eval_arith.json").read_text())
+    assert result["total"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+    main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(out),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "e.json"),
+        ]
+    )
+    assert json.loads((tmp_path / "e.json").read_text())["total"] == 2
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_prompt_tokens_are_masked_on_the_chat_template(smollm2):
+    from eefast.tasks.arith import load_split
+    from eefast.train.finetune import IGNORE, collate, tokenize_rows
+
+    _, tokenizer = smollm2
+    row = load_split("train")[0]
+    (example,) = tokenize_rows(tokenizer, [row])
+    batch = collate([example], 512, 0, True)
+    learned = batch["labels"][0][batch["labels"][0] != IGNORE].tolist()
+    assert tokenizer.decode(learned) == row["output"] + tokenizer.eos_token
+    prompt = tokenizer.decode(example.prompt)
+    assert row["instruction"] in prompt and prompt.rstrip().endswith("assistant")
+
+
+def test_lora_on_smollm2_matches_peft(smollm2, tmp_path):
+    import copy
+
+    import peft
+
+    from eefast.adapters import LoraConfig, add_adapters, save_adapter
+
+    model, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    ours = copy.deepcopy(model)
+    adapter = add_adapters(ours, LoraConfig(r=8, target_modules=("q_proj", "v_proj")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
