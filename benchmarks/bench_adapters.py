@@ -1,8 +1,9 @@
 """Adapter training steps on SmolLM2: eefast against HF PEFT 0.21 on the same model and data.
 
 Each provider gets its own copy of the model with the same adapter (same method, targets and
-hyper-parameters), and runs forward (HF's causal-LM loss) + backward + an AdamW step on the
-adapter parameters, on the same token block. Series and parallel adapters have no PEFT
+hyper-parameters), and runs forward + causal-LM loss + backward + an AdamW step on the adapter
+parameters, on the same token block: PEFT through `model(labels=...)`, eefast through the loss
+its `finetune` uses (the decoder stack + the fused `linear_cross_entropy`). Series and parallel adapters have no PEFT
 counterpart; their op is compared with eager and torch.compile in `ops --op bottleneck_adapter`.
 """
 
@@ -17,6 +18,7 @@ from eefast.adapters import IA3Config, LoraConfig, PrefixConfig, add_adapters
 from eefast.adapters import mark_only_adapters_trainable as eefast_freeze
 from eefast.data import load_documents, token_blocks
 from eefast.models import load_model
+from eefast.train.finetune import causal_lm_loss
 
 from .common import Row, peak_extra_memory_mib, time_median
 
@@ -60,9 +62,13 @@ def run(methods, batch_size: int, seq_len: int, providers, budget_s: float = 10.
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5)
 
-            def step(model=model, opt=opt):
+            def step(model=model, opt=opt, fused=provider == "eefast"):
                 opt.zero_grad(set_to_none=True)
-                model(input_ids=ids, labels=ids).loss.backward()
+                if fused:
+                    loss = causal_lm_loss(model, ids, None, ids)
+                else:
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
                 opt.step()
 
             seconds, _ = time_median(step, min_reps=3, budget_s=budget_s)
