@@ -3,8 +3,9 @@
 Each provider gets its own copy of the model with the same adapter (same method, targets and
 hyper-parameters), and runs forward + causal-LM loss + backward + an AdamW step on the adapter
 parameters, on the same token block: PEFT through `model(labels=...)`, eefast through the loss
-its `finetune` uses (the decoder stack + the fused `linear_cross_entropy`). Series and parallel adapters have no PEFT
-counterpart; their op is compared with eager and torch.compile in `ops --op bottleneck_adapter`.
+its `finetune` uses (the decoder stack + the fused `linear_cross_entropy`). Series and parallel
+adapters have no PEFT counterpart; their op is compared with eager and torch.compile in
+`ops --op bottleneck_adapter`.
 """
 
 from __future__ import annotations
