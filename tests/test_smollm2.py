@@ -42,19 +42,7 @@ def test_exit_losses_fall_on_smollm2(smollm2):
 
 
 def test_tune_and_eval_exits_commands(smollm2, tmp_path, capsys):
-    # A tiny random llama with SmolLM2's tokenizer, saved as a local model for the CLI.
-    _, tokenizer = smollm2
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    _tiny_llama_with_smollm2_tokenizer(smollm2[1], tmp_path / "model", layers=4)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(load_documents()[:8]))
     out = tmp_path / "run"
@@ -106,11 +94,12 @@ def test_generation_on_smollm2(smollm2):
     assert thr.tokens == full.tokens
 
 
-def _tiny_llama_with_smollm2_tokenizer(tokenizer, path):
+def _tiny_llama_with_smollm2_tokenizer(tokenizer, path, layers=2):
+    """A tiny random llama with SmolLM2's tokenizer, saved as a local model for the CLI."""
     config = T.LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),

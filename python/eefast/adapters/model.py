@@ -262,10 +262,12 @@ def _new_bottleneck(cfg: BottleneckConfig, in_f: int, out_f: int, like: torch.Te
 
 
 def _module_features(model: nn.Module, path: str) -> tuple[int, int]:
+    """(in, out) features of a linear (or wrapped linear); a block-level module maps the
+    hidden size to itself."""
     module = model.get_submodule(path)
-    if is_linear(module) or isinstance(module, _WRAPPERS):
-        if isinstance(module, _WRAPPERS):
-            return module.in_features, module.out_features
+    if isinstance(module, _WRAPPERS):
+        return module.in_features, module.out_features
+    if is_linear(module):
         return linear_features(module)
     hidden = _hidden_size(model)
     return hidden, hidden
@@ -297,14 +299,13 @@ def _attach_parallel(model: nn.Module, adapter: Adapter) -> None:
     cfg: ParallelConfig = adapter.config
     if cfg.target_modules is None:
         spec = default_targets(model, "parallel")
-        pairs = [
-            (i, o)
-            for i, o in zip(
+        pairs = list(
+            zip(
                 find_targets(model, (spec.mlp_in,), "parallel", linear_only=False),
                 find_targets(model, (spec.mlp,), "parallel", linear_only=False),
                 strict=True,
             )
-        ]
+        )
     else:
         pairs = [(p, p) for p in find_targets(model, cfg.target_modules, "parallel", False)]
     like = next(model.parameters())
