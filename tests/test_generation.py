@@ -111,6 +111,34 @@ def test_eos_inside_an_accepted_block_ends_generation(llama_ee):
         assert got.tokens == want
 
 
+def test_stop_string_inside_an_accepted_block_ends_generation(llama_ee):
+    prompts = ragged_prompts()
+    plain = full_greedy(llama_ee, prompts)[0]
+    tok = StubTokenizer(eos=-1)
+    stop = f"{plain[4]} {plain[5]}"  # text that appears mid-way through the first sequence
+    end = next(n for n in range(1, len(plain) + 1) if stop in tok.decode(plain[:n]))
+    want = generate(llama_ee, tok, prompts, "full", NEW, stop=[stop])
+    assert want.tokens[0] == plain[:end]
+    assert stop not in want.texts[0] and tok.decode(plain[:end]).startswith(want.texts[0])
+    for k in (2, 6):
+        got = generate(
+            llama_ee,
+            tok,
+            prompts,
+            "speculative",
+            NEW,
+            exit_layer=2,
+            draft_k=k,
+            adaptive=False,
+            stop=[stop, "no such text"],
+        )
+        assert got.tokens == want.tokens and got.texts == want.texts
+    with pytest.raises(ValueError, match="must not be empty"):
+        generate(llama_ee, tok, prompts, "full", NEW, stop=[""])
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(llama_ee, None, prompts, "full", NEW, stop=["x"])
+
+
 def test_threshold_above_one_is_full_greedy(llama_ee):
     prompts = ragged_prompts()
     got = generate(llama_ee, None, prompts, "threshold", NEW, threshold=1.01)

@@ -84,6 +84,7 @@ def cmd_generate(args) -> None:
         top_p=args.top_p,
         seed=args.seed,
         chat=not args.no_chat,
+        stop=args.stop,
     )
     lossy = " (lossy)" if args.mode == "threshold" else ""
     for prompt, text in zip(prompts, res.texts, strict=True):
@@ -159,6 +160,7 @@ def add_commands(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="prompts are raw text, no template")
+    g.add_argument("--stop", action="append", help="a stop string (repeat for several)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("calibrate", help="pick a threshold for a target agreement")

@@ -82,6 +82,30 @@ def _left_pad(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     return tokens, valid
 
 
+def _stop_checker(tokenizer, stop: list[str] | None):
+    """tokens -> whether the decoded text of the last few tokens holds a stop string. A token
+    decodes to at least part of one character, so the tail that can hold the longest stop
+    string, plus a token it may straddle, is enough: checking costs O(1) per token."""
+    if not stop:
+        return None
+    if tokenizer is None:
+        raise ValueError("eefast.generate: stop strings need a tokenizer")
+    if any(not s for s in stop):
+        raise ValueError("eefast.generate: stop strings must not be empty")
+    tail = 4 * max(len(s) for s in stop) + 2
+
+    def stopped(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    return stopped
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> str:
+    cuts = [text.find(s) for s in stop or () if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
 def _eos_ids(tokenizer, stop_at_eos: bool) -> set[int]:
     if not stop_at_eos or tokenizer is None:
         return set()
@@ -111,6 +135,7 @@ def generate(
     seed: int = 0,
     chat: bool = False,
     stop_at_eos: bool = True,
+    stop: list[str] | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (a string, or token ids).
 
@@ -118,7 +143,9 @@ def generate(
     tokens per round (adaptive unless ``adaptive=False``) and is lossless: greedy output is
     the full model's, token for token. ``threshold`` is lossy: it leaves at the first exit in
     ``exits`` (default all, at or above ``min_exit``) whose ``measure`` (max_prob, margin or
-    entropy, scaled to [0, 1]) reaches ``threshold``; it is greedy only.
+    entropy, scaled to [0, 1]) reaches ``threshold``; it is greedy only. A sequence ends at
+    EOS (unless ``stop_at_eos=False``) or once its text holds one of the ``stop`` strings; its
+    text is cut before the stop string (its tokens keep the one that completed it).
     """
     if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
         raise ValueError(
@@ -154,7 +181,9 @@ def generate(
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     tokens, valid = _left_pad(ids, pad, device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = Outputs(len(ids), max_new_tokens, _eos_ids(tokenizer, stop_at_eos))
+    out = Outputs(
+        len(ids), max_new_tokens, _eos_ids(tokenizer, stop_at_eos), _stop_checker(tokenizer, stop)
+    )
     state = DecodeState(runner.num_layers, len(ids), device)
 
     t0 = time.perf_counter()
@@ -169,5 +198,8 @@ def generate(
     else:
         stats = decode_threshold(runner, state, logits, out, active, threshold, measure)
     seconds = time.perf_counter() - t0
-    texts = [tokenizer.decode(t, skip_special_tokens=True) if tokenizer else "" for t in out.tokens]
+    texts = [
+        _cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) if tokenizer else ""
+        for t in out.tokens
+    ]
     return GenerationResult(texts, out.tokens, out.layers, stats, seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,12 +45,19 @@ class Outputs:
     """Per-sequence emitted tokens, EOS and budget handling, and the map from batch rows to
     the caller's sequences."""
 
-    def __init__(self, batch: int, max_new_tokens: int, eos_ids: set[int]):
+    def __init__(
+        self,
+        batch: int,
+        max_new_tokens: int,
+        eos_ids: set[int],
+        stopped: Callable[[list[int]], bool] | None = None,
+    ):
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.layers: list[list[int]] = [[] for _ in range(batch)]  # layer each was decided at
         self.rows = list(range(batch))  # batch row -> sequence index
         self.max_new = max_new_tokens
         self.eos = eos_ids
+        self.stopped = stopped  # tokens so far -> whether a stop string has appeared
 
     def emit(self, row: int, new: list[int], layers: list[int]) -> tuple[int, bool]:
         """Append tokens (decided at these layers) to a row's sequence, up to EOS or the
@@ -62,7 +70,7 @@ class Outputs:
             out.append(t)
             out_layers.append(layer)
             kept += 1
-            if t in self.eos:
+            if t in self.eos or (self.stopped is not None and self.stopped(out)):
                 return kept, True
         return kept, len(out) >= self.max_new
 
