@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_generate import demo_generation
 from .data import DEFAULT_CORPUS, load_documents, split_blocks, token_blocks
 from .io import write_json
 from .models import add_exits, load_exits, load_model
@@ -108,10 +109,12 @@ def cmd_eval_exits(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job: EE-tune SmolLM2's exits on pydoc_data for a few minutes, then report."""
+    """The main job: EE-tune SmolLM2's exits on pydoc_data for a few minutes, report, and
+    decode with them (full depth against lossless self-speculative)."""
     _say("EE-Tuning demo: frozen backbone, exits tuned with fused multi-exit losses")
     t_start = time.perf_counter()
     cmd_tune(args)
+    demo_generation(args.model, args.out)
     _say(f"demo done in {time.perf_counter() - t_start:.0f} s")
 
 
