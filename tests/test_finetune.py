@@ -12,6 +12,7 @@ from eefast.adapters import (
     add_adapters,
     mark_only_adapters_trainable,
 )
+from eefast.models.arch import decoder_stack
 from eefast.tasks import arith
 from eefast.train.finetune import (
     IGNORE,
@@ -109,7 +110,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     straight_log = finetune(straight, examples(), config, tmp_path / "a", progress=False)
 
     interrupted = adapted_model()
-    forward, calls = interrupted.forward, []
+    stack = decoder_stack(interrupted)  # what finetune's fused loss calls
+    forward, calls = stack.forward, []
 
     def ctrl_c_at_step_6(*args, **kwargs):
         calls.append(1)
@@ -117,7 +119,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
-    interrupted.forward = ctrl_c_at_step_6
+    stack.forward = ctrl_c_at_step_6
     with pytest.raises(KeyboardInterrupt):
         finetune(interrupted, examples(), config, tmp_path / "b", progress=False)
     saved = json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())
