@@ -9,7 +9,8 @@
 // input gradient is one addmm onto grad_out. The bottleneck-wide tensors are small (r << d).
 //
 // bf16/fp16 inputs are computed in fp32 (ATen's reduced-precision GEMMs are far slower than
-// sgemm on CPUs without bf16 dot products) and rounded once at the end.
+// sgemm on CPUs without bf16 dot products) and rounded once at the end, kRowChunk rows at a
+// time so the fp32 copies stay a small workspace.
 
 #include "bottleneck_adapter.h"
 
@@ -27,7 +28,10 @@
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 namespace eefast {
 namespace {
@@ -73,6 +77,14 @@ Tensor activate_backward(const Tensor& ga, const Tensor& z, const Tensor& a, Ada
   TORCH_CHECK(false, "bottleneck_adapter: unhandled activation");
 }
 
+// bf16/fp16 rows are upcast this many at a time, so the fp32 copies stay a bounded workspace
+// instead of several [tokens, d] tensors. fp32 runs in one chunk: nothing is copied.
+constexpr int64_t kRowChunk = 256;
+
+int64_t row_chunk(const Tensor& x, int64_t rows) {
+  return x.scalar_type() == at::kFloat ? std::max<int64_t>(rows, 1) : kRowChunk;
+}
+
 std::tuple<Tensor, Tensor> bottleneck_adapter_cpu(const Tensor& x,
                                                   const std::optional<Tensor>& residual,
                                                   const Tensor& down_weight,
@@ -85,15 +97,35 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cpu(const Tensor& x,
   const auto act = parse_activation(activation);
   const double s = scale.item<double>();
   const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
-  const Tensor x32 = f32(x.reshape({-1, in}));
-  const Tensor d32 = f32(down_weight);
-  const Tensor z = down_bias ? at::addmm(f32(*down_bias), x32, d32.t()) : at::mm(x32, d32.t());
-  const Tensor a = activate(z, act);
-  const Tensor res32 = residual ? f32(residual->reshape({-1, out})) : x32;
-  Tensor out32 = up_bias ? at::add(res32, f32(*up_bias), s)
-                         : res32.clone(at::MemoryFormat::Contiguous);
-  out32.addmm_(a, f32(up_weight).t(), 1.0, s);
-  const Tensor y = x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+  const Tensor x2 = x.reshape({-1, in});
+  const Tensor res2 = residual ? residual->reshape({-1, out}) : x2;
+  const int64_t rows = x2.size(0), chunk = row_chunk(x, rows);
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  const Tensor d32 = f32(down_weight), u32t = f32(up_weight).t();
+  const Tensor bd32 = down_bias ? f32(*down_bias) : Tensor();
+  const Tensor bu32 = up_bias ? f32(*up_bias) : Tensor();
+  Tensor y = at::empty({rows, out}, x.options());
+  Tensor z = at::empty({rows, r}, x.options().dtype(at::kFloat));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    const Tensor x32 = f32(x2.narrow(0, r0, n));
+    Tensor zc = z.narrow(0, r0, n);
+    if (down_bias) {
+      at::addmm_out(zc, bd32, x32, d32.t());
+    } else {
+      at::mm_out(zc, x32, d32.t());
+    }
+    const Tensor res32 = residual ? f32(res2.narrow(0, r0, n)) : x32;
+    // The output starts as residual + s * bu; the up-projection accumulates into it.
+    Tensor o32 = fp32 ? y.narrow(0, r0, n) : at::empty({n, out}, z.options());
+    if (up_bias) {
+      at::add_out(o32, res32, bu32, s);
+    } else {
+      o32.copy_(res32);
+    }
+    o32.addmm_(activate(zc, act), u32t, 1.0, s);
+    if (!fp32) y.narrow(0, r0, n).copy_(o32);
+  }
   return {y.view(with_last_dim(x.sizes(), out)), z.view(with_last_dim(x.sizes(), r))};
 }
 
@@ -125,32 +157,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
   const auto dtype = x.scalar_type();
   const auto cast = [dtype](const Tensor& t) { return dtype == at::kFloat ? t : t.to(dtype); };
 
-  const Tensor g32 = f32(grad_out.reshape({-1, out}));
-  const Tensor x32 = f32(x.reshape({-1, in}));
+  const Tensor g2 = grad_out.reshape({-1, out});
+  const Tensor x2 = x.reshape({-1, in});
   const Tensor z2 = z.reshape({-1, r});
-  const Tensor a = activate(z2, act);
-  Tensor ga = at::mm(g32, f32(up_weight));  // [N, r], the gradient of the up-projection input / s
-  const Tensor grad_up = at::mm(g32.t(), a).mul_(s);
-  const Tensor g_colsum = at::sum(g32, 0);
+  const int64_t rows = x2.size(0), chunk = row_chunk(x, rows);
+  const bool fp32 = dtype == at::kFloat;
+  const Tensor d32 = f32(down_weight), u32 = f32(up_weight);
+  const auto f32_opts = z.options();
+  // Parameter gradients and the scale's partial sums, accumulated over row chunks in order.
+  Tensor grad_up = at::zeros({out, r}, f32_opts), grad_down = at::zeros({r, in}, f32_opts);
+  Tensor gz_colsum = at::zeros({r}, f32_opts), g_colsum = at::zeros({out}, f32_opts);
+  Tensor ga_dot_a = at::zeros({}, f32_opts);
+  Tensor grad_x = at::empty({needs_grad_x ? rows : 0, in}, x.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    const Tensor g32 = f32(g2.narrow(0, r0, n));
+    const Tensor zc = z2.narrow(0, r0, n);
+    const Tensor a = activate(zc, act);
+    Tensor ga = at::mm(g32, u32);  // [n, r], the gradient of the up-projection's input / s
+    grad_up.addmm_(g32.t(), a);
+    g_colsum.add_(at::sum(g32, 0));
+    if (needs_grad_scale) ga_dot_a.add_(at::dot(ga.flatten(), a.flatten()));
+    const Tensor gz = activate_backward(ga.mul_(s), zc, a, act);
+    grad_down.addmm_(gz.t(), f32(x2.narrow(0, r0, n)));
+    gz_colsum.add_(at::sum(gz, 0));
+    if (needs_grad_x) {
+      // fp32 writes straight into grad_x; reduced precision rounds a chunk-sized fp32 result.
+      Tensor gx = grad_x.narrow(0, r0, n);
+      Tensor gx32 = fp32 ? gx : at::empty({n, in}, f32_opts);
+      if (residual_is_x) {
+        at::addmm_out(gx32, g32, gz, d32);
+      } else {
+        at::mm_out(gx32, gz, d32);
+      }
+      if (!fp32) gx.copy_(gx32);
+    }
+  }
   Tensor grad_scale = at::empty({0}, scale.options());
   if (needs_grad_scale) {
-    Tensor gs = at::dot(ga.flatten(), a.flatten());
-    if (up_bias) gs.add_(at::dot(g_colsum, f32(*up_bias)));
-    grad_scale = gs.reshape(scale.sizes());
+    if (up_bias) ga_dot_a.add_(at::dot(g_colsum, f32(*up_bias)));
+    grad_scale = ga_dot_a.reshape(scale.sizes());
   }
-  ga.mul_(s);
-  const Tensor gz = activate_backward(ga, z2, a, act);
-  const Tensor d32 = f32(down_weight);
-  Tensor grad_x = at::empty({0, in}, x.options());
-  if (needs_grad_x) {
-    const Tensor gx = residual_is_x ? at::addmm(g32, gz, d32) : at::mm(gz, d32);
-    grad_x = cast(gx).view(x.sizes());
-  }
-  return {grad_x,
-          cast(at::mm(gz.t(), x32)),
-          cast(at::sum(gz, 0)),
-          cast(grad_up),
-          cast(g_colsum.mul(s)),
+  return {needs_grad_x ? grad_x.view(x.sizes()) : grad_x,
+          cast(grad_down),
+          cast(gz_colsum),
+          cast(grad_up.mul_(s)),
+          cast(g_colsum.mul_(s)),
           grad_scale};
 }
 

@@ -14,6 +14,7 @@ SHAPES = [
     ((17,), 13, 3, 29),  # parallel: out != in
     ((0,), 16, 4, None),  # empty
     ((3, 0, 5), 24, 2, 8),  # empty in the middle
+    ((300,), 24, 4, None),  # more rows than one bf16 upcast chunk (256), with a remainder
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
