@@ -41,6 +41,12 @@ def make_inputs(lead, in_f, r, out_f, dtype, device, bias=True, learned_scale=Fa
     return args
 
 
+def op_args(args, activation):
+    """The raw op's positional arguments, in its schema's order."""
+    names = ("x", "residual", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
+    return (*(args[n] for n in names), activation)
+
+
 def leaves(args):
     return [t for t in args.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
@@ -123,16 +129,7 @@ def test_deterministic(device):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_opcheck(device, dtype, parallel):
     args = make_inputs((3, 5), 24, 4, 20 if parallel else None, dtype, device, learned_scale=True)
-    call = (
-        args["x"],
-        args["residual"],
-        args["down_weight"],
-        args["down_bias"],
-        args["up_weight"],
-        args["up_bias"],
-        args["scale"],
-        "gelu_tanh",
-    )
+    call = op_args(args, "gelu_tanh")
     torch.library.opcheck(torch.ops.eefast.bottleneck_adapter.default, call)
     y, z = torch.ops.eefast.bottleneck_adapter.default(*call)
     torch.library.opcheck(
@@ -206,13 +203,4 @@ def _bad_input_cases():
 )
 def test_bad_input_names_the_argument(name, args, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.eefast.bottleneck_adapter.default(
-            args["x"],
-            args["residual"],
-            args["down_weight"],
-            args["down_bias"],
-            args["up_weight"],
-            args["up_bias"],
-            args["scale"],
-            args.get("activation", "relu"),
-        )
+        torch.ops.eefast.bottleneck_adapter.default(*op_args(args, args.get("activation", "relu")))

@@ -8,19 +8,18 @@ from pathlib import Path
 import torch
 
 from .cli_generate import PROMPTS, _say, agreement
-from .generation import generate, prompt_ids
+from .generation import generate, left_pad, prompt_ids
 from .io import write_json
 
 
 def _hf_generate(model, tokenizer, batch_ids, max_new, **kw) -> tuple[list[list[int]], float]:
-    width = max(len(x) for x in batch_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids])
+    ids, valid = left_pad(batch_ids, pad)
+    width = ids.shape[1]
     t0 = time.perf_counter()
     out = model.generate(
         input_ids=ids,
-        attention_mask=mask,
+        attention_mask=valid.long(),
         max_new_tokens=max_new,
         do_sample=False,
         pad_token_id=pad,

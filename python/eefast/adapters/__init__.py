@@ -15,6 +15,7 @@ from .model import (
     Adapter,
     adapters,
     add_adapters,
+    get_adapter,
     mark_only_adapters_trainable,
     remove_adapter,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "add_adapters",
     "config_from_dict",
     "config_to_dict",
+    "get_adapter",
     "load_adapter",
     "mark_only_adapters_trainable",
     "remove_adapter",

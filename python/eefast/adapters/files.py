@@ -17,20 +17,13 @@ from torch import nn
 
 from ..io import write_json, write_safetensors
 from .config import IA3Config, LoraConfig, config_from_dict, config_to_dict
-from .model import Adapter, adapters, add_adapters, remove_adapter
+from .model import Adapter, add_adapters, get_adapter, remove_adapter
 from .targets import default_targets
 
 PEFT_CONFIG = "adapter_config.json"
 EEFAST_CONFIG = "eefast_adapter.json"
 WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-
-
-def _get_adapter(model: nn.Module, name: str) -> Adapter:
-    found = adapters(model)
-    if name not in found:
-        raise ValueError(f"eefast: no adapter named {name!r}; the model has {sorted(found)}")
-    return found[name]
 
 
 def _peft_config(model: nn.Module, adapter: Adapter) -> dict:
@@ -81,7 +74,7 @@ def _peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write one adapter to ``directory`` (PEFT's format for LoRA and (IA)³)."""
-    adapter = _get_adapter(model, name)
+    adapter = get_adapter(model, name)
     directory = Path(directory)
     if adapter.method in ("lora", "ia3"):
         if adapter.merged:

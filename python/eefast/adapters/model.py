@@ -30,9 +30,14 @@ from .config import (
     SeriesConfig,
 )
 from .prefix import PrefixEncoder, PrefixHook, check_prefix_support
-from .targets import default_targets, find_targets, is_linear, linear_features, matches
-
-_WRAPPERS = (LoRALinear, IA3Linear)
+from .targets import (
+    ADAPTED_LINEARS,
+    default_targets,
+    find_targets,
+    is_linear,
+    linear_features,
+    matches,
+)
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -140,6 +145,14 @@ def adapters(model: nn.Module) -> dict[str, Adapter]:
     return dict(registry.items()) if registry is not None else {}
 
 
+def get_adapter(model: nn.Module, name: str = "default") -> Adapter:
+    """The adapter called ``name``; a clear error naming the ones the model has."""
+    found = adapters(model)
+    if name not in found:
+        raise ValueError(f"eefast: no adapter named {name!r}; the model has {sorted(found)}")
+    return found[name]
+
+
 def add_adapters(model: nn.Module, config: AdapterConfig, name: str = "default") -> Adapter:
     """Add one adapter (any method) to a causal LM and return it. The base model is not
     frozen here: call :func:`mark_only_adapters_trainable` before training."""
@@ -169,11 +182,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, name: str = "default")
 
 def remove_adapter(model: nn.Module, name: str = "default") -> None:
     """Take an adapter off the model: unmerged, unhooked, original linears put back."""
-    adapter = adapters(model).get(name)
-    if adapter is None:
-        raise ValueError(
-            f"eefast: no adapter named {name!r}; the model has {sorted(adapters(model))}"
-        )
+    adapter = get_adapter(model, name)
     adapter.unmerge()
     for path, handle in adapter._handles:
         handle.remove()
@@ -207,21 +216,10 @@ def mark_only_adapters_trainable(model: nn.Module) -> int:
     return count
 
 
-def _linear_targets(model: nn.Module, targets: tuple[str, ...], method: str) -> list[str]:
-    for path in find_targets(model, targets, method, linear_only=False):
-        module = model.get_submodule(path)
-        if isinstance(module, _WRAPPERS):
-            raise ValueError(
-                f"eefast: {path!r} already carries a {type(module).__name__}; one LoRA or "
-                f"(IA)³ adapter per linear layer"
-            )
-    return find_targets(model, targets, method, linear_only=True)
-
-
 def _attach_lora(model: nn.Module, adapter: Adapter) -> None:
     cfg: LoraConfig = adapter.config
     targets = cfg.target_modules or default_targets(model, "lora").lora
-    for path in _linear_targets(model, targets, "lora"):
+    for path in find_targets(model, targets, "lora"):
         original = model.get_submodule(path)
         wrapper = LoRALinear.from_linear(original, cfg.r, cfg.alpha, cfg.dropout)
         _replace_module(model, path, wrapper)
@@ -237,7 +235,7 @@ def _attach_ia3(model: nn.Module, adapter: Adapter) -> None:
         targets, feedforward = spec.ia3, spec.ia3_feedforward
     else:
         targets, feedforward = cfg.target_modules, cfg.feedforward_modules
-    for path in _linear_targets(model, targets, "ia3"):
+    for path in find_targets(model, targets, "ia3"):
         ff = any(matches(path, f) for f in feedforward)
         original = model.get_submodule(path)
         wrapper = IA3Linear(original, feedforward=ff)
@@ -265,7 +263,7 @@ def _module_features(model: nn.Module, path: str) -> tuple[int, int]:
     """(in, out) features of a linear (or wrapped linear); a block-level module maps the
     hidden size to itself."""
     module = model.get_submodule(path)
-    if isinstance(module, _WRAPPERS):
+    if isinstance(module, ADAPTED_LINEARS):
         return module.in_features, module.out_features
     if is_linear(module):
         return linear_features(module)

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..nn import IA3Linear, LoRALinear
+
+# Linears already wrapped by a LoRA or (IA)³ adapter.
+ADAPTED_LINEARS = (LoRALinear, IA3Linear)
+
 
 @dataclass(frozen=True)
 class AdapterTargets:
@@ -114,7 +119,8 @@ def find_targets(
     model: nn.Module, targets: tuple[str, ...], method: str, linear_only: bool = True
 ) -> list[str]:
     """Dotted names of the modules matching any target; a clear error for a target that
-    matches nothing (or matches something that is not a linear layer, where one is needed)."""
+    matches nothing or, where a linear layer is needed, a module that is not one (or one that
+    already carries a LoRA or (IA)³ wrapper)."""
     names = []
     for target in targets:
         found = [n for n, m in model.named_modules() if n and matches(n, target)]
@@ -125,6 +131,13 @@ def find_targets(
                 f"{linear_names(model)}"
             )
         if linear_only:
+            for n in found:
+                module = model.get_submodule(n)
+                if isinstance(module, ADAPTED_LINEARS):
+                    raise ValueError(
+                        f"eefast: {n!r} already carries a {type(module).__name__}; one LoRA or "
+                        f"(IA)³ adapter per linear layer"
+                    )
             bad = [n for n in found if not is_linear(model.get_submodule(n))]
             if bad:
                 raise ValueError(

@@ -28,7 +28,16 @@ from .sampling import Sampling
 from .state import DecodeState, LlamaRunner
 
 MODES = ("full", "speculative", "threshold")
-__all__ = ["CONFIDENCE_MEASURES", "MODES", "GenerationResult", "Sampling", "generate", "prompt_ids"]
+__all__ = [
+    "CONFIDENCE_MEASURES",
+    "MODES",
+    "GenerationResult",
+    "Sampling",
+    "chat_prompt_ids",
+    "generate",
+    "left_pad",
+    "prompt_ids",
+]
 
 
 @dataclass
@@ -44,6 +53,15 @@ class GenerationResult:
         return self.stats.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def chat_prompt_ids(tokenizer, content: str) -> list[int]:
+    """Token ids of one user message through the tokenizer's chat template, ready for the
+    assistant's reply."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
 def prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
     """Token ids per prompt: strings are tokenized (through the chat template when ``chat``),
     id lists pass through; a clear error for no prompts or an empty one."""
@@ -57,11 +75,7 @@ def prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
             if not p:
                 raise ValueError(f"eefast.generate: prompt {i} is empty")
             if chat:
-                msgs = [{"role": "user", "content": p}]
-                p_ids = tokenizer.apply_chat_template(
-                    msgs, add_generation_prompt=True, tokenize=True
-                )
-                p_ids = p_ids if isinstance(p_ids, list) else p_ids["input_ids"]
+                p_ids = chat_prompt_ids(tokenizer, p)
             else:
                 p_ids = tokenizer(p)["input_ids"]
         else:
@@ -72,7 +86,9 @@ def prompt_ids(tokenizer, prompts, chat: bool) -> list[list[int]]:
     return ids
 
 
-def _left_pad(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(ids: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, width]`` tokens, left-padded with ``pad``, and the bool mask of real tokens: every
+    sequence ends in the same column, where generation continues."""
     width = max(len(x) for x in ids)
     tokens = torch.full((len(ids), width), pad, dtype=torch.long, device=device)
     valid = torch.zeros(len(ids), width, dtype=torch.bool, device=device)
@@ -179,7 +195,7 @@ def generate(
     device = next(ee.model.parameters()).device
     ids = prompt_ids(tokenizer, prompts, chat)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    tokens, valid = _left_pad(ids, pad, device)
+    tokens, valid = left_pad(ids, pad, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = Outputs(
         len(ids), max_new_tokens, _eos_ids(tokenizer, stop_at_eos), _stop_checker(tokenizer, stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..generation import left_pad
 from ..tasks.arith import last_number
 from .finetune import format_prompt
 
@@ -34,15 +35,11 @@ def answer_accuracy(
         prompts = [
             format_prompt(tokenizer, r["instruction"], r.get("input", ""), chat) for r in chunk
         ]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every reply starts at the same column
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids, valid = left_pad(prompts, pad)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=valid.long(),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..generation import chat_prompt_ids
 from ..models.arch import ARCHS, decoder_stack
 from ..ops import linear_cross_entropy
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
@@ -73,10 +74,7 @@ def format_prompt(
     has one and ``chat``, else an Alpaca-style template."""
     content = f"{instruction}\n\n{input_text}" if input_text else instruction
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids if isinstance(ids, list) else ids["input_ids"])
+        return chat_prompt_ids(tokenizer, content)
     text = f"### Instruction:\n{content}\n\n### Response:\n"
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
