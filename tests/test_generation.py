@@ -4,7 +4,9 @@ mode's KV recompute is exact, sampling is reproducible, bad input is refused."""
 import pytest
 import torch
 
-from eefast.generation import generate
+from eefast.generation import generate, left_pad
+from eefast.generation.decode import prefill
+from eefast.generation.state import DecodeState, LlamaRunner, SlotCache
 from eefast.models import add_exits
 from tiny_models import tiny_model, token_batch
 
@@ -139,11 +141,41 @@ def test_stop_string_inside_an_accepted_block_ends_generation(llama_ee):
         generate(llama_ee, None, prompts, "full", NEW, stop=["x"])
 
 
-def test_threshold_above_one_is_full_greedy(llama_ee):
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_threshold_above_one_is_full_greedy(llama_ee, kv):
     prompts = ragged_prompts()
-    got = generate(llama_ee, None, prompts, "threshold", NEW, threshold=1.01)
+    got = generate(llama_ee, None, prompts, "threshold", NEW, threshold=1.01, kv=kv)
     assert got.tokens == full_greedy(llama_ee, prompts)
     assert set(got.stats.exit_layers) == {4}
+
+
+def test_propagate_kv_is_the_attention_blocks_own_kv_of_the_exited_state(llama_ee):
+    """CALM's copy-up: block i's cached K/V for an exited token must be what block i's own
+    attention (HF code, its rotary) computes from the exited hidden state."""
+    runner = LlamaRunner(llama_ee)
+    state = DecodeState(runner.num_layers, 2, "cpu")
+    ids, valid = left_pad(ragged_prompts()[:2], 0)
+    prefill(runner, state, ids, valid)
+    state.add_slots(torch.ones(2, 1, dtype=torch.bool))
+    h = runner.run(runner.embed(torch.tensor([[7], [9]])), 0, 2, state)
+    runner.propagate_kv(h, 2, 4, state)
+    slot = state.slots - 1
+    pos = state.pos[:, slot : slot + 1]
+    rotary = runner.base.rotary_emb(h, position_ids=pos)
+    for i in (2, 3):
+        layer, ref = runner.layers[i], SlotCache(runner.num_layers)
+        layer.self_attn(layer.input_layernorm(h), rotary, None, past_key_values=ref)
+        torch.testing.assert_close(state.cache.keys[i][:, :, slot], ref.keys[i][:, :, 0])
+        torch.testing.assert_close(state.cache.values[i][:, :, slot], ref.values[i][:, :, 0])
+        assert state.cache.lengths[i] == state.slots
+
+
+def test_propagate_mixes_exits_and_emits_every_token(llama_ee):
+    prompts = ragged_prompts()
+    got = generate(llama_ee, None, prompts, "threshold", NEW, threshold=0.015, kv="propagate")
+    layers = [layer for row in got.layers for layer in row]
+    assert min(layers) < 4 and layers.count(4) > 3, "want a mix of exits and full depth"
+    assert [len(t) for t in got.tokens] == [NEW] * len(prompts)
 
 
 @pytest.mark.parametrize("measure,threshold", [("max_prob", 0.015), ("margin", 0.002)])
@@ -183,6 +215,7 @@ def test_sampling_is_reproducible_and_seeded(llama_ee):
         (dict(mode="threshold", measure="vibes"), "unknown measure"),
         (dict(mode="threshold", min_exit=3), "no exit at or above min_exit"),
         (dict(mode="threshold", temperature=0.5), "threshold mode is greedy"),
+        (dict(mode="threshold", kv="lazy"), "unknown kv mode"),
         (dict(mode="full", max_new_tokens=0), "max_new_tokens must be > 0"),
     ],
 )

@@ -118,6 +118,18 @@ def cmd_demo(args) -> None:
     _say(f"demo done in {time.perf_counter() - t_start:.0f} s")
 
 
+def cmd_distill_data(args) -> None:
+    from .tasks.chat import write_self_distilled
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    rows = write_self_distilled(
+        model, tokenizer, Path(args.out), args.prompts, args.max_new_tokens, args.batch_size
+    )
+    _say(f"{args.out}: {rows} chat rows; tune on them with --data {args.out}")
+
+
 def _common(
     p: argparse.ArgumentParser,
     exits: str,
@@ -175,6 +187,17 @@ def add_commands(sub) -> None:
     tune.add_argument("--out", required=True, help="checkpoints, metrics and the final exits")
     tune.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     tune.set_defaults(func=cmd_tune)
+
+    dd = sub.add_parser(
+        "distill-data", help="chat data from the model's own greedy replies (for tuning exits)"
+    )
+    dd.add_argument("--model", default=DEFAULT_MODEL)
+    dd.add_argument("--out", required=True, help="the .jsonl to write (a rerun resumes it)")
+    dd.add_argument("--prompts", type=int, default=240)
+    dd.add_argument("--max-new-tokens", type=int, default=128)
+    dd.add_argument("--batch-size", type=int, default=8)
+    dd.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    dd.set_defaults(func=cmd_distill_data)
 
     ev = sub.add_parser("eval-exits", help="per-exit perplexity, agreement and confidence")
     ev.add_argument("--model", default=DEFAULT_MODEL)

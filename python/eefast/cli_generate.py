@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .generation import CONFIDENCE_MEASURES, MODES, generate, prompt_ids
+from .generation import CONFIDENCE_MEASURES, KV_MODES, MODES, generate, prompt_ids
 from .io import write_json
 from .models import load_exits, load_model
 from .models.loading import DEFAULT_MODEL
@@ -99,6 +99,7 @@ def cmd_generate(args) -> None:
         adaptive=not args.fixed_k,
         threshold=args.threshold,
         measure=args.measure,
+        kv=args.kv,
         min_exit=args.min_exit,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -175,6 +176,12 @@ def add_commands(sub) -> None:
     g.add_argument("--fixed-k", action="store_true", help="no adaptive draft length")
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
+    g.add_argument(
+        "--kv",
+        choices=KV_MODES,
+        default="recompute",
+        help="threshold mode: KV of skipped blocks recomputed later (exact) or copied up (CALM)",
+    )
     g.add_argument("--min-exit", type=int, default=1)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

@@ -16,6 +16,7 @@ import torch
 from ..models.exits import EarlyExitModel
 from .decode import (
     CONFIDENCE_MEASURES,
+    KV_MODES,
     DecodeStats,
     DraftLength,
     Outputs,
@@ -30,6 +31,7 @@ from .state import DecodeState, LlamaRunner
 MODES = ("full", "speculative", "threshold")
 __all__ = [
     "CONFIDENCE_MEASURES",
+    "KV_MODES",
     "MODES",
     "GenerationResult",
     "Sampling",
@@ -143,6 +145,7 @@ def generate(
     draft_stop: float = 0.0,
     threshold: float = 0.9,
     measure: str = "max_prob",
+    kv: str = "recompute",
     exits: list[int] | None = None,
     min_exit: int = 1,
     temperature: float = 0.0,
@@ -159,9 +162,11 @@ def generate(
     tokens per round (adaptive unless ``adaptive=False``) and is lossless: greedy output is
     the full model's, token for token. ``threshold`` is lossy: it leaves at the first exit in
     ``exits`` (default all, at or above ``min_exit``) whose ``measure`` (max_prob, margin or
-    entropy, scaled to [0, 1]) reaches ``threshold``; it is greedy only. A sequence ends at
-    EOS (unless ``stop_at_eos=False``) or once its text holds one of the ``stop`` strings; its
-    text is cut before the stop string (its tokens keep the one that completed it).
+    entropy, scaled to [0, 1]) reaches ``threshold``; it is greedy only, and ``kv`` says how
+    the blocks a token skipped get its KV (``recompute``, exact, or ``propagate``). A sequence
+    ends at EOS (unless ``stop_at_eos=False``) or once its text holds one of the ``stop``
+    strings; its text is cut before the stop string (its tokens keep the one that completed
+    it).
     """
     if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
         raise ValueError(
@@ -174,6 +179,8 @@ def generate(
         raise ValueError(f"eefast.generate: max_new_tokens must be > 0, got {max_new_tokens}")
     if draft_k <= 0:
         raise ValueError(f"eefast.generate: draft_k must be > 0, got {draft_k}")
+    if kv not in KV_MODES:
+        raise ValueError(f"eefast.generate: unknown kv mode {kv!r}; choose from {KV_MODES}")
     if measure not in CONFIDENCE_MEASURES:
         raise ValueError(f"eefast.generate: unknown measure {measure!r}; {CONFIDENCE_MEASURES}")
     available = ee.exit_layers
@@ -212,7 +219,7 @@ def generate(
             runner, state, logits, out, sampling, gen, exit_layer, draft, draft_stop
         )
     else:
-        stats = decode_threshold(runner, state, logits, out, active, threshold, measure)
+        stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)
     seconds = time.perf_counter() - t0
     texts = [
         _cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) if tokenizer else ""

@@ -19,6 +19,7 @@ from .sampling import Sampling
 from .state import DecodeState, LlamaRunner
 
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+KV_MODES = ("recompute", "propagate")
 
 
 @dataclass
@@ -253,12 +254,18 @@ def decode_threshold(
     exits: list[int],
     threshold: float,
     measure: str = "max_prob",
+    kv: str = "recompute",
 ) -> DecodeStats:
     """Lossy early exit, greedy. A token leaves at the first active exit where every sequence
     of the batch is confident; a sequence confident at an earlier exit keeps its token from
-    that exit. Exited tokens' KV in the skipped blocks is recomputed EE-LLM style: they wait,
-    with their hidden state, and join the next token that climbs past their exit, so each
-    block computes their KV from the true hidden state, batched with that token.
+    that exit. The skipped blocks still need the token's KV:
+
+    * ``recompute`` (EE-LLM): exited tokens wait, with their hidden state, and join the next
+      token that climbs past their exit, so each block computes their KV from the true hidden
+      state, batched with that token. Exact KV, paid later; a run of exits defers the cost.
+    * ``propagate`` (CALM): the exited hidden state is copied upward at once and each skipped
+      block computes K/V from it (norm + two small projections per block). Cheaper, but those
+      keys and values are approximations, which later tokens attend to.
     """
     stats = DecodeStats()
     L = runner.num_layers
@@ -290,7 +297,10 @@ def decode_threshold(
             decided = torch.where(newly, st.argmax, decided)
             exit_at = torch.where(newly, torch.full_like(exit_at, target), exit_at)
             if bool((decided >= 0).all()):
-                pending.append((h, target))
+                if kv == "propagate":
+                    runner.propagate_kv(h, target, L, state)
+                else:
+                    pending.append((h, target))
                 break
         if layer == L:
             final = runner.final_logits(h[:, -1]).argmax(-1)

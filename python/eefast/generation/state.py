@@ -150,6 +150,25 @@ class LlamaRunner:
             h = h[0] if isinstance(h, tuple) else h
         return h
 
+    def propagate_kv(self, h: torch.Tensor, start: int, end: int, state: DecodeState) -> None:
+        """CALM-style KV for blocks [start, end) that a token skipped: each block's keys and
+        values come from the exited hidden state h [batch, q, d], as if it had been copied
+        upward. Only each block's input norm and K/V projections run (no query, attention or
+        MLP), which is what makes this cheaper than recomputing."""
+        first, q = state.cache.lengths[start], h.shape[1]
+        cos, sin = self.base.rotary_emb(h, position_ids=state.pos[:, first : first + q])
+        cos, sin = cos[:, None], sin[:, None]
+        for i in range(start, end):
+            assert state.cache.lengths[i] == first, "layers in one run must be in step"
+            attn = self.layers[i].self_attn
+            x = self.layers[i].input_layernorm(h)
+            shape = (*h.shape[:-1], -1, attn.head_dim)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            half = k.shape[-1] // 2
+            k_rot = torch.cat([-k[..., half:], k[..., :half]], -1)  # rotate_half
+            state.cache.update(k * cos + k_rot * sin, v, i)
+
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.ee.parts.lm_head(self.ee.parts.final_norm(h)).float()
 

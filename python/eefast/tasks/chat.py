@@ -1,0 +1,120 @@
+"""Self-distilled chat data: the model's own greedy replies to generated chat prompts.
+
+Exits that draft for (or stand in for) the full model should predict what the full model
+says, on the kind of text it generates. With no dataset hub, the data comes from the model
+itself: prompts are built from request templates x topics (a fixed seed, disjoint from the
+benchmark prompts in ``cli_generate.PROMPTS``), replies are full-depth greedy, and each row is
+the chat-formatted conversation as ``text``, ready for ``eefast tune --data``. Writing is
+resumable: rows are appended per batch and a rerun continues after the last one written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+_REQUESTS = [
+    "Explain {t} in simple terms.",
+    "Give me three interesting facts about {t}.",
+    "Write a short paragraph about {t}.",
+    "What are the main advantages and disadvantages of {t}?",
+    "How would you teach {t} to a beginner?",
+    "Write a haiku about {t}.",
+    "List some common misconceptions about {t}.",
+    "Why is {t} important?",
+    "Write a short story that involves {t}.",
+    "Compare {t} with something similar and explain the difference.",
+    "What questions should I ask to learn more about {t}?",
+    "Summarise the history of {t} in a few sentences.",
+]
+_TOPICS = [
+    "black holes", "the water cycle", "machine learning", "the Roman Empire", "volcanoes",
+    "recursion in programming", "healthy sleep habits", "climate change", "the stock market",
+    "honey bees", "the internet", "electric cars", "the human heart", "chess openings",
+    "baking bread", "public speaking", "the Moon landing", "vaccines", "jazz music",
+    "the printing press", "renewable energy", "SQL databases", "meditation", "coral reefs",
+    "the theory of evolution", "time management", "ancient Egypt", "quantum computing",
+    "gardening tomatoes", "the French language", "learning to swim", "plate tectonics",
+    "hash tables", "the Olympic Games", "coffee", "rainforests", "Shakespeare's plays",
+    "budgeting money", "the immune system", "Git version control", "the solar system",
+    "dinosaurs", "photography", "the Great Wall of China", "unit testing", "friendship",
+    "running a marathon", "the periodic table", "origami", "Linux", "democracy",
+    "the Renaissance", "penguins", "nuclear power", "writing a resume", "the human brain",
+    "earthquakes", "sorting algorithms", "tea ceremonies", "mountain climbing",
+]  # fmt: skip
+
+
+def chat_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts (at most requests x topics), in a seeded order."""
+    pairs = [(r, t) for r in _REQUESTS for t in _TOPICS]
+    if not 0 < n <= len(pairs):
+        raise ValueError(f"chat_prompts: n must be in 1..{len(pairs)}, got {n}")
+    random.Random(seed).shuffle(pairs)
+    return [r.format(t=t) for r, t in pairs[:n]]
+
+
+def _rows_done(path: Path) -> int:
+    """Complete rows in ``path``; a torn last line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return data.count(b"\n")
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """HF ``generate`` greedy on a left-padded batch of chat prompts; the reply texts."""
+    from ..generation import chat_prompt_ids, left_pad
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, valid = left_pad([chat_prompt_ids(tokenizer, p) for p in prompts], pad)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=valid.long(),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return [
+        tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]
+    ]
+
+
+def write_self_distilled(
+    model, tokenizer, path: Path, n_prompts: int, max_new_tokens: int, batch_size: int = 8
+) -> int:
+    """Append the model's greedy replies to ``n_prompts`` chat prompts to ``path`` (jsonl:
+    ``prompt`` and the chat-formatted conversation as ``text``); resumes after the rows
+    already there. Returns the number of rows in the file."""
+    path = Path(path)
+    prompts = chat_prompts(n_prompts)
+    done = _rows_done(path)
+    if done > len(prompts):
+        raise ValueError(f"{path} has {done} rows, more than the {len(prompts)} asked for")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(prompts), initial=done, desc="self-distill", unit="prompt")
+    with path.open("a") as f:
+        for start in range(done, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            lines = []
+            for prompt, reply in zip(
+                batch, greedy_replies(model, tokenizer, batch, max_new_tokens), strict=True
+            ):
+                convo = [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": reply},
+                ]
+                text = tokenizer.apply_chat_template(convo, tokenize=False)
+                lines.append(json.dumps({"prompt": prompt, "text": text}) + "\n")
+            f.write("".join(lines))
+            f.flush()
+            bar.update(len(batch))
+    bar.close()
+    return _rows_done(path)
