@@ -11,7 +11,7 @@ import torch
 from .cli_generate import demo_generation
 from .data import DEFAULT_CORPUS, load_documents, split_blocks, token_blocks
 from .io import write_json
-from .models import add_exits, load_exits, load_model
+from .models import add_exits, load_exits, load_model, save_classifier
 from .models.loading import DEFAULT_MODEL
 from .nn import EXIT_KINDS
 from .train import TuneConfig, ee_tune, evaluate_exits
@@ -118,6 +118,20 @@ def cmd_demo(args) -> None:
     _say(f"demo done in {time.perf_counter() - t_start:.0f} s")
 
 
+def cmd_train_classifier(args) -> None:
+    from .train.exit_classifier import fit_exit_classifier
+
+    model, train, held_out = _load(args)
+    ee = load_exits(model, args.exits)
+    train = train[: args.blocks]
+    _say(f"fitting the exit classifier on {train.numel():,} tokens per exit")
+    _, rows = fit_exit_classifier(ee, train, held_out, args.steps, batch_size=args.batch_size)
+    print(format_table(rows), flush=True)
+    save_classifier(ee, args.exits)
+    write_json(Path(args.exits) / "classifier_eval.json", rows)
+    _say(f"wrote {Path(args.exits) / 'classifier.safetensors'}; use it with --measure classifier")
+
+
 def cmd_distill_data(args) -> None:
     from .tasks.chat import write_self_distilled
 
@@ -198,6 +212,19 @@ def add_commands(sub) -> None:
     dd.add_argument("--batch-size", type=int, default=8)
     dd.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     dd.set_defaults(func=cmd_distill_data)
+
+    tc = sub.add_parser(
+        "train-classifier", help="fit the exit classifier (threshold mode's --measure classifier)"
+    )
+    tc.add_argument("--model", default=DEFAULT_MODEL)
+    tc.add_argument("--exits", required=True, help="directory with exits.json")
+    tc.add_argument("--data", default=DEFAULT_CORPUS)
+    tc.add_argument("--seq-len", type=int, default=128)
+    tc.add_argument("--eval-blocks", type=int, default=16)
+    tc.add_argument("--blocks", type=int, default=128, help="training blocks (labels cost a pass)")
+    tc.add_argument("--steps", type=int, default=300)
+    tc.add_argument("--batch-size", type=int, default=4)
+    tc.set_defaults(func=cmd_train_classifier)
 
     ev = sub.add_parser("eval-exits", help="per-exit perplexity, agreement and confidence")
     ev.add_argument("--model", default=DEFAULT_MODEL)

@@ -161,12 +161,12 @@ def generate(
     ``speculative`` drafts with ``exit_layer`` (default: the deepest exit), ``draft_k``
     tokens per round (adaptive unless ``adaptive=False``) and is lossless: greedy output is
     the full model's, token for token. ``threshold`` is lossy: it leaves at the first exit in
-    ``exits`` (default all, at or above ``min_exit``) whose ``measure`` (max_prob, margin or
-    entropy, scaled to [0, 1]) reaches ``threshold``; it is greedy only, and ``kv`` says how
-    the blocks a token skipped get its KV (``recompute``, exact, or ``propagate``). A sequence
-    ends at EOS (unless ``stop_at_eos=False``) or once its text holds one of the ``stop``
-    strings; its text is cut before the stop string (its tokens keep the one that completed
-    it).
+    ``exits`` (default all, at or above ``min_exit``) whose ``measure`` (max_prob, margin,
+    entropy scaled to [0, 1], or the fitted exit classifier) reaches ``threshold``; it is
+    greedy only, and ``kv`` says how the blocks a token skipped get its KV (``recompute``,
+    exact, or ``propagate``). A sequence ends at EOS (unless ``stop_at_eos=False``) or once
+    its text holds one of the ``stop`` strings; its text is cut before the stop string (its
+    tokens keep the one that completed it).
     """
     if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
         raise ValueError(
@@ -179,6 +179,11 @@ def generate(
         raise ValueError(f"eefast.generate: max_new_tokens must be > 0, got {max_new_tokens}")
     if draft_k <= 0:
         raise ValueError(f"eefast.generate: draft_k must be > 0, got {draft_k}")
+    if mode == "threshold" and measure == "classifier" and ee.classifier is None:
+        raise ValueError(
+            "eefast.generate: measure='classifier' needs a fitted exit classifier "
+            "(eefast train-classifier, then load_exits picks it up)"
+        )
     if kv not in KV_MODES:
         raise ValueError(f"eefast.generate: unknown kv mode {kv!r}; choose from {KV_MODES}")
     if measure not in CONFIDENCE_MEASURES:

@@ -18,7 +18,7 @@ from ..ops import exit_stats
 from .sampling import Sampling
 from .state import DecodeState, LlamaRunner
 
-CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy", "classifier")
 KV_MODES = ("recompute", "propagate")
 
 
@@ -290,11 +290,9 @@ def decode_threshold(
             layer = target
             if target == L:
                 break
-            w, b = runner.ee.head(target)
-            st = exit_stats(runner.exit_hidden(target, h[:, -1]), w, b)
-            conf = confidence(st, measure, w.shape[0])
-            newly = (decided < 0) & (conf >= threshold)
-            decided = torch.where(newly, st.argmax, decided)
+            newly, argmax = _exit_decision(runner, target, h[:, -1], measure, threshold)
+            newly &= decided < 0
+            decided = torch.where(newly, argmax, decided)
             exit_at = torch.where(newly, torch.full_like(exit_at, target), exit_at)
             if bool((decided >= 0).all()):
                 if kv == "propagate":
@@ -308,6 +306,20 @@ def decode_threshold(
         else:
             tok = decided
         exit_at = exit_at.tolist()
+
+
+def _exit_decision(runner, layer, h, measure, threshold):
+    """(rows confident at this exit, the exit's argmax per row) for h [B, d]. The classifier
+    decides before the LM head, and a batch that is not confident skips the head."""
+    feat = runner.exit_hidden(layer, h)
+    w, b = runner.ee.head(layer)
+    if measure == "classifier":
+        ready = runner.ee.classifier(layer, feat) >= threshold
+        if not bool(ready.any()):
+            return ready, torch.zeros_like(ready, dtype=torch.long)
+        return ready, exit_stats(feat, w, b).argmax
+    st = exit_stats(feat, w, b)
+    return confidence(st, measure, w.shape[0]) >= threshold, st.argmax
 
 
 def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:

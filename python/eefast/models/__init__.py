@@ -1,7 +1,7 @@
 """Model surgery on Hugging Face causal LMs: per-architecture maps and early exits."""
 
 from .arch import ARCHS, decoder_parts
-from .exits import EarlyExitModel, add_exits, load_exits, save_exits
+from .exits import EarlyExitModel, add_exits, load_exits, save_classifier, save_exits
 from .loading import load_model
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "decoder_parts",
     "load_exits",
     "load_model",
+    "save_classifier",
     "save_exits",
 ]

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from ..io import write_json, write_safetensors
+from ..nn.exit_classifier import ExitClassifier
 from ..nn.exit_head import EXIT_KINDS, ExitHead, ResidualMLP, block_output
 from .arch import DecoderParts, decoder_parts
 
@@ -51,6 +53,7 @@ class EarlyExitModel(nn.Module):
         self.model = model
         self.parts = parts
         self.exits = nn.ModuleDict({str(layer): exits[layer] for layer in sorted(exits)})
+        self.classifier: ExitClassifier | None = None  # eefast train-classifier fits one
 
     @property
     def exit_layers(self) -> list[int]:
@@ -230,6 +233,7 @@ def add_exits(
 
 
 EXITS_FORMAT = "eefast-exits/1"
+CLASSIFIER_FILE = "classifier.safetensors"
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -258,10 +262,30 @@ def exits_config(ee: EarlyExitModel) -> dict:
 
 
 def save_exits(ee: EarlyExitModel, directory) -> None:
-    """Write only the exits (``exits.safetensors`` + ``exits.json``), atomically."""
+    """Write only the exits (``exits.safetensors`` + ``exits.json``), atomically. An exit
+    classifier fitted to earlier exits there is removed: it no longer describes them."""
     directory = Path(directory)
     write_safetensors(directory / "exits.safetensors", ee.exits.state_dict())
     write_json(directory / "exits.json", exits_config(ee))
+    (directory / CLASSIFIER_FILE).unlink(missing_ok=True)
+
+
+def save_classifier(ee: EarlyExitModel, directory) -> None:
+    """Write ``ee.classifier`` beside the exits (``classifier.safetensors``), atomically."""
+    if ee.classifier is None:
+        raise ValueError("save_classifier: this model has no exit classifier")
+    meta = {"layers": json.dumps(ee.classifier.layers)}
+    write_safetensors(Path(directory) / CLASSIFIER_FILE, ee.classifier.state_dict(), meta)
+
+
+def _load_classifier(ee: EarlyExitModel, path: Path) -> None:
+    with safe_open(path, "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+    if layers != ee.exit_layers:
+        raise ValueError(f"{path} is for exits {layers}, these are at {ee.exit_layers}")
+    clf = ExitClassifier(layers, ee.parts.final_norm.weight.shape[0])
+    clf.load_state_dict(load_file(path), strict=True)
+    ee.classifier = clf.to(ee.model.device).requires_grad_(False)
 
 
 def check_fingerprint(saved: dict, model: nn.Module, what: str) -> None:
@@ -282,7 +306,8 @@ def check_fingerprint(saved: dict, model: nn.Module, what: str) -> None:
 
 
 def load_exits(model: nn.Module, directory) -> EarlyExitModel:
-    """Attach exits saved by `save_exits` to an unchanged base model."""
+    """Attach exits saved by `save_exits` to an unchanged base model (and their exit
+    classifier, when one was saved beside them)."""
     directory = Path(directory)
     cfg_path = directory / "exits.json"
     if not cfg_path.exists():
@@ -294,4 +319,6 @@ def load_exits(model: nn.Module, directory) -> EarlyExitModel:
     ee = add_exits(model, cfg["layers"], cfg["kind"], share_lm_head=cfg["share_lm_head"])
     state = load_file(directory / "exits.safetensors", device=str(model.device))
     ee.exits.load_state_dict(state, strict=True)
+    if (directory / CLASSIFIER_FILE).exists():
+        _load_classifier(ee, directory / CLASSIFIER_FILE)
     return ee

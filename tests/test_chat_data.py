@@ -1,0 +1,52 @@
+"""Self-distilled chat data: prompts are distinct and disjoint from the benchmark's, and an
+interrupted write resumes to the same file as an uninterrupted one."""
+
+import json
+
+import pytest
+
+import eefast.tasks.chat as chat
+from eefast.cli_generate import PROMPTS
+
+
+class TemplateTokenizer:
+    def apply_chat_template(self, convo, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in convo)
+
+
+def fake_replies(model, tokenizer, prompts, max_new_tokens):
+    return [p.upper()[:max_new_tokens] for p in prompts]
+
+
+def test_prompts_are_distinct_seeded_and_not_the_benchmarks():
+    prompts = chat.chat_prompts(300)
+    assert len(set(prompts)) == 300 and chat.chat_prompts(300) == prompts
+    assert not set(prompts) & set(PROMPTS)
+    with pytest.raises(ValueError, match="n must be in"):
+        chat.chat_prompts(0)
+
+
+def test_interrupted_write_resumes_to_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "greedy_replies", fake_replies)
+    whole = tmp_path / "whole.jsonl"
+    chat.write_self_distilled(None, TemplateTokenizer(), whole, 7, 40, batch_size=3)
+
+    calls = []
+
+    def dies_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fake_replies(*args)
+
+    monkeypatch.setattr(chat, "greedy_replies", dies_on_second_batch)
+    part = tmp_path / "part.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        chat.write_self_distilled(None, TemplateTokenizer(), part, 7, 40, batch_size=3)
+    with part.open("a") as f:
+        f.write('{"prompt": "torn')  # a crash mid-line
+    monkeypatch.setattr(chat, "greedy_replies", fake_replies)
+    rows = chat.write_self_distilled(None, TemplateTokenizer(), part, 7, 40, batch_size=3)
+    assert rows == 7 and part.read_text() == whole.read_text()
+    first = json.loads(whole.read_text().splitlines()[0])
+    assert first["text"].startswith(f"<user>{first['prompt']}</user><assistant>")
