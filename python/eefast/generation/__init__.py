@@ -215,16 +215,17 @@ def generate(
     state = DecodeState(runner.num_layers, len(ids), device)
 
     t0 = time.perf_counter()
-    logits = prefill(runner, state, tokens, valid)
-    if mode == "full":
-        stats = decode_full(runner, state, logits, out, sampling, gen)
-    elif mode == "speculative":
-        draft = DraftLength(draft_k, adaptive)
-        stats = decode_speculative(
-            runner, state, logits, out, sampling, gen, exit_layer, draft, draft_stop
-        )
-    else:
-        stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)
+    with runner.decode_linears():
+        logits = prefill(runner, state, tokens, valid)
+        if mode == "full":
+            stats = decode_full(runner, state, logits, out, sampling, gen)
+        elif mode == "speculative":
+            draft = DraftLength(draft_k, adaptive)
+            stats = decode_speculative(
+                runner, state, logits, out, sampling, gen, exit_layer, draft, draft_stop
+            )
+        else:
+            stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)
     seconds = time.perf_counter() - t0
     texts = [
         _cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) if tokenizer else ""

@@ -11,10 +11,13 @@ decoding reuse the lower layers' KV.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from ..models.exits import EarlyExitModel
+from ..ops import decode_linear
 
 GENERATION_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -115,6 +118,25 @@ class LlamaRunner:
         self.num_layers = len(self.layers)
         self.dtype = next(ee.model.parameters()).dtype
 
+    @contextmanager
+    def decode_linears(self):
+        """While decoding, the blocks' and exits' plain nn.Linear layers run through ``decode_linear``
+        (a verify step or a small batch is a few rows; MKL is slow there). A module with its
+        own instance-level forward (a hook library's) is left alone; all are restored after."""
+        patched = [
+            m
+            for part in (self.layers, self.ee.exits)
+            for m in part.modules()
+            if type(m) is nn.Linear and "forward" not in m.__dict__
+        ]
+        for m in patched:
+            m.forward = _decode_forward(m)
+        try:
+            yield
+        finally:
+            for m in patched:
+                del m.forward
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(ids)
 
@@ -170,11 +192,19 @@ class LlamaRunner:
             state.cache.update(k * cos + k_rot * sin, v, i)
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.ee.parts.lm_head(self.ee.parts.final_norm(h)).float()
+        head = self.ee.parts.lm_head
+        return decode_linear(self.ee.parts.final_norm(h), head.weight, head.bias).float()
 
     def exit_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.ee.exit(layer)(h)
 
     def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         weight, bias = self.ee.head(layer)
-        return nn.functional.linear(self.exit_hidden(layer, h), weight, bias).float()
+        return decode_linear(self.exit_hidden(layer, h), weight, bias).float()
+
+
+def _decode_forward(linear: nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, linear.weight, linear.bias)
+
+    return forward
