@@ -120,9 +120,10 @@ class LlamaRunner:
 
     @contextmanager
     def decode_linears(self):
-        """While decoding, the blocks' and exits' plain nn.Linear layers run through ``decode_linear``
-        (a verify step or a small batch is a few rows; MKL is slow there). A module with its
-        own instance-level forward (a hook library's) is left alone; all are restored after."""
+        """While decoding, the blocks' and exits' plain nn.Linear layers run through
+        ``decode_linear`` (a verify step or a small batch is a few rows; MKL is slow there). A
+        module with its own instance-level forward (a hook library's) is left alone; all are
+        restored after."""
         patched = [
             m
             for part in (self.layers, self.ee.exits)
