@@ -11,6 +11,7 @@ import torch
 from . import (
     bench_adapters,
     bench_bottleneck_adapter,
+    bench_decode_linear,
     bench_ee_tune,
     bench_exit_stats,
     bench_linear_cross_entropy,
@@ -36,11 +37,18 @@ def main(argv: list[str] | None = None) -> None:
     ops = sub.add_parser(
         "ops",
         help="op microbenchmarks: lora_linear, bottleneck_adapter, exit_stats, "
-        "linear_cross_entropy",
+        "linear_cross_entropy, decode_linear",
     )
     ops.add_argument(
         "--op",
-        choices=["all", "lora_linear", "bottleneck_adapter", "exit_stats", "linear_cross_entropy"],
+        choices=[
+            "all",
+            "lora_linear",
+            "bottleneck_adapter",
+            "exit_stats",
+            "linear_cross_entropy",
+            "decode_linear",
+        ],
         default="all",
     )
     ops.add_argument("--full", action="store_true", help="the whole shape grid (slow)")
@@ -162,6 +170,15 @@ def _ops(args: argparse.Namespace) -> list:
             exits=lce["exits"],
             dtypes=dtypes if args.dtypes else [torch.float32],
             providers=_providers(args, bench_linear_cross_entropy),
+            budget_s=args.budget,
+        )
+    if args.op in ("all", "decode_linear"):
+        dl = bench_decode_linear.QUICK
+        rows += bench_decode_linear.run(
+            rows=args.tokens or dl["rows"],
+            shapes=dl["shapes"],
+            dtypes=dtypes,
+            providers=_providers(args, bench_decode_linear),
             budget_s=args.budget,
         )
     return rows

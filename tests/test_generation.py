@@ -44,6 +44,8 @@ def test_full_depth_matches_hf_generate(llama_ee):
         want = llama_ee.model.generate(ids, max_new_tokens=NEW, do_sample=False)
         want = want[0, len(prompt) :].tolist()
         assert full_greedy(llama_ee, [prompt])[0] == want
+    # decode_linears routed the linears through decode_linear only while generating
+    assert not any("forward" in m.__dict__ for m in llama_ee.modules())
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2])
