@@ -4,7 +4,7 @@ and lets a "not yet" skip the exit's LM head."""
 import pytest
 import torch
 
-import eefast.generation.decode as decode
+import eefast.generation.state as state
 from eefast.generation import generate
 from eefast.models import add_exits, load_exits, save_classifier, save_exits
 from eefast.nn.exit_classifier import ExitClassifier
@@ -74,10 +74,11 @@ def test_not_yet_skips_the_exit_head(ee, monkeypatch):
     prompts = token_batch(2, 7, seed=4).tolist()
     full = generate(ee, None, prompts, "full", NEW)
     calls = []
-    monkeypatch.setattr(decode, "exit_stats", lambda *a: calls.append(1))
+    monkeypatch.setattr(state, "exit_stats", lambda *a: calls.append(1))
     ee.classifier = constant_classifier(ee, -20.0)  # never confident
     got = generate(ee, None, prompts, "threshold", NEW, measure="classifier", threshold=0.5)
     assert got.tokens == full.tokens and not calls
+    assert got.stats.head_calls == full.stats.head_calls  # the final head only
 
 
 def test_classifier_measure_needs_a_classifier(ee):

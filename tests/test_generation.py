@@ -87,6 +87,20 @@ def test_speculative_exact_on_other_llama_family(arch):
     assert got.tokens == full_greedy(ee, prompts)
 
 
+def test_weight_passes_are_counted(llama_ee):
+    """Block and head passes per token are what bench-generate reports as decode cost."""
+    prompt = ragged_prompts()[:1]
+    full = generate(llama_ee, None, prompt, "full", NEW)
+    assert (full.stats.block_calls, full.stats.head_calls) == (4 * (NEW - 1), NEW - 1)
+    k, E = 3, 2
+    spec = generate(
+        llama_ee, None, prompt, "speculative", NEW, exit_layer=E, draft_k=k, adaptive=False
+    )
+    rounds = spec.stats.rounds
+    assert spec.stats.block_calls == rounds * ((k + 1) * E + (4 - E))
+    assert spec.stats.head_calls == rounds * (k + 1)
+
+
 def test_speculative_accepts_everything_when_the_exit_is_the_model():
     """A model whose upper blocks are zeroed (identity) has exit == final: every draft is
     accepted, so rounds emit k + 1 tokens."""

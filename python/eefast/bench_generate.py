@@ -84,6 +84,8 @@ def run_bench(ee, tokenizer, args) -> None:
             if stats is not None:
                 layers = [la for seq in stats["layers"] for la in seq]
                 row["mean_layers"] = sum(layers) / max(1, len(layers))
+                row["blocks_per_token"] = stats["block_calls"] / max(1, n)
+                row["heads_per_token"] = stats["head_calls"] / max(1, n)
                 row["exit_layers"] = {str(k): v for k, v in sorted(stats["hist"].items())}
                 if mode == "speculative":
                     row["acceptance"] = stats["accepted"] / max(1, stats["drafted"])
@@ -100,13 +102,23 @@ def run_bench(ee, tokenizer, args) -> None:
 
 
 def _merge(acc, res):
-    acc = acc or {"layers": [], "hist": {}, "accepted": 0, "drafted": 0, "rounds": 0}
+    acc = acc or {
+        "layers": [],
+        "hist": {},
+        "accepted": 0,
+        "drafted": 0,
+        "rounds": 0,
+        "block_calls": 0,
+        "head_calls": 0,
+    }
     acc["layers"] += res.layers
     for k, v in res.stats.exit_layers.items():
         acc["hist"][k] = acc["hist"].get(k, 0) + v
     acc["accepted"] += res.stats.accepted
     acc["drafted"] += res.stats.drafted
     acc["rounds"] += res.stats.rounds
+    acc["block_calls"] += res.stats.block_calls
+    acc["head_calls"] += res.stats.head_calls
     return acc
 
 
@@ -116,7 +128,8 @@ def _format(row, rows) -> str:
         f"batch {row['batch']} {row['provider']:<34} {row['tokens_per_s']:6.1f} tok/s "
         f"({row['tokens_per_s'] / base['tokens_per_s']:.2f}x HF greedy)"
     )
-    for key in ("acceptance", "tokens_per_round", "agreement", "mean_layers"):
+    keys = ("acceptance", "tokens_per_round", "agreement", "mean_layers", "blocks_per_token")
+    for key in keys + ("heads_per_token",):
         if key in row:
             text += f" {key} {row[key]:.2f}"
     if "exit_layers" in row:

@@ -217,6 +217,7 @@ def generate(
     t0 = time.perf_counter()
     with runner.decode_linears():
         logits = prefill(runner, state, tokens, valid)
+        runner.block_calls = runner.head_calls = 0
         if mode == "full":
             stats = decode_full(runner, state, logits, out, sampling, gen)
         elif mode == "speculative":
@@ -227,6 +228,7 @@ def generate(
         else:
             stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)
     seconds = time.perf_counter() - t0
+    stats.block_calls, stats.head_calls = runner.block_calls, runner.head_calls
     texts = [
         _cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) if tokenizer else ""
         for t in out.tokens

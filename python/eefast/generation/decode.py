@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops import exit_stats
 from .sampling import Sampling
 from .state import DecodeState, LlamaRunner
 
@@ -31,6 +30,8 @@ class DecodeStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     exit_layers: Counter = field(default_factory=Counter)  # layer a token was decided at
+    block_calls: int = 0  # block weight passes after the prefill (one per block per call)
+    head_calls: int = 0  # LM-head weight passes after the prefill (exit or final)
 
     @property
     def acceptance(self) -> float:
@@ -173,8 +174,7 @@ def decode_speculative(
             if len(drafts) == limit:
                 break
             if sampling.greedy:
-                w, b = runner.ee.head(E)
-                st = exit_stats(runner.exit_hidden(E, h[:, -1]), w, b)
+                st = runner.exit_head_stats(E, runner.exit_hidden(E, h[:, -1]))
                 tok = st.argmax
                 if draft_stop and bool((st.max_prob < draft_stop).all()):
                     limit = len(drafts) + 1  # this draft is the round's last
@@ -312,14 +312,14 @@ def _exit_decision(runner, layer, h, measure, threshold):
     """(rows confident at this exit, the exit's argmax per row) for h [B, d]. The classifier
     decides before the LM head, and a batch that is not confident skips the head."""
     feat = runner.exit_hidden(layer, h)
-    w, b = runner.ee.head(layer)
     if measure == "classifier":
         ready = runner.ee.classifier(layer, feat) >= threshold
         if not bool(ready.any()):
             return ready, torch.zeros_like(ready, dtype=torch.long)
-        return ready, exit_stats(feat, w, b).argmax
-    st = exit_stats(feat, w, b)
-    return confidence(st, measure, w.shape[0]) >= threshold, st.argmax
+        return ready, runner.exit_head_stats(layer, feat).argmax
+    st = runner.exit_head_stats(layer, feat)
+    vocab = runner.ee.head(layer)[0].shape[0]
+    return confidence(st, measure, vocab) >= threshold, st.argmax
 
 
 def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:

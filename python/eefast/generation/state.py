@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..models.exits import EarlyExitModel
-from ..ops import decode_linear
+from ..ops import decode_linear, exit_stats
 
 GENERATION_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -117,6 +117,10 @@ class LlamaRunner:
         self.layers: nn.ModuleList = ee.parts.layers
         self.num_layers = len(self.layers)
         self.dtype = next(ee.model.parameters()).dtype
+        # Weight passes, the cost that bounds decoding here: one per block per call (however
+        # many tokens it carries) and one per LM-head evaluation (exit or final).
+        self.block_calls = 0
+        self.head_calls = 0
 
     @contextmanager
     def decode_linears(self):
@@ -156,6 +160,7 @@ class LlamaRunner:
         of those layers (layers in the range must hold the same number of slots)."""
         if start >= end:
             return h
+        self.block_calls += end - start
         first, q = state.cache.lengths[start], h.shape[1]
         pos = state.pos[:, first : first + q]
         mask = self._mask(state, first, q)
@@ -194,6 +199,7 @@ class LlamaRunner:
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.ee.parts.lm_head
+        self.head_calls += 1
         return decode_linear(self.ee.parts.final_norm(h), head.weight, head.bias).float()
 
     def exit_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -201,7 +207,13 @@ class LlamaRunner:
 
     def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         weight, bias = self.ee.head(layer)
+        self.head_calls += 1
         return decode_linear(self.exit_hidden(layer, h), weight, bias).float()
+
+    def exit_head_stats(self, layer: int, feat: torch.Tensor):
+        """exit_stats of exit ``layer``'s head on its pre-head hidden state ``feat``."""
+        self.head_calls += 1
+        return exit_stats(feat, *self.ee.head(layer))
 
 
 def _decode_forward(linear: nn.Linear):
