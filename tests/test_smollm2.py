@@ -191,3 +191,34 @@ def test_lora_on_smollm2_matches_peft(smollm2, tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
+    """distill-data -> tune on it -> train-classifier -> calibrate -> bench-generate, on a tiny
+    random llama with SmolLM2's tokenizer (chat template included)."""
+    model_dir, out = tmp_path / "model", tmp_path / "exits"
+    _tiny_llama_with_smollm2_tokenizer(smollm2[1], model_dir, layers=4)
+    model = ["--model", str(model_dir)]
+    chat = tmp_path / "chat.jsonl"
+    main(["distill-data", *model, "--out", str(chat), "--prompts", "6", "--max-new-tokens", "24"])
+    assert len(chat.read_text().splitlines()) == 6
+    data = [*model, "--data", str(chat), "--seq-len", "16", "--eval-blocks", "2"]
+    main(["tune", *data, "--exits", "1,2", "--steps", "2", "--batch-size", "2", "--out", str(out)])
+    main(["train-classifier", *data, "--exits", str(out), "--steps", "5", "--batch-size", "2"])
+    assert (out / "classifier.safetensors").exists()
+    short = [*model, "--exits", str(out), "--max-new-tokens", "6"]
+    main(["calibrate", *short, "--prompts", "2", "--thresholds", "0.5,1.1", "--target", "0.9"])
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["threshold"] is not None  # 1.1 never exits: agreement 1.0
+    bench = tmp_path / "bench"
+    main(
+        ["bench-generate", *short, "--prompts", "2", "--batch-sizes", "1,2", "--out", str(bench)]
+        + ["--thresholds", "0.5", "--variant-thresholds", "0.5"]
+    )
+    rows = json.loads(next(bench.glob("generate-*.json")).read_text())
+    names = {r["provider"] for r in rows}
+    assert {"hf greedy", "eefast full", "eefast speculative E=2"} <= names
+    assert "eefast threshold 0.5 classifier (lossy)" in names
+    assert "eefast threshold 0.5 kv=propagate (lossy)" in names
+    assert all(r["same_as_hf_greedy"] for r in rows if "speculative" in r["provider"])
+    assert next(bench.glob("generate-*.png")).stat().st_size > 0

@@ -58,6 +58,21 @@ def run_bench(ee, tokenizer, args) -> None:
             (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t})
             for t in args.thresholds
         ]
+        # Variants of threshold mode at the same thresholds: CALM's KV copy-up, the classifier.
+        cases += [
+            (f"eefast threshold {t} kv={kv} (lossy)", "threshold", {"threshold": t, "kv": kv})
+            for kv in args.kv_variants
+            for t in args.variant_thresholds
+        ]
+        if ee.classifier is not None:
+            cases += [
+                (
+                    f"eefast threshold {t} classifier (lossy)",
+                    "threshold",
+                    {"threshold": t, "measure": "classifier"},
+                )
+                for t in args.variant_thresholds
+            ]
         reference = None
         for name, mode, kw in cases:
             toks, seconds, stats = [], 0.0, None

@@ -204,6 +204,18 @@ def add_commands(sub) -> None:
     b.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4])
     b.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
     b.add_argument("--thresholds", type=_float_list, default=[0.5, 0.8, 0.9, 0.99])
+    b.add_argument(
+        "--variant-thresholds",
+        type=_float_list,
+        default=[0.8, 0.9],
+        help="thresholds for the kv=propagate and classifier variants (when present)",
+    )
+    b.add_argument(
+        "--kv-variants",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["propagate"],
+        help="extra threshold-mode KV modes to time ('' for none)",
+    )
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--out", default="benchmarks/results")
     b.set_defaults(func=cmd_bench_generate)
