@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eefast.data import load_documents, split_blocks
-from eefast.models import add_exits
+from eefast.models import add_exits, load_exits
 from eefast.train import TuneConfig, ee_tune, evaluate_exits
 from tiny_models import VOCAB, tiny_model
 
@@ -86,6 +86,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     handle.remove()
     latest = json.loads((tmp_path / "resumed" / "checkpoint" / "latest.json").read_text())
     assert latest["step"] == 4  # Ctrl-C saved the work done so far
+    so_far = load_exits(tiny_model("llama"), tmp_path / "resumed")  # usable as they are
+    for k, v in interrupted.exits.state_dict().items():
+        assert torch.equal(v, so_far.exits.state_dict()[k]), k
 
     resumed = add_exits(tiny_model("llama"), [1, 3], kind="mlp")
     metrics = ee_tune(resumed, data[:20], data[20:], config(), tmp_path / "resumed", progress=False)

@@ -273,6 +273,8 @@ def ee_tune(
                 checkpoint(step)
     except KeyboardInterrupt:
         checkpoint(step)  # no lost work: resume picks up here
+        if out:
+            save_exits(ee, out)  # and the exits so far are usable as they are
         raise
     finally:
         bar.close()
