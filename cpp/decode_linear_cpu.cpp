@@ -20,7 +20,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kMaxRows = 32;    // above this, sgemm wins
+constexpr int64_t kMaxRows = 8;  // above this, sgemm wins (crossover between 5 and 16 rows)
 constexpr int64_t kOutBlock = 64;   // output features per parallel task
 
 Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {

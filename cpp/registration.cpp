@@ -41,7 +41,7 @@ TORCH_LIBRARY(eefast, m) {
       "Tensor grad_down_weight, Tensor grad_down_bias, Tensor grad_up_weight, "
       "Tensor grad_up_bias, Tensor grad_scale)");
   // y = x W^T + b, for decode: few rows (a decode batch or a speculative verify step) read W
-  // once on CPU, and each output's sum does not depend on the number of rows.
+  // once on CPU (up to 8), and each output's sum does not depend on the number of rows.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // Softmax statistics of (hidden W^T + b) / temperature per row, without [N, vocab] logits:
   // logsumexp, max prob, argmax, entropy and top-1 minus top-2 prob (fp32; argmax int64).

@@ -337,7 +337,7 @@ def decode_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.linear`` for decode steps: ``x [..., in]`` with few rows, ``weight [out, in]``
-    (fp32 or bf16, same dtype as x). On CPU up to 32 rows stream W once (MKL's sgemm is several
+    (fp32 or bf16, same dtype as x). On CPU up to 8 rows stream W once (MKL's sgemm is several
     times slower than its one-row GEMV at 2-16 rows), and each output is summed in an order
     that does not depend on the number of rows. Otherwise (and on CUDA) it is ``F.linear``.
     Differentiable.

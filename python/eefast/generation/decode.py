@@ -130,7 +130,7 @@ class DraftLength:
 
     k: int
     adaptive: bool = True
-    k_max: int = 16
+    k_max: int = 7  # a verify step of k + 1 <= 8 rows stays on decode_linear's fast path
 
     def update(self, all_accepted: bool) -> None:
         if self.adaptive:
