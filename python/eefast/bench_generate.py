@@ -8,27 +8,18 @@ from pathlib import Path
 import torch
 
 from .cli_generate import PROMPTS, _say, agreement
-from .generation import generate, left_pad, prompt_ids
+from .generation import generate, hf_greedy, prompt_ids
 from .io import write_json
 
 
 def _hf_generate(model, tokenizer, batch_ids, max_new, **kw) -> tuple[list[list[int]], float]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, valid = left_pad(batch_ids, pad)
-    width = ids.shape[1]
     t0 = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=valid.long(),
-        max_new_tokens=max_new,
-        do_sample=False,
-        pad_token_id=pad,
-        **kw,
-    )
+    new = hf_greedy(model, batch_ids, pad, max_new, **kw)
     seconds = time.perf_counter() - t0
     eos = tokenizer.eos_token_id
     toks = []
-    for row in out[:, width:].tolist():
+    for row in new.tolist():
         toks.append(row[: row.index(eos) + 1] if eos in row else row)
     return toks, seconds
 

@@ -37,6 +37,7 @@ __all__ = [
     "Sampling",
     "chat_prompt_ids",
     "generate",
+    "hf_greedy",
     "left_pad",
     "prompt_ids",
 ]
@@ -98,6 +99,22 @@ def left_pad(ids: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor,
         tokens[row, width - len(x) :] = torch.tensor(x, device=device)
         valid[row, width - len(x) :] = True
     return tokens, valid
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[list[int]], pad: int, max_new_tokens: int, **kwargs):
+    """HF ``generate`` greedy on token-id lists, left-padded with ``pad``: the new tokens
+    ``[B, new]`` (rows that ended early are padded). ``kwargs`` go to ``generate``."""
+    tokens, valid = left_pad(ids, pad)
+    out = model.generate(
+        input_ids=tokens,
+        attention_mask=valid.long(),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        **kwargs,
+    )
+    return out[:, tokens.shape[1] :]
 
 
 def _stop_checker(tokenizer, stop: list[str] | None):

@@ -14,7 +14,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 _REQUESTS = [
@@ -68,23 +67,14 @@ def _rows_done(path: Path) -> int:
     return data.count(b"\n")
 
 
-@torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """HF ``generate`` greedy on a left-padded batch of chat prompts; the reply texts."""
-    from ..generation import chat_prompt_ids, left_pad
+    from ..generation import chat_prompt_ids, hf_greedy
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, valid = left_pad([chat_prompt_ids(tokenizer, p) for p in prompts], pad)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=valid.long(),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-    )
-    return [
-        tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]
-    ]
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    new = hf_greedy(model, ids, pad, max_new_tokens)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
 def write_self_distilled(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generation import left_pad
+from ..generation import hf_greedy
 from ..tasks.arith import last_number
 from .finetune import format_prompt
 
@@ -35,17 +35,8 @@ def answer_accuracy(
         prompts = [
             format_prompt(tokenizer, r["instruction"], r.get("input", ""), chat) for r in chunk
         ]
-        ids, valid = left_pad(prompts, pad)
-        width = ids.shape[1]
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=valid.long(),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for row, reply_ids in zip(chunk, out[:, width:], strict=True):
+        new = hf_greedy(model, prompts, pad, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        for row, reply_ids in zip(chunk, new, strict=True):
             reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
             gold = row.get("answer", last_number(row.get("output", "")))
             got = last_number(reply)
