@@ -50,3 +50,20 @@ def test_interrupted_write_resumes_to_the_same_file(tmp_path, monkeypatch):
     assert rows == 7 and part.read_text() == whole.read_text()
     first = json.loads(whole.read_text().splitlines()[0])
     assert first["text"].startswith(f"<user>{first['prompt']}</user><assistant>")
+
+
+def test_resume_refuses_a_file_written_for_other_prompts(tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "greedy_replies", fake_replies)
+    path = tmp_path / "chat.jsonl"
+    chat.write_self_distilled(None, TemplateTokenizer(), path, 4, 40, batch_size=2)
+    rows = path.read_text().splitlines()
+    other = json.loads(rows[1]) | {"prompt": "a prompt from another prompt list"}
+    path.write_text("\n".join([rows[0], json.dumps(other), *rows[2:]]) + "\n")
+    with pytest.raises(ValueError, match="row 1 answers"):
+        chat.write_self_distilled(None, TemplateTokenizer(), path, 6, 40, batch_size=2)
+
+
+def test_prompts_cover_code_and_how_to_requests():
+    prompts = chat.chat_prompts(400)
+    assert any("Python" in p or "JavaScript" in p for p in prompts)
+    assert any(p.startswith("How do I make") for p in prompts)

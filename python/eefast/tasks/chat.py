@@ -16,7 +16,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-_REQUESTS = [
+# Families of (request templates, topics): explanations and writing about general topics,
+# programming how-tos and concepts, and practical how-tos, so the exits see the kinds of
+# replies a chat model gives (prose, lists, code, steps).
+_GENERAL_REQUESTS = [
     "Explain {t} in simple terms.",
     "Give me three interesting facts about {t}.",
     "Write a short paragraph about {t}.",
@@ -30,7 +33,7 @@ _REQUESTS = [
     "What questions should I ask to learn more about {t}?",
     "Summarise the history of {t} in a few sentences.",
 ]
-_TOPICS = [
+_GENERAL_TOPICS = [
     "black holes", "the water cycle", "machine learning", "the Roman Empire", "volcanoes",
     "recursion in programming", "healthy sleep habits", "climate change", "the stock market",
     "honey bees", "the internet", "electric cars", "the human heart", "chess openings",
@@ -44,16 +47,62 @@ _TOPICS = [
     "running a marathon", "the periodic table", "origami", "Linux", "democracy",
     "the Renaissance", "penguins", "nuclear power", "writing a resume", "the human brain",
     "earthquakes", "sorting algorithms", "tea ceremonies", "mountain climbing",
+]
+_CODE_REQUESTS = [
+    "How can I {t} in Python?",
+    "Show me how to {t} in JavaScript.",
+    "Write a Java method to {t}.",
+    "What is the simplest way to {t} in C?",
+    "Write a Python function to {t} and explain how it works.",
+]
+_CODE_TOPICS = [
+    "sort a list of numbers", "read a text file line by line", "remove duplicates from a list",
+    "merge two dictionaries", "parse a JSON string", "count the words in a sentence",
+    "check whether a number is prime", "find the largest element of an array",
+    "compute the factorial of a number", "check whether a word is a palindrome",
+    "convert a string to uppercase", "sum the digits of an integer", "flatten a nested list",
+    "find the average of a list", "generate the Fibonacci sequence", "swap two variables",
+    "count how often each character appears", "check if two strings are anagrams",
+    "find the second smallest number in a list", "split a sentence into words",
+]
+_CONCEPT_REQUESTS = [
+    "What is {t} in programming? Show a short example.",
+    "When should I use {t}? Give an example.",
+    "Describe {t} to someone who is new to coding.",
+]
+_CONCEPT_TOPICS = [
+    "a Python dictionary", "a lambda function", "a for loop", "a class", "an exception",
+    "a generator", "a decorator", "a REST API", "a linked list", "a binary search",
+    "a JavaScript promise", "an interface in Java", "a pointer in C", "a regular expression",
+    "a stack", "a queue", "type hints in Python", "a closure", "a tuple", "async and await",
+]
+_HOWTO_REQUESTS = [
+    "How do I make {t} at home?",
+    "What are the steps to {t}?",
+    "Give me some advice on how to {t}.",
+]
+_HOWTO_TOPICS = [
+    "a tomato soup", "banana bread", "a vegetable stir fry", "fresh lemonade", "a fruit salad",
+    "an omelette", "plan a weekly budget", "prepare for a job interview", "start running",
+    "learn a new language", "write a cover letter", "keep houseplants alive",
+    "organise a small party", "fall asleep faster", "take better notes", "clean a laptop",
+    "save money on groceries", "train a puppy", "stay calm before an exam", "pack for a trip",
+]
+_FAMILIES = [
+    (_GENERAL_REQUESTS, _GENERAL_TOPICS),
+    (_CODE_REQUESTS, _CODE_TOPICS),
+    (_CONCEPT_REQUESTS, _CONCEPT_TOPICS),
+    (_HOWTO_REQUESTS, _HOWTO_TOPICS),
 ]  # fmt: skip
 
 
 def chat_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct prompts (at most requests x topics), in a seeded order."""
-    pairs = [(r, t) for r in _REQUESTS for t in _TOPICS]
-    if not 0 < n <= len(pairs):
-        raise ValueError(f"chat_prompts: n must be in 1..{len(pairs)}, got {n}")
-    random.Random(seed).shuffle(pairs)
-    return [r.format(t=t) for r, t in pairs[:n]]
+    """``n`` distinct prompts (at most every family's requests x topics), in a seeded order."""
+    prompts = [r.format(t=t) for requests, topics in _FAMILIES for r in requests for t in topics]
+    if not 0 < n <= len(prompts):
+        raise ValueError(f"chat_prompts: n must be in 1..{len(prompts)}, got {n}")
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
 
 
 def _rows_done(path: Path) -> int:
@@ -65,6 +114,20 @@ def _rows_done(path: Path) -> int:
         data = data[: data.rfind(b"\n") + 1]
         path.write_bytes(data)
     return data.count(b"\n")
+
+
+def _check_resumable(path: Path, expected: list[str]) -> None:
+    """Refuse to append to a file whose rows answer other prompts (another eefast version's
+    prompt list or seed): the result would mix two prompt sets."""
+    if not expected:
+        return
+    with path.open() as f:
+        for i, (line, prompt) in enumerate(zip(f, expected)):
+            if json.loads(line).get("prompt") != prompt:
+                raise ValueError(
+                    f"{path}: row {i} answers {json.loads(line).get('prompt')!r}, but this "
+                    f"prompt list has {prompt!r} there; write to a new file instead"
+                )
 
 
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -88,6 +151,7 @@ def write_self_distilled(
     done = _rows_done(path)
     if done > len(prompts):
         raise ValueError(f"{path} has {done} rows, more than the {len(prompts)} asked for")
+    _check_resumable(path, prompts[:done])
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(prompts), initial=done, desc="self-distill", unit="prompt")
     with path.open("a") as f:
