@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 # Families of (request templates, topics): explanations and writing about general topics,
 # programming how-tos and concepts, and practical how-tos, so the exits see the kinds of
 # replies a chat model gives (prose, lists, code, steps).
+# fmt: off
 _GENERAL_REQUESTS = [
     "Explain {t} in simple terms.",
     "Give me three interesting facts about {t}.",
@@ -93,7 +94,8 @@ _FAMILIES = [
     (_CODE_REQUESTS, _CODE_TOPICS),
     (_CONCEPT_REQUESTS, _CONCEPT_TOPICS),
     (_HOWTO_REQUESTS, _HOWTO_TOPICS),
-]  # fmt: skip
+]
+# fmt: on
 
 
 def chat_prompts(n: int, seed: int = 0) -> list[str]:
@@ -122,7 +124,7 @@ def _check_resumable(path: Path, expected: list[str]) -> None:
     if not expected:
         return
     with path.open() as f:
-        for i, (line, prompt) in enumerate(zip(f, expected)):
+        for i, (line, prompt) in enumerate(zip(f, expected, strict=True)):
             if json.loads(line).get("prompt") != prompt:
                 raise ValueError(
                     f"{path}: row {i} answers {json.loads(line).get('prompt')!r}, but this "
