@@ -45,6 +45,15 @@ def run_bench(ee, tokenizer, args) -> None:
         cases += [
             (f"eefast speculative E={e}", "speculative", {"exit_layer": e}) for e in ee.exit_layers
         ]
+        if ee.draft_vocab is not None:  # what the draft vocabulary buys, in the same run
+            cases += [
+                (
+                    f"eefast speculative E={e} full-vocab drafts",
+                    "speculative",
+                    {"exit_layer": e, "draft_vocab": False},
+                )
+                for e in ee.exit_layers
+            ]
         cases += [
             (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t})
             for t in args.thresholds

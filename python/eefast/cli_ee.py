@@ -11,7 +11,14 @@ import torch
 from .cli_generate import demo_generation
 from .data import DEFAULT_CORPUS, load_documents, split_blocks, token_blocks
 from .io import write_json
-from .models import add_exits, load_exits, load_model, save_classifier
+from .models import (
+    DRAFT_VOCAB_FILE,
+    add_exits,
+    load_exits,
+    load_model,
+    save_classifier,
+    save_draft_vocab,
+)
 from .models.loading import DEFAULT_MODEL
 from .nn import EXIT_KINDS
 from .train import TuneConfig, ee_tune, evaluate_exits
@@ -132,6 +139,26 @@ def cmd_train_classifier(args) -> None:
     _say(f"wrote {Path(args.exits) / 'classifier.safetensors'}; use it with --measure classifier")
 
 
+def cmd_draft_vocab(args) -> None:
+    from .generation.draft_vocab import coverage, frequent_tokens
+
+    model, tokenizer = load_model(args.model)
+    ee = load_exits(model, args.exits)  # checks the exits are this model's
+    blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
+    train, held_out = split_blocks(blocks, args.eval_blocks)
+    vocab = ee.parts.lm_head.weight.shape[0]
+    if not 0 < args.size < vocab:
+        raise SystemExit(f"eefast draft-vocab: --size must be in 1..{vocab - 1}, got {args.size}")
+    ids = frequent_tokens(train, args.size, tokenizer.all_special_ids)
+    held = coverage(held_out, ids)
+    save_draft_vocab(args.exits, ids, held)
+    _say(
+        f"draft vocabulary: {len(ids):,} of {vocab:,} tokens ({len(ids) / vocab:.0%} of the "
+        f"head), covering {coverage(train, ids):.1%} of {args.data}'s training tokens and "
+        f"{held:.1%} of its held-out ones; wrote {Path(args.exits) / DRAFT_VOCAB_FILE}"
+    )
+
+
 def cmd_distill_data(args) -> None:
     from .tasks.chat import write_self_distilled
 
@@ -212,6 +239,17 @@ def add_commands(sub) -> None:
     dd.add_argument("--batch-size", type=int, default=8)
     dd.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     dd.set_defaults(func=cmd_distill_data)
+
+    dv = sub.add_parser(
+        "draft-vocab", help="cut the exit heads to the tokens the data uses most (faster drafts)"
+    )
+    dv.add_argument("--model", default=DEFAULT_MODEL)
+    dv.add_argument("--exits", required=True, help="directory with exits.json")
+    dv.add_argument("--data", default=DEFAULT_CORPUS, help="text like the model's replies")
+    dv.add_argument("--size", type=int, default=16384, help="most frequent tokens to keep")
+    dv.add_argument("--seq-len", type=int, default=128)
+    dv.add_argument("--eval-blocks", type=int, default=16)
+    dv.set_defaults(func=cmd_draft_vocab)
 
     tc = sub.add_parser(
         "train-classifier", help="fit the exit classifier (threshold mode's --measure classifier)"

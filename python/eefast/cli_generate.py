@@ -33,6 +33,11 @@ def _load(args):
     model, tokenizer = load_model(args.model)
     ee = load_exits(model, args.exits)
     _say(f"exits at {ee.exit_layers} of {ee.num_layers} blocks ({ee.kind}) from {args.exits}")
+    if ee.draft_vocab is not None:
+        if args.no_draft_vocab:
+            ee.draft_vocab = None
+        else:
+            _say(f"exit heads cut to a draft vocabulary of {len(ee.draft_vocab):,} tokens")
     return ee, tokenizer
 
 
@@ -166,6 +171,11 @@ def add_commands(sub) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL)
         p.add_argument("--exits", required=True, help="directory with exits.json (eefast tune)")
         p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument(
+            "--no-draft-vocab",
+            action="store_true",
+            help="exit heads over the whole vocabulary even if a draft vocabulary was saved",
+        )
 
     g = sub.add_parser("generate", help="early-exit generation (speculative, threshold, full)")
     common(g)

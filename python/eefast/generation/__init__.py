@@ -165,6 +165,7 @@ def generate(
     kv: str = "recompute",
     exits: list[int] | None = None,
     min_exit: int = 1,
+    draft_vocab: bool | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -184,6 +185,10 @@ def generate(
     exact, or ``propagate``). A sequence ends at EOS (unless ``stop_at_eos=False``) or once
     its text holds one of the ``stop`` strings; its text is cut before the stop string (its
     tokens keep the one that completed it).
+
+    ``draft_vocab`` cuts the exit heads to the draft vocabulary saved beside the exits
+    (``eefast draft-vocab``): None uses it when there is one, True requires it, False keeps
+    the whole vocabulary. Speculative output stays exact either way.
     """
     if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
         raise ValueError(
@@ -216,11 +221,16 @@ def generate(
     active = [e for e in (exits or available) if e >= min_exit]
     if mode == "threshold" and not active:
         raise ValueError(f"eefast.generate: no exit at or above min_exit={min_exit}")
+    if draft_vocab and ee.draft_vocab is None:
+        raise ValueError(
+            "eefast.generate: draft_vocab=True but these exits have no draft vocabulary "
+            "(make one with eefast draft-vocab)"
+        )
     sampling = Sampling(temperature, top_k, top_p)
     if mode == "threshold" and not sampling.greedy:
         raise ValueError("eefast.generate: threshold mode is greedy; set temperature=0")
 
-    runner = LlamaRunner(ee)
+    runner = LlamaRunner(ee, ee.draft_vocab if draft_vocab is not False else None)
     device = next(ee.model.parameters()).device
     ids = prompt_ids(tokenizer, prompts, chat)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
@@ -234,7 +244,7 @@ def generate(
     t0 = time.perf_counter()
     with runner.decode_linears():
         logits = prefill(runner, state, tokens, valid)
-        runner.block_calls = runner.head_calls = 0
+        runner.block_calls, runner.head_calls = 0, 0.0
         if mode == "full":
             stats = decode_full(runner, state, logits, out, sampling, gen)
         elif mode == "speculative":

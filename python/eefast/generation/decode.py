@@ -31,7 +31,8 @@ class DecodeStats:
     accepted: int = 0  # draft tokens accepted
     exit_layers: Counter = field(default_factory=Counter)  # layer a token was decided at
     block_calls: int = 0  # block weight passes after the prefill (one per block per call)
-    head_calls: int = 0  # LM-head weight passes after the prefill (exit or final)
+    head_calls: float = 0.0  # LM-head weight passes after the prefill (a draft-vocabulary
+    # exit head counts as its share of the vocabulary)
 
     @property
     def acceptance(self) -> float:
@@ -318,8 +319,7 @@ def _exit_decision(runner, layer, h, measure, threshold):
             return ready, torch.zeros_like(ready, dtype=torch.long)
         return ready, runner.exit_head_stats(layer, feat).argmax
     st = runner.exit_head_stats(layer, feat)
-    vocab = runner.ee.head(layer)[0].shape[0]
-    return confidence(st, measure, vocab) >= threshold, st.argmax
+    return confidence(st, measure, runner.exit_vocab_size(layer)) >= threshold, st.argmax
 
 
 def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:

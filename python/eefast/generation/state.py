@@ -99,9 +99,13 @@ class DecodeState:
 
 
 class LlamaRunner:
-    """Runs a llama-family model's embedding, blocks, final norm and heads piecewise."""
+    """Runs a llama-family model's embedding, blocks, final norm and heads piecewise.
 
-    def __init__(self, ee: EarlyExitModel):
+    With ``draft_vocab`` (sorted token ids), the exit heads read only those rows: exit logits
+    are -inf elsewhere and exit argmaxes lie inside it (see ``draft_vocab.py``). The final
+    head always covers the whole vocabulary."""
+
+    def __init__(self, ee: EarlyExitModel, draft_vocab: torch.Tensor | None = None):
         if ee.parts.model_type not in GENERATION_ARCHS:
             raise ValueError(
                 f"eefast.generate: {ee.parts.model_type!r} models are not supported yet; "
@@ -118,9 +122,12 @@ class LlamaRunner:
         self.num_layers = len(self.layers)
         self.dtype = next(ee.model.parameters()).dtype
         # Weight passes, the cost that bounds decoding here: one per block per call (however
-        # many tokens it carries) and one per LM-head evaluation (exit or final).
+        # many tokens it carries) and one per LM-head evaluation (exit or final; an exit head
+        # over the draft vocabulary counts as its share of the vocabulary).
         self.block_calls = 0
-        self.head_calls = 0
+        self.head_calls = 0.0
+        self.vocab_ids = draft_vocab
+        self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextmanager
     def decode_linears(self):
@@ -205,15 +212,47 @@ class LlamaRunner:
     def exit_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.ee.exit(layer)(h)
 
-    def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def exit_head(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of exit ``layer``'s head, cut to the draft vocabulary if there is
+        one (the cut copy is made once per distinct head: a shared head is cut once)."""
         weight, bias = self.ee.head(layer)
-        self.head_calls += 1
-        return decode_linear(self.exit_hidden(layer, h), weight, bias).float()
+        if self.vocab_ids is None:
+            return weight, bias
+        key = weight.data_ptr()
+        if key not in self._exit_heads:
+            ids = self.vocab_ids
+            self._exit_heads[key] = (weight[ids], None if bias is None else bias[ids])
+        return self._exit_heads[key]
+
+    def _count_exit_head(self) -> None:
+        full = self.ee.parts.lm_head.weight.shape[0]
+        self.head_calls += 1.0 if self.vocab_ids is None else len(self.vocab_ids) / full
+
+    def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits of exit ``layer`` (-inf outside the draft vocabulary)."""
+        self._count_exit_head()
+        logits = decode_linear(self.exit_hidden(layer, h), *self.exit_head(layer)).float()
+        if self.vocab_ids is None:
+            return logits
+        vocab = self.ee.head(layer)[0].shape[0]
+        full = logits.new_full((*logits.shape[:-1], vocab), float("-inf"))
+        full[..., self.vocab_ids] = logits
+        return full
 
     def exit_head_stats(self, layer: int, feat: torch.Tensor):
-        """exit_stats of exit ``layer``'s head on its pre-head hidden state ``feat``."""
-        self.head_calls += 1
-        return exit_stats(feat, *self.ee.head(layer))
+        """exit_stats of exit ``layer``'s head on its pre-head hidden state ``feat``; the
+        argmax is a token id of the whole vocabulary either way."""
+        self._count_exit_head()
+        st = exit_stats(feat, *self.exit_head(layer))
+        if self.vocab_ids is None:
+            return st
+        return st._replace(argmax=self.vocab_ids[st.argmax])
+
+    def exit_vocab_size(self, layer: int) -> int:
+        """How many tokens exit ``layer``'s head scores (for the entropy's scale)."""
+        return (
+            len(self.vocab_ids) if self.vocab_ids is not None else self.ee.head(layer)[0].shape[0]
+        )
 
 
 def _decode_forward(linear: nn.Linear):

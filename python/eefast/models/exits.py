@@ -54,6 +54,7 @@ class EarlyExitModel(nn.Module):
         self.parts = parts
         self.exits = nn.ModuleDict({str(layer): exits[layer] for layer in sorted(exits)})
         self.classifier: ExitClassifier | None = None  # eefast train-classifier fits one
+        self.draft_vocab: torch.Tensor | None = None  # token ids; eefast draft-vocab picks them
 
     @property
     def exit_layers(self) -> list[int]:
@@ -234,6 +235,7 @@ def add_exits(
 
 EXITS_FORMAT = "eefast-exits/1"
 CLASSIFIER_FILE = "classifier.safetensors"
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -288,6 +290,21 @@ def _load_classifier(ee: EarlyExitModel, path: Path) -> None:
     ee.classifier = clf.to(ee.model.device).requires_grad_(False)
 
 
+def save_draft_vocab(directory, ids: torch.Tensor, coverage: float) -> None:
+    """Write a draft vocabulary (sorted token ids) beside the exits, atomically. It depends on
+    the tokenizer and the data, not on the exits' weights, so re-tuning keeps it."""
+    meta = {"coverage": f"{coverage:.6f}"}
+    write_safetensors(Path(directory) / DRAFT_VOCAB_FILE, {"ids": ids.long().contiguous()}, meta)
+
+
+def _load_draft_vocab(ee: EarlyExitModel, path: Path) -> None:
+    ids = load_file(path)["ids"]
+    vocab = ee.parts.lm_head.weight.shape[0]
+    if ids.dim() != 1 or not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"{path} holds token ids outside this model's vocabulary of {vocab}")
+    ee.draft_vocab = ids.to(ee.model.device)
+
+
 def check_fingerprint(saved: dict, model: nn.Module, what: str) -> None:
     """Refuse a checkpoint written for another base model."""
     here = model_fingerprint(model)
@@ -307,7 +324,7 @@ def check_fingerprint(saved: dict, model: nn.Module, what: str) -> None:
 
 def load_exits(model: nn.Module, directory) -> EarlyExitModel:
     """Attach exits saved by `save_exits` to an unchanged base model (and their exit
-    classifier, when one was saved beside them)."""
+    classifier and draft vocabulary, when they were saved beside them)."""
     directory = Path(directory)
     cfg_path = directory / "exits.json"
     if not cfg_path.exists():
@@ -321,4 +338,6 @@ def load_exits(model: nn.Module, directory) -> EarlyExitModel:
     ee.exits.load_state_dict(state, strict=True)
     if (directory / CLASSIFIER_FILE).exists():
         _load_classifier(ee, directory / CLASSIFIER_FILE)
+    if (directory / DRAFT_VOCAB_FILE).exists():
+        _load_draft_vocab(ee, directory / DRAFT_VOCAB_FILE)
     return ee
