@@ -251,3 +251,33 @@ def test_bad_models_and_prompts(llama_ee):
         generate(add_exits(tiny_model("gpt2"), [1]), None, [[5, 6]])
     with pytest.raises(ValueError, match="'layer' exits"):
         generate(add_exits(tiny_model("llama"), [1], kind="layer"), None, [[5, 6]])
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_lean_blocks_are_bit_identical_to_the_modules(arch, impl):
+    """lean_block skips module dispatch only: prefill and a 3-token step give the same bits."""
+    model = tiny_model(arch)
+    model.set_attn_implementation(impl)
+    ee = add_exits(model, [2], kind="norm")
+    runner = LlamaRunner(ee)
+    attention = runner.lean
+    assert all(fn is not None for fn in attention)
+    tokens, valid = left_pad(ragged_prompts(), 0)
+    outs = []
+    for lean in (True, False):
+        runner.lean = attention if lean else [None] * runner.num_layers
+        state = DecodeState(runner.num_layers, len(tokens), "cpu")
+        with runner.decode_linears(), torch.no_grad():
+            first = prefill(runner, state, tokens, valid)
+            state.add_slots(torch.ones(len(tokens), 3, dtype=torch.bool))
+            step = runner.run(runner.embed(tokens[:, :3]), 0, runner.num_layers, state)
+        outs.append((first, step, state.cache.keys[3][:, :, : state.slots]))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_blocks_with_hooks_run_through_their_modules():
+    ee = add_exits(tiny_model("llama"), [2], kind="norm")
+    ee.model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    assert [fn is not None for fn in LlamaRunner(ee).lean] == [True, False, True, True]

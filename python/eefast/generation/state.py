@@ -18,6 +18,7 @@ from torch import nn
 
 from ..models.exits import EarlyExitModel
 from ..ops import decode_linear, exit_stats
+from .llama_block import lean_attention, lean_block
 
 GENERATION_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -127,6 +128,8 @@ class LlamaRunner:
         self.block_calls = 0
         self.head_calls = 0.0
         self.vocab_ids = draft_vocab
+        # Per block, the attention function lean_block calls, or None: run the module.
+        self.lean = [lean_attention(layer) for layer in self.layers]
         self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextmanager
@@ -174,6 +177,9 @@ class LlamaRunner:
         rotary = self.base.rotary_emb(h, position_ids=pos)
         for i in range(start, end):
             assert state.cache.lengths[i] == first, "layers in one run must be in step"
+            if self.lean[i] is not None:
+                h = lean_block(self.layers[i], self.lean[i], h, rotary, mask, state.cache)
+                continue
             h = self.layers[i](
                 h,
                 attention_mask=mask,

@@ -1,0 +1,69 @@
+"""A llama-family decoder block called without module dispatch.
+
+At batch 1 a SmolLM2 block's weights stream in about 1.4 ms, and calling HF's block module
+(its submodules, decorators and attention-interface lookup) adds a noticeable share on top.
+``lean_block`` runs the same operations in the same order, with the block's own rotary and
+the attention function the module would pick (eager or SDPA), and the linears on
+``decode_linear``, so its output is bit-identical to the module's under
+``LlamaRunner.decode_linears`` (tested). Only blocks that are exactly HF's qualify; one with
+hooks, adapters or another attention backend runs through its module.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..ops import decode_linear
+
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def lean_attention(layer: nn.Module):
+    """The attention function this block's module calls, when ``lean_block`` computes exactly
+    what the module computes; else None."""
+    if layer.training or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+        return None  # a hook library (adapters) changes the computation
+    try:
+        linears = [layer.get_submodule(name) for name in _LINEARS]
+    except AttributeError:
+        return None
+    if not all(type(m) is nn.Linear and "forward" not in m.__dict__ for m in linears):
+        return None
+    attn = layer.self_attn
+    modeling = sys.modules[type(attn).__module__]
+    impl = getattr(attn.config, "_attn_implementation", None)
+    if impl not in ("eager", "sdpa") or not hasattr(modeling, "apply_rotary_pos_emb"):
+        return None
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, modeling.eager_attention_forward)
+
+
+def _linear(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
+    return decode_linear(x, m.weight, m.bias)
+
+
+def lean_block(layer, attention, h, position_embeddings, mask, cache) -> torch.Tensor:
+    """HF's llama-family decoder block forward on h [batch, q, d] with an additive mask, a
+    cache that implements ``update`` and ``attention`` from ``lean_attention``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    shape = (*h.shape[:-1], -1, attn.head_dim)
+
+    x = type(norm1).forward(norm1, h)
+    q = _linear(x, attn.q_proj).view(shape).transpose(1, 2)
+    k = _linear(x, attn.k_proj).view(shape).transpose(1, 2)
+    v = _linear(x, attn.v_proj).view(shape).transpose(1, 2)
+    q, k = rotary(q, k, *position_embeddings)
+    k, v = cache.update(k, v, attn.layer_idx)
+    o, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    h = h + _linear(o.reshape(*h.shape[:-1], -1).contiguous(), attn.o_proj)
+
+    x = type(norm2).forward(norm2, h)
+    return h + _linear(
+        mlp.act_fn(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj), mlp.down_proj
+    )
