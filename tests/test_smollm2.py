@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file
 
 from eefast.cli import main
 from eefast.data import load_documents, split_blocks, token_blocks
@@ -194,8 +195,8 @@ def test_lora_on_smollm2_matches_peft(smollm2, tmp_path):
 
 
 def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
-    """distill-data -> tune on it -> train-classifier -> calibrate -> bench-generate, on a tiny
-    random llama with SmolLM2's tokenizer (chat template included)."""
+    """distill-data -> tune on it -> train-classifier -> draft-vocab -> calibrate ->
+    bench-generate, on a tiny random llama with SmolLM2's tokenizer (chat template included)."""
     model_dir, out = tmp_path / "model", tmp_path / "exits"
     _tiny_llama_with_smollm2_tokenizer(smollm2[1], model_dir, layers=4)
     model = ["--model", str(model_dir)]
@@ -206,6 +207,10 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     main(["tune", *data, "--exits", "1,2", "--steps", "2", "--batch-size", "2", "--out", str(out)])
     main(["train-classifier", *data, "--exits", str(out), "--steps", "5", "--batch-size", "2"])
     assert (out / "classifier.safetensors").exists()
+    main(["draft-vocab", *data, "--exits", str(out), "--size", "64"])
+    draft_ids = load_file(out / "draft_vocab.safetensors")["ids"]
+    eos = smollm2[1].eos_token_id
+    assert 64 <= len(draft_ids) <= 64 + len(smollm2[1].all_special_ids) and eos in draft_ids
     short = [*model, "--exits", str(out), "--max-new-tokens", "6"]
     main(["calibrate", *short, "--prompts", "2", "--thresholds", "0.5,1.1", "--target", "0.9"])
     calibration = json.loads((out / "calibration.json").read_text())
@@ -221,4 +226,5 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     assert "eefast threshold 0.5 classifier (lossy)" in names
     assert "eefast threshold 0.5 kv=propagate (lossy)" in names
     assert all(r["same_as_hf_greedy"] for r in rows if "speculative" in r["provider"])
+    assert "eefast speculative E=2 full-vocab drafts" in names  # the draft vocabulary's effect
     assert next(bench.glob("generate-*.png")).stat().st_size > 0
