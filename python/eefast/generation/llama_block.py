@@ -23,6 +23,11 @@ _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 
+def hf_rotary(attn: nn.Module):
+    """``apply_rotary_pos_emb`` of the attention module's own modeling file (None if absent)."""
+    return getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+
+
 def lean_attention(layer: nn.Module):
     """The attention function this block's module calls, when ``lean_block`` computes exactly
     what the module computes; else None."""
@@ -37,7 +42,7 @@ def lean_attention(layer: nn.Module):
     attn = layer.self_attn
     modeling = sys.modules[type(attn).__module__]
     impl = getattr(attn.config, "_attn_implementation", None)
-    if impl not in ("eager", "sdpa") or not hasattr(modeling, "apply_rotary_pos_emb"):
+    if impl not in ("eager", "sdpa") or hf_rotary(attn) is None:
         return None
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, modeling.eager_attention_forward)
 
@@ -51,7 +56,7 @@ def lean_block(layer, attention, h, position_embeddings, mask, cache) -> torch.T
     cache that implements ``update`` and ``attention`` from ``lean_attention``."""
     attn, mlp = layer.self_attn, layer.mlp
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    rotary = hf_rotary(attn)
     shape = (*h.shape[:-1], -1, attn.head_dim)
 
     x = type(norm1).forward(norm1, h)

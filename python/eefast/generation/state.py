@@ -18,7 +18,7 @@ from torch import nn
 
 from ..models.exits import EarlyExitModel
 from ..ops import decode_linear, exit_stats
-from .llama_block import lean_attention, lean_block
+from .llama_block import hf_rotary, lean_attention, lean_block
 
 GENERATION_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -197,8 +197,7 @@ class LlamaRunner:
         upward. Only each block's input norm and K/V projections run (no query, attention or
         MLP), which is what makes this cheaper than recomputing."""
         first, q = state.cache.lengths[start], h.shape[1]
-        cos, sin = self.base.rotary_emb(h, position_ids=state.pos[:, first : first + q])
-        cos, sin = cos[:, None], sin[:, None]
+        cos_sin = self.base.rotary_emb(h, position_ids=state.pos[:, first : first + q])
         for i in range(start, end):
             assert state.cache.lengths[i] == first, "layers in one run must be in step"
             attn = self.layers[i].self_attn
@@ -206,9 +205,8 @@ class LlamaRunner:
             shape = (*h.shape[:-1], -1, attn.head_dim)
             k = attn.k_proj(x).view(shape).transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
-            half = k.shape[-1] // 2
-            k_rot = torch.cat([-k[..., half:], k[..., :half]], -1)  # rotate_half
-            state.cache.update(k * cos + k_rot * sin, v, i)
+            _, k = hf_rotary(attn)(k, k, *cos_sin)  # the block's own rotary; no query here
+            state.cache.update(k, v, i)
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.ee.parts.lm_head
