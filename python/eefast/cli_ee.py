@@ -144,11 +144,11 @@ def cmd_draft_vocab(args) -> None:
 
     model, tokenizer = load_model(args.model)
     ee = load_exits(model, args.exits)  # checks the exits are this model's
+    vocab = ee.parts.lm_head.weight.shape[0]
+    if not 0 < args.size < vocab:  # before tokenizing the corpus
+        raise SystemExit(f"eefast draft-vocab: --size must be in 1..{vocab - 1}, got {args.size}")
     blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
     train, held_out = split_blocks(blocks, args.eval_blocks)
-    vocab = ee.parts.lm_head.weight.shape[0]
-    if not 0 < args.size < vocab:
-        raise SystemExit(f"eefast draft-vocab: --size must be in 1..{vocab - 1}, got {args.size}")
     ids = frequent_tokens(train, args.size, tokenizer.all_special_ids)
     held = coverage(held_out, ids)
     save_draft_vocab(args.exits, ids, held)
