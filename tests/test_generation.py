@@ -194,6 +194,43 @@ def test_propagate_mixes_exits_and_emits_every_token(llama_ee):
     assert [len(t) for t in got.tokens] == [NEW] * len(prompts)
 
 
+@pytest.mark.parametrize(
+    "mode,kw",
+    [
+        ("threshold", dict(threshold=0.015)),  # runs of exits at one layer wait together
+        ("speculative", dict(exit_layer=2)),
+    ],
+)
+def test_cached_kv_is_the_full_forwards(llama_ee, monkeypatch, mode, kw):
+    """Every layer's cached keys and values, over the valid slots, are what one full forward
+    over the prompt and the emitted tokens computes: tokens that waited at an exit joined the
+    climb in slot order, and rejected drafts are hidden."""
+    snapshots = []
+    real_select = DecodeState.select
+
+    def select(self, rows):  # the sequence finished: keep its cache before it is dropped
+        cache = self.cache
+        snapshots.append((self.valid[0], list(cache.lengths), cache.keys[:], cache.values[:]))
+        real_select(self, rows)
+
+    monkeypatch.setattr(DecodeState, "select", select)
+    exited = 0
+    for prompt in ragged_prompts():
+        got = generate(llama_ee, None, [prompt], mode, NEW, **kw)
+        exited += sum(layer < 4 for layer in got.layers[0])
+        valid, lengths, keys, values = snapshots[-1]
+        ids = torch.tensor([prompt + got.tokens[0][:-1]])  # the last token was never fed
+        ref = llama_ee.model(ids, use_cache=True).past_key_values
+        for i, n in enumerate(lengths):
+            slots = valid[:n].nonzero().squeeze(1)[: ids.shape[1]]  # a budget cut may leave
+            if i == 0:  # accepted drafts past the last kept token
+                assert len(slots) == ids.shape[1], "layer 0 holds every fed token"
+            for mine, want in ((keys[i], ref.layers[i].keys), (values[i], ref.layers[i].values)):
+                mine = mine[0][:, slots]
+                torch.testing.assert_close(mine, want[0, :, : len(slots)], atol=1e-4, rtol=0)
+    assert exited > 0, "want some tokens from an exit"
+
+
 @pytest.mark.parametrize("measure,threshold", [("max_prob", 0.015), ("margin", 0.002)])
 def test_threshold_recompute_gives_full_forward_logits(llama_ee, measure, threshold):
     """Tokens that exited early leave their KV to be recomputed; every token decided at full

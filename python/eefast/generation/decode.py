@@ -323,12 +323,12 @@ def _exit_decision(runner, layer, h, measure, threshold):
 
 
 def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:
-    """Blocks [start, end) on h. A waiting group joins at its own layer: groups wait at
-    non-increasing layers in slot order, so the lowest one holds the slots just before h's."""
+    """Blocks [start, end) on h. A waiting group joins at its own layer. Groups wait at
+    non-increasing layers in slot order, so the last one is the lowest and holds the slots just
+    before h's (with ties, the last of them: popping from the end keeps slot order)."""
     layer = start
-    while pending and start <= min(g[1] for g in pending) < end:
-        i = min(range(len(pending)), key=lambda j: pending[j][1])
-        group_h, group_layer = pending.pop(i)
+    while pending and start <= pending[-1][1] < end:
+        group_h, group_layer = pending.pop()
         h = runner.run(h, layer, group_layer, state)
         h = torch.cat([group_h, h], 1)
         layer = group_layer
