@@ -50,6 +50,7 @@ def test_speculative_greedy_with_a_draft_vocab_is_exact(ee_with_vocab, k, adapti
             exit_layer=exit_layer,
             draft_k=k,
             adaptive=adaptive,
+            threshold=0,
         )
         assert got.tokens == want
         assert got.stats.drafted > 0

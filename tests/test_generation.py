@@ -63,6 +63,7 @@ def test_speculative_greedy_is_exact(llama_ee, exit_layer, k, adaptive):
             exit_layer=exit_layer,
             draft_k=k,
             adaptive=adaptive,
+            threshold=0.0,
         )
         assert got.tokens[0] == want[prompts.index(batch[0])]
     got = generate(
@@ -74,16 +75,33 @@ def test_speculative_greedy_is_exact(llama_ee, exit_layer, k, adaptive):
         exit_layer=exit_layer,
         draft_k=k,
         adaptive=adaptive,
+        threshold=0.0,
     )  # batch 3, ragged
     assert got.tokens == want
     assert got.stats.drafted > 0 and got.stats.tokens == 3 * NEW
+
+
+@pytest.mark.parametrize("k,adaptive", [(4, True), (2, False)])
+def test_speculative_drafting_at_confident_exits_is_exact(llama_ee, k, adaptive):
+    """Drafts leave at the first confident exit of several, wait there, and join the round's
+    last token on its way up: output is still full greedy, at batch 1 and 3."""
+    prompts = ragged_prompts()
+    want = full_greedy(llama_ee, prompts)
+    kw = dict(exits=[1, 2], threshold=0.015, draft_k=k, adaptive=adaptive)
+    got = generate(llama_ee, None, prompts, "speculative", NEW, **kw)
+    assert got.tokens == want
+    for i, prompt in enumerate(prompts):
+        assert generate(llama_ee, None, [prompt], "speculative", NEW, **kw).tokens[0] == want[i]
+    layers = {layer for row in got.layers for layer in row}
+    assert {1, 2, 4} <= layers, f"want accepted drafts from both exits, got {layers}"
+    assert got.stats.rounds < 3 * NEW  # rounds emitted more than one token
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_speculative_exact_on_other_llama_family(arch):
     ee = add_exits(tiny_model(arch), [2], kind="mlp")
     prompts = ragged_prompts()
-    got = generate(ee, None, prompts, "speculative", NEW, exit_layer=2, draft_k=3)
+    got = generate(ee, None, prompts, "speculative", NEW, exit_layer=2, draft_k=3, threshold=0)
     assert got.tokens == full_greedy(ee, prompts)
 
 
@@ -94,7 +112,15 @@ def test_weight_passes_are_counted(llama_ee):
     assert (full.stats.block_calls, full.stats.head_calls) == (4 * (NEW - 1), NEW - 1)
     k, E = 3, 2
     spec = generate(
-        llama_ee, None, prompt, "speculative", NEW, exit_layer=E, draft_k=k, adaptive=False
+        llama_ee,
+        None,
+        prompt,
+        "speculative",
+        NEW,
+        exit_layer=E,
+        draft_k=k,
+        adaptive=False,
+        threshold=0,
     )
     rounds = spec.stats.rounds
     assert spec.stats.block_calls == rounds * ((k + 1) * E + (4 - E))
@@ -110,7 +136,9 @@ def test_speculative_accepts_everything_when_the_exit_is_the_model():
             block.self_attn.o_proj.weight.zero_()
             block.mlp.down_proj.weight.zero_()
     ee = add_exits(model, [2], kind="norm", share_lm_head=True)
-    got = generate(ee, None, ragged_prompts()[:1], "speculative", NEW, draft_k=3, adaptive=False)
+    got = generate(
+        ee, None, ragged_prompts()[:1], "speculative", NEW, draft_k=3, adaptive=False, threshold=0
+    )
     assert got.stats.acceptance == 1.0
     assert got.tokens[0] == full_greedy(ee, ragged_prompts()[:1])[0]
 
@@ -124,7 +152,15 @@ def test_eos_inside_an_accepted_block_ends_generation(llama_ee):
     assert want[0] == plain[0][: plain[0].index(eos) + 1]
     for k in (2, 6):
         got = generate(
-            llama_ee, tok, prompts, "speculative", NEW, exit_layer=2, draft_k=k, adaptive=False
+            llama_ee,
+            tok,
+            prompts,
+            "speculative",
+            NEW,
+            exit_layer=2,
+            draft_k=k,
+            adaptive=False,
+            threshold=0,
         )
         assert got.tokens == want
 
@@ -148,6 +184,7 @@ def test_stop_string_inside_an_accepted_block_ends_generation(llama_ee):
             exit_layer=2,
             draft_k=k,
             adaptive=False,
+            threshold=0,
             stop=[stop, "no such text"],
         )
         assert got.tokens == want.tokens and got.texts == want.texts
@@ -198,7 +235,8 @@ def test_propagate_mixes_exits_and_emits_every_token(llama_ee):
     "mode,kw",
     [
         ("threshold", dict(threshold=0.015)),  # runs of exits at one layer wait together
-        ("speculative", dict(exit_layer=2)),
+        ("speculative", dict(exit_layer=2, threshold=0.0)),
+        ("speculative", dict(exits=[1, 2], threshold=0.015)),
     ],
 )
 def test_cached_kv_is_the_full_forwards(llama_ee, monkeypatch, mode, kw):
@@ -249,11 +287,15 @@ def test_threshold_recompute_gives_full_forward_logits(llama_ee, measure, thresh
 
 def test_sampling_is_reproducible_and_seeded(llama_ee):
     prompts = ragged_prompts()
-    kw = dict(temperature=0.9, top_k=40, top_p=0.95, exit_layer=2, draft_k=3)
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, exit_layer=2, draft_k=3, threshold=0)
     a = generate(llama_ee, None, prompts, "speculative", NEW, seed=7, **kw).tokens
     b = generate(llama_ee, None, prompts, "speculative", NEW, seed=7, **kw).tokens
     c = generate(llama_ee, None, prompts, "speculative", NEW, seed=8, **kw).tokens
     assert a == b and a != c
+    kw.update(exit_layer=None, exits=[1, 2], threshold=0.01)  # drafts from either exit
+    a = generate(llama_ee, None, prompts, "speculative", NEW, seed=7, **kw)
+    assert a.tokens == generate(llama_ee, None, prompts, "speculative", NEW, seed=7, **kw).tokens
+    assert a.stats.drafted > 0
     full = generate(llama_ee, None, prompts, "full", NEW, seed=7, temperature=0.9).tokens
     assert full == generate(llama_ee, None, prompts, "full", NEW, seed=7, temperature=0.9).tokens
 

@@ -86,10 +86,11 @@ def test_generation_on_smollm2(smollm2):
     ids = torch.tensor([ids if isinstance(ids, list) else ids["input_ids"]])
     hf = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
     assert full.tokens[0] == hf[: len(full.tokens[0])]
-    for layer in (15, 22):
-        spec = generate(ee, tokenizer, prompts, "speculative", 16, exit_layer=layer, chat=True)
-        assert spec.tokens == full.tokens
-        one = generate(ee, tokenizer, prompts[1:], "speculative", 16, exit_layer=layer, chat=True)
+    # each exit drafting every round, then drafts from the first confident exit of both
+    for kw in (dict(exit_layer=15, threshold=0), dict(exit_layer=22, threshold=0), {}):
+        spec = generate(ee, tokenizer, prompts, "speculative", 16, chat=True, **kw)
+        assert spec.tokens == full.tokens and spec.stats.drafted > 0
+        one = generate(ee, tokenizer, prompts[1:], "speculative", 16, chat=True, **kw)
         assert one.tokens == full.tokens[1:]
     thr = generate(ee, tokenizer, prompts, "threshold", 16, threshold=1.5, chat=True)
     assert thr.tokens == full.tokens
@@ -215,16 +216,25 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     main(["calibrate", *short, "--prompts", "2", "--thresholds", "0.5,1.1", "--target", "0.9"])
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["threshold"] is not None  # 1.1 never exits: agreement 1.0
+    for mode in ("speculative", "threshold"):
+        main(["generate", *short, "--mode", mode, "--prompt", "Hi", "--exit-layers", "2"])
+        said = capsys.readouterr().out
+        assert ">>> Hi" in said and f"[eefast] {mode}" in said and "tokens in" in said
     bench = tmp_path / "bench"
     main(
         ["bench-generate", *short, "--prompts", "2", "--batch-sizes", "1,2", "--out", str(bench)]
-        + ["--thresholds", "0.5", "--variant-thresholds", "0.5"]
+        + ["--thresholds", "0.5", "--variant-thresholds", "0.5", "--draft-thresholds", "0.5"]
     )
     rows = json.loads(next(bench.glob("generate-*.json")).read_text())
     names = {r["provider"] for r in rows}
-    assert {"hf greedy", "eefast full", "eefast speculative E=2"} <= names
+    assert {
+        "hf greedy",
+        "eefast full",
+        "eefast speculative E=2",
+        "eefast speculative conf 0.5",
+    } <= names
     assert "eefast threshold 0.5 classifier (lossy)" in names
     assert "eefast threshold 0.5 kv=propagate (lossy)" in names
     assert all(r["same_as_hf_greedy"] for r in rows if "speculative" in r["provider"])
-    assert "eefast speculative E=2 full-vocab drafts" in names  # the draft vocabulary's effect
+    assert "eefast speculative conf 0.5 full-vocab drafts" in names  # the draft vocabulary
     assert next(bench.glob("generate-*.png")).stat().st_size > 0

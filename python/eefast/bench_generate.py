@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .cli_generate import PROMPTS, _say, agreement
-from .generation import generate, hf_greedy, prompt_ids
+from .generation import DRAFT_THRESHOLD, generate, hf_greedy, prompt_ids
 from .io import write_json
 
 
@@ -42,17 +42,24 @@ def run_bench(ee, tokenizer, args) -> None:
                 for e in ee.exit_layers
             ]
         cases += [("eefast full", "full", {})]
+        # Classic self-speculation (one exit drafts k tokens a round), then drafts from the
+        # first confident exit of all of them, at each draft threshold.
         cases += [
-            (f"eefast speculative E={e}", "speculative", {"exit_layer": e}) for e in ee.exit_layers
+            (f"eefast speculative E={e}", "speculative", {"exit_layer": e, "threshold": 0.0})
+            for e in ee.exit_layers
+        ]
+        cases += [
+            (f"eefast speculative conf {t}", "speculative", {"threshold": t})
+            for t in args.draft_thresholds
         ]
         if ee.draft_vocab is not None:  # what the draft vocabulary buys, in the same run
+            t = DRAFT_THRESHOLD
             cases += [
                 (
-                    f"eefast speculative E={e} full-vocab drafts",
+                    f"eefast speculative conf {t} full-vocab drafts",
                     "speculative",
-                    {"exit_layer": e, "draft_vocab": False},
+                    {"threshold": t, "draft_vocab": False},
                 )
-                for e in ee.exit_layers
             ]
         cases += [
             (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t})

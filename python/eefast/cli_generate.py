@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 
-from .generation import CONFIDENCE_MEASURES, KV_MODES, MODES, generate, prompt_ids
+from .generation import (
+    CONFIDENCE_MEASURES,
+    DRAFT_THRESHOLD,
+    KV_MODES,
+    MODES,
+    generate,
+    prompt_ids,
+)
 from .io import write_json
 from .models import load_exits, load_model
 from .models.loading import DEFAULT_MODEL
@@ -43,6 +50,10 @@ def _load(args):
 
 def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def agreement(ee, ids: list[list[int]], outputs: list[list[int]]) -> float:
@@ -100,6 +111,7 @@ def cmd_generate(args) -> None:
         args.mode,
         args.max_new_tokens,
         exit_layer=args.exit_layer,
+        exits=args.exit_layers,
         draft_k=args.draft_k,
         adaptive=not args.fixed_k,
         threshold=args.threshold,
@@ -181,10 +193,24 @@ def add_commands(sub) -> None:
     common(g)
     g.add_argument("--prompt", action="append", help="a user message (repeat for a batch)")
     g.add_argument("--mode", choices=MODES, default="speculative")
-    g.add_argument("--exit-layer", type=int, default=None, help="draft exit (speculative)")
-    g.add_argument("--draft-k", type=int, default=4)
+    g.add_argument(
+        "--exit-layers",
+        type=_int_list,
+        default=None,
+        help="exits a token may stop at, e.g. 6,12,20 (default: all)",
+    )
+    g.add_argument(
+        "--exit-layer", type=int, default=None, help="speculative: draft from this exit only"
+    )
+    g.add_argument("--draft-k", type=int, default=4, help="speculative: most drafts a round")
     g.add_argument("--fixed-k", action="store_true", help="no adaptive draft length")
-    g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"exit confidence to stop at (default: threshold 0.9, speculative {DRAFT_THRESHOLD}"
+        "; speculative with 0 drafts --draft-k tokens every round)",
+    )
     g.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
     g.add_argument(
         "--kv",
@@ -211,9 +237,15 @@ def add_commands(sub) -> None:
 
     b = sub.add_parser("bench-generate", help="eefast generation against HF generate")
     common(b)
-    b.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4])
+    b.add_argument("--batch-sizes", type=_int_list, default=[1, 4])
     b.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
     b.add_argument("--thresholds", type=_float_list, default=[0.5, 0.8, 0.9, 0.99])
+    b.add_argument(
+        "--draft-thresholds",
+        type=_float_list,
+        default=[0.4, DRAFT_THRESHOLD, 0.6],
+        help="speculative rows drafting at the first confident exit, one per threshold",
+    )
     b.add_argument(
         "--variant-thresholds",
         type=_float_list,

@@ -2,7 +2,8 @@
 
 Modes:
   ``full``         full-depth decoding (the reference, and what the others are checked against)
-  ``speculative``  lossless self-speculative decoding: an exit drafts, the upper blocks verify
+  ``speculative``  lossless self-speculative decoding: confident exits draft, the full model
+                   verifies
   ``threshold``    lossy: a token leaves at the first exit whose confidence passes a threshold
 """
 
@@ -29,8 +30,10 @@ from .sampling import Sampling
 from .state import DecodeState, LlamaRunner
 
 MODES = ("full", "speculative", "threshold")
+DRAFT_THRESHOLD = 0.5  # speculative: the exit confidence a draft needs (measured best)
 __all__ = [
     "CONFIDENCE_MEASURES",
+    "DRAFT_THRESHOLD",
     "KV_MODES",
     "MODES",
     "GenerationResult",
@@ -159,8 +162,7 @@ def generate(
     exit_layer: int | None = None,
     draft_k: int = 4,
     adaptive: bool = True,
-    draft_stop: float = 0.0,
-    threshold: float = 0.9,
+    threshold: float | None = None,
     measure: str = "max_prob",
     kv: str = "recompute",
     exits: list[int] | None = None,
@@ -176,15 +178,23 @@ def generate(
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (a string, or token ids).
 
-    ``speculative`` drafts with ``exit_layer`` (default: the deepest exit), ``draft_k``
-    tokens per round (adaptive unless ``adaptive=False``) and is lossless: greedy output is
-    the full model's, token for token. ``threshold`` is lossy: it leaves at the first exit in
-    ``exits`` (default all, at or above ``min_exit``) whose ``measure`` (max_prob, margin,
-    entropy scaled to [0, 1], or the fitted exit classifier) reaches ``threshold``; it is
-    greedy only, and ``kv`` says how the blocks a token skipped get its KV (``recompute``,
-    exact, or ``propagate``). A sequence ends at EOS (unless ``stop_at_eos=False``) or once
-    its text holds one of the ``stop`` strings; its text is cut before the stop string (its
-    tokens keep the one that completed it).
+    Both early-exit modes send each token up through the exits in ``exits`` (default all, at
+    or above ``min_exit``) and stop it at the first one whose ``measure`` (max_prob, margin,
+    entropy scaled to [0, 1], or the fitted exit classifier) reaches ``threshold`` for every
+    sequence of the batch.
+
+    ``threshold`` mode (lossy, greedy only, ``threshold`` default 0.9) emits that exit's token;
+    ``kv`` says how the blocks it skipped get its KV (``recompute``, exact, or ``propagate``).
+
+    ``speculative`` mode (lossless, ``threshold`` default ``DRAFT_THRESHOLD``) keeps such
+    tokens as drafts, at most ``draft_k`` a round (adaptive unless ``adaptive=False``), and the
+    full model verifies them when a token finds no confident exit: greedy output is the full
+    model's, token for token. ``exit_layer=E`` drafts from that exit only; with
+    ``threshold=0`` it drafts ``draft_k`` tokens every round (classic self-speculation).
+
+    A sequence ends at EOS (unless ``stop_at_eos=False``) or once its text holds one of the
+    ``stop`` strings; its text is cut before the stop string (its tokens keep the one that
+    completed it).
 
     ``draft_vocab`` cuts the exit heads to the draft vocabulary saved beside the exits
     (``eefast draft-vocab``): None uses it when there is one, True requires it, False keeps
@@ -201,7 +211,7 @@ def generate(
         raise ValueError(f"eefast.generate: max_new_tokens must be > 0, got {max_new_tokens}")
     if draft_k <= 0:
         raise ValueError(f"eefast.generate: draft_k must be > 0, got {draft_k}")
-    if mode == "threshold" and measure == "classifier" and ee.classifier is None:
+    if mode != "full" and measure == "classifier" and ee.classifier is None:
         raise ValueError(
             "eefast.generate: measure='classifier' needs a fitted exit classifier "
             "(eefast train-classifier, then load_exits picks it up)"
@@ -211,16 +221,18 @@ def generate(
     if measure not in CONFIDENCE_MEASURES:
         raise ValueError(f"eefast.generate: unknown measure {measure!r}; {CONFIDENCE_MEASURES}")
     available = ee.exit_layers
-    if exit_layer is None:
-        exit_layer = available[-1]
-    for layer in [exit_layer, *(exits or [])]:
+    named = [exit_layer] if exit_layer is not None else []
+    for layer in [*named, *(exits or [])]:
         if layer not in available:
             raise ValueError(
                 f"eefast.generate: no exit at layer {layer}; this model has exits at {available}"
             )
-    active = [e for e in (exits or available) if e >= min_exit]
-    if mode == "threshold" and not active:
+    active = sorted(e for e in (exits or available) if e >= min_exit)
+    if mode != "full" and not active and not named:
         raise ValueError(f"eefast.generate: no exit at or above min_exit={min_exit}")
+    drafting = named or active
+    if threshold is None:
+        threshold = DRAFT_THRESHOLD if mode == "speculative" else 0.9
     if draft_vocab and ee.draft_vocab is None:
         raise ValueError(
             "eefast.generate: draft_vocab=True but these exits have no draft vocabulary "
@@ -250,7 +262,7 @@ def generate(
         elif mode == "speculative":
             draft = DraftLength(draft_k, adaptive)
             stats = decode_speculative(
-                runner, state, logits, out, sampling, gen, exit_layer, draft, draft_stop
+                runner, state, logits, out, sampling, gen, drafting, draft, threshold, measure
             )
         else:
             stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)

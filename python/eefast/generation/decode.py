@@ -145,49 +145,57 @@ def decode_speculative(
     out: Outputs,
     sampling: Sampling,
     gen,
-    exit_layer: int,
+    exits: list[int],
     draft: DraftLength,
-    draft_stop: float = 0.0,
+    threshold: float = 0.0,
+    measure: str = "max_prob",
 ) -> DecodeStats:
-    """Exit ``exit_layer`` drafts through the lower blocks; the upper blocks verify.
+    """The exits draft, the full model verifies: lossless threshold mode.
 
-    A round feeds the last verified token x0 and the drafts d1..dm through blocks < E one at a
-    time (their KV stays: an accepted draft's lower-layer KV is exactly the full model's), then
-    runs blocks >= E once over the m+1 layer-E hidden states. Rejected drafts become invalid
-    slots, so each sequence of the batch accepts its own number of tokens. Greedy output equals
-    full-depth greedy; sampled output follows the full model's distribution (accept d with
-    probability min(1, p/q), else resample from norm(max(p - q, 0))). ``draft_stop`` ends a
-    draft early when the exit's top probability falls below it (greedy only).
+    A draft token climbs the blocks like a token of threshold mode: it is drafted at the first
+    exit in ``exits`` where every row's confidence reaches ``threshold`` (0: the first exit
+    always drafts), and waits there with its hidden state. The round's last token is the first
+    one no exit is confident about, or the one after ``draft.k`` drafts: it climbs to the top,
+    and every waiting token joins it at its own layer (``_run_joining``), so one pass over the
+    upper blocks computes their KV and the verifier's logits for all of them. The KV each draft
+    left in the lower blocks is kept (an accepted draft's is exactly the full model's); rejected
+    drafts become invalid slots, so each row accepts its own number of tokens.
+
+    Greedy output equals full-depth greedy. Sampled drafts come from the exit's processed
+    distribution q and are accepted with probability min(1, p/q), else resampled from
+    norm(max(p - q, 0)), so output follows the full model's distribution; confidence there is
+    q's top probability.
     """
     stats = DecodeStats()
-    L, E = runner.num_layers, exit_layer
+    L = runner.num_layers
+    decide = _greedy_decider(runner, measure, threshold)
+    if not sampling.greedy:
+        decide = _sampling_decider(runner, sampling, gen, threshold)
     x0 = sampling.pick(logits, gen)  # the prefill's token is emitted before any draft
     (x0,) = out.drop(_emit_each(out, stats, x0, [L] * len(x0)), state, x0)
     while out.rows:
         batch, device = x0.shape[0], x0.device
         start = state.slots
-        tok, hiddens, drafts, q_probs = x0, [], [], []
-        limit = draft.k
-        while True:  # lower blocks over x0, d1, ..., dm; the exit drafts d1..dm
+        tok, pending, drafts, draft_exits, q_probs = x0, [], [], [], []
+        while True:
             state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
-            h = runner.run(runner.embed(tok[:, None]), 0, E, state)
-            hiddens.append(h)
-            if len(drafts) == limit:
+            h, layer = runner.embed(tok[:, None]), 0
+            if len(drafts) == draft.k:
                 break
-            if sampling.greedy:
-                st = runner.exit_head_stats(E, runner.exit_hidden(E, h[:, -1]))
-                tok = st.argmax
-                if draft_stop and bool((st.max_prob < draft_stop).all()):
-                    limit = len(drafts) + 1  # this draft is the round's last
-            else:
-                q = sampling.probs(runner.exit_logits(E, h[:, -1]))
-                tok = torch.multinomial(q, 1, generator=gen).squeeze(-1)
-                q_probs.append(q)
+            climb = _climb(runner, state, h, exits, pending, decide)
+            h, layer = climb.h, climb.layer
+            if not climb.all_decided:
+                break
+            pending.append((h, layer))
+            tok = climb.token
             drafts.append(tok)
+            draft_exits.append(climb.exit_at)
+            q_probs.append(climb.q)
         m = len(drafts)
-        d = torch.stack(drafts, 1)  # [B, m]
-        h = runner.run(torch.cat(hiddens, 1), E, L, state)
-        ver = runner.final_logits(h)  # [B, m + 1, V]
+        h = _run_joining(runner, state, h, layer, L, pending)  # x0, d1..dm: [B, m + 1, d]
+        ver = runner.final_logits(h)
+        d = torch.stack(drafts, 1) if m else x0.new_empty(batch, 0)
+        exit_rows = torch.stack(draft_exits, 1).tolist() if m else [[] for _ in range(batch)]
         new_x0 = torch.empty_like(x0)
         reject = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
         finished, all_accepted = [], True
@@ -205,12 +213,13 @@ def decode_speculative(
             all_accepted &= n_acc == m
             reject[row, 1 + n_acc :] = True  # slot 0 is x0, slots 1..m the drafts
             emitted = d[row, :n_acc].tolist() + [nxt]
-            kept, done = out.emit(row, emitted, [E] * n_acc + [L])
+            layers = exit_rows[row][:n_acc] + [L]
+            kept, done = out.emit(row, emitted, layers)
             new_x0[row] = nxt
             stats.tokens += kept
             stats.accepted += n_acc
-            stats.exit_layers[E] += min(kept, n_acc)
-            stats.exit_layers[L] += int(kept > n_acc)
+            for layer in layers[:kept]:
+                stats.exit_layers[layer] += 1
             finished.append(done)
         stats.rounds += 1
         stats.drafted += m * batch
@@ -270,6 +279,7 @@ def decode_threshold(
     """
     stats = DecodeStats()
     L = runner.num_layers
+    decide = _greedy_decider(runner, measure, threshold)
     pending: list[tuple[torch.Tensor, int]] = []  # (hidden [B, n, d], layer) per waiting group
     tok = logits.argmax(-1)
     exit_at = [L] * len(tok)  # the prefill's token is full depth
@@ -280,33 +290,78 @@ def decode_threshold(
         pending = [(g, layer) for g, (_, layer) in zip(groups, pending, strict=True)]
         if not out.rows:
             return stats
-        batch, device = tok.shape[0], tok.device
-        state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
-        h = runner.embed(tok[:, None])
-        layer = 0
-        decided = torch.full((batch,), -1, dtype=torch.long, device=device)
-        exit_at = torch.full((batch,), L, device=device)
-        for target in [*exits, L]:
-            h = _run_joining(runner, state, h, layer, target, pending)
-            layer = target
-            if target == L:
-                break
-            newly, argmax = _exit_decision(runner, target, h[:, -1], measure, threshold)
-            newly &= decided < 0
-            decided = torch.where(newly, argmax, decided)
-            exit_at = torch.where(newly, torch.full_like(exit_at, target), exit_at)
-            if bool((decided >= 0).all()):
-                if kv == "propagate":
-                    runner.propagate_kv(h, target, L, state)
-                else:
-                    pending.append((h, target))
-                break
-        if layer == L:
-            final = runner.final_logits(h[:, -1]).argmax(-1)
-            tok = torch.where(decided >= 0, decided, final)
+        state.add_slots(torch.ones(tok.shape[0], 1, dtype=torch.bool, device=tok.device))
+        climb = _climb(runner, state, runner.embed(tok[:, None]), exits, pending, decide)
+        if climb.all_decided:
+            if kv == "propagate":
+                runner.propagate_kv(climb.h, climb.layer, L, state)
+            else:
+                pending.append((climb.h, climb.layer))
+            tok = climb.token
         else:
-            tok = decided
-        exit_at = exit_at.tolist()
+            h = _run_joining(runner, state, climb.h, climb.layer, L, pending)
+            final = runner.final_logits(h[:, -1]).argmax(-1)
+            tok = torch.where(climb.token >= 0, climb.token, final)
+        exit_at = climb.exit_at.tolist()
+
+
+@dataclass
+class Climb:
+    """Where a token's climb through the exits stopped."""
+
+    h: torch.Tensor  # [B, q, d] hidden states at ``layer`` (waiting groups that joined first)
+    layer: int
+    token: torch.Tensor  # [B] the token each row's first confident exit picked; -1: none yet
+    exit_at: torch.Tensor  # [B] the exit that picked it (num_layers where none did)
+    q: torch.Tensor | None  # [B, V] the draft distribution each token was sampled from
+
+    @property
+    def all_decided(self) -> bool:
+        return bool((self.token >= 0).all())
+
+
+def _climb(runner, state, h, exits, pending, decide) -> Climb:
+    """Blocks from 0 on h [B, 1, d] up through ``exits`` until every row has a confident exit
+    (a row keeps the token of its first one); waiting groups join on the way. It stops at the
+    exit where the last row became confident, or at the last exit."""
+    batch, device = h.shape[0], h.device
+    token = torch.full((batch,), -1, dtype=torch.long, device=device)
+    exit_at = torch.full((batch,), runner.num_layers, dtype=torch.long, device=device)
+    q, layer = None, 0
+    for target in exits:
+        h = _run_joining(runner, state, h, layer, target, pending)
+        layer = target
+        ready, tok, q_here = decide(target, h[:, -1])
+        newly = ready & (token < 0)
+        token = torch.where(newly, tok, token)
+        exit_at = torch.where(newly, target, exit_at)
+        if q_here is not None:
+            q = q_here if q is None else torch.where(newly[:, None], q_here, q)
+        if bool((token >= 0).all()):
+            break
+    return Climb(h, layer, token, exit_at, q)
+
+
+def _greedy_decider(runner, measure, threshold):
+    """(layer, h [B, d]) -> (rows confident at this exit, the exit's argmax, None)."""
+
+    def decide(layer, h):
+        ready, argmax = _exit_decision(runner, layer, h, measure, threshold)
+        return ready, argmax, None
+
+    return decide
+
+
+def _sampling_decider(runner, sampling: Sampling, gen, threshold):
+    """(layer, h [B, d]) -> (rows whose draft distribution's top probability reaches the
+    threshold, a token sampled from it, the distribution)."""
+
+    def decide(layer, h):
+        q = sampling.probs(runner.exit_logits(layer, h))
+        tok = torch.multinomial(q, 1, generator=gen).squeeze(-1)
+        return q.amax(-1) >= threshold, tok, q
+
+    return decide
 
 
 def _exit_decision(runner, layer, h, measure, threshold):
