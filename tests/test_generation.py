@@ -310,6 +310,8 @@ def test_sampling_is_reproducible_and_seeded(llama_ee):
         (dict(mode="threshold", measure="vibes"), "unknown measure"),
         (dict(mode="threshold", min_exit=3), "no exit at or above min_exit"),
         (dict(mode="threshold", temperature=0.5), "threshold mode is greedy"),
+        (dict(mode="speculative", temperature=0.5, measure="margin"), "use measure='max_prob'"),
+        (dict(mode="speculative", exits=[1, 5]), r"no exit at layer 5"),
         (dict(mode="threshold", kv="lazy"), "unknown kv mode"),
         (dict(mode="full", max_new_tokens=0), "max_new_tokens must be > 0"),
     ],

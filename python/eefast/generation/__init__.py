@@ -241,6 +241,11 @@ def generate(
     sampling = Sampling(temperature, top_k, top_p)
     if mode == "threshold" and not sampling.greedy:
         raise ValueError("eefast.generate: threshold mode is greedy; set temperature=0")
+    if mode == "speculative" and not sampling.greedy and measure != "max_prob":
+        raise ValueError(
+            "eefast.generate: sampled drafts are confident by their distribution's top "
+            "probability; use measure='max_prob'"
+        )
 
     runner = LlamaRunner(ee, ee.draft_vocab if draft_vocab is not False else None)
     device = next(ee.model.parameters()).device

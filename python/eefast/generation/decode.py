@@ -218,8 +218,8 @@ def decode_speculative(
             new_x0[row] = nxt
             stats.tokens += kept
             stats.accepted += n_acc
-            for layer in layers[:kept]:
-                stats.exit_layers[layer] += 1
+            for at in layers[:kept]:
+                stats.exit_layers[at] += 1
             finished.append(done)
         stats.rounds += 1
         stats.drafted += m * batch
