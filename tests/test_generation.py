@@ -143,6 +143,22 @@ def test_speculative_accepts_everything_when_the_exit_is_the_model():
     assert got.tokens[0] == full_greedy(ee, ragged_prompts()[:1])[0]
 
 
+def every_round_drafts(ee, tokenizer, prompts, k, **kw):
+    """Exit 2 drafts k tokens every round (threshold 0, fixed k): blocks of k drafts."""
+    return generate(
+        ee,
+        tokenizer,
+        prompts,
+        "speculative",
+        NEW,
+        exit_layer=2,
+        draft_k=k,
+        adaptive=False,
+        threshold=0,
+        **kw,
+    )
+
+
 def test_eos_inside_an_accepted_block_ends_generation(llama_ee):
     prompts = ragged_prompts()
     plain = full_greedy(llama_ee, prompts)
@@ -151,18 +167,7 @@ def test_eos_inside_an_accepted_block_ends_generation(llama_ee):
     want = generate(llama_ee, tok, prompts, "full", NEW).tokens
     assert want[0] == plain[0][: plain[0].index(eos) + 1]
     for k in (2, 6):
-        got = generate(
-            llama_ee,
-            tok,
-            prompts,
-            "speculative",
-            NEW,
-            exit_layer=2,
-            draft_k=k,
-            adaptive=False,
-            threshold=0,
-        )
-        assert got.tokens == want
+        assert every_round_drafts(llama_ee, tok, prompts, k).tokens == want
 
 
 def test_stop_string_inside_an_accepted_block_ends_generation(llama_ee):
@@ -175,18 +180,7 @@ def test_stop_string_inside_an_accepted_block_ends_generation(llama_ee):
     assert want.tokens[0] == plain[:end]
     assert stop not in want.texts[0] and tok.decode(plain[:end]).startswith(want.texts[0])
     for k in (2, 6):
-        got = generate(
-            llama_ee,
-            tok,
-            prompts,
-            "speculative",
-            NEW,
-            exit_layer=2,
-            draft_k=k,
-            adaptive=False,
-            threshold=0,
-            stop=[stop, "no such text"],
-        )
+        got = every_round_drafts(llama_ee, tok, prompts, k, stop=[stop, "no such text"])
         assert got.tokens == want.tokens and got.texts == want.texts
     with pytest.raises(ValueError, match="must not be empty"):
         generate(llama_ee, tok, prompts, "full", NEW, stop=[""])
