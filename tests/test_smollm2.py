@@ -9,6 +9,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 from eefast.cli import main
+from eefast.cli_generate import demo_generation
 from eefast.data import load_documents, split_blocks, token_blocks
 from eefast.models import add_exits, load_model
 from eefast.train import TuneConfig, ee_tune
@@ -220,6 +221,8 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
         main(["generate", *short, "--mode", mode, "--prompt", "Hi", "--exit-layers", "2"])
         said = capsys.readouterr().out
         assert ">>> Hi" in said and f"[eefast] {mode}" in said and "tokens in" in said
+    demo_generation(str(model_dir), out)  # the demo's last step
+    assert "speculative output is identical to full-depth greedy" in capsys.readouterr().out
     bench = tmp_path / "bench"
     main(
         ["bench-generate", *short, "--prompts", "2", "--batch-sizes", "1,2", "--out", str(bench)]

@@ -90,14 +90,18 @@ def demo_generation(model_name: str, exits_dir) -> None:
     spec = generate(ee, tokenizer, [prompt], "speculative", 48, chat=True)
     print(f"\n>>> {prompt}\n{spec.texts[0]}", flush=True)
     _say(f"full depth: {_stats_line(full)}")
-    _say(f"speculative (exit {ee.exit_layers[-1]} drafts): {_stats_line(spec)}")
+    _say(f"speculative (confident exits of {ee.exit_layers} draft): {_stats_line(spec)}")
     same = "identical to" if spec.tokens == full.tokens else "DIFFERENT from"
     _say(f"speculative output is {same} full-depth greedy (lossless by construction)")
     if spec.tokens_per_second < full.tokens_per_second:
+        why = (
+            f"its drafts are accepted {spec.stats.acceptance:.0%} of the time"
+            if spec.stats.drafted
+            else "no exit was confident enough to draft"
+        )
         _say(
-            f"speculation is slower here: its drafts are accepted {spec.stats.acceptance:.0%} "
-            "of the time, and it pays off only well above 50% (exits tuned longer, on chat "
-            "data; see the README's generation section)"
+            f"speculation is slower here: {why}; it pays off with exits tuned longer on chat "
+            "data (see the README's generation section)"
         )
 
 
