@@ -168,9 +168,11 @@ def decode_speculative(
     """
     stats = DecodeStats()
     L = runner.num_layers
-    decide = _greedy_decider(runner, measure, threshold)
-    if not sampling.greedy:
-        decide = _sampling_decider(runner, sampling, gen, threshold)
+    decide = (
+        _greedy_decider(runner, measure, threshold)
+        if sampling.greedy
+        else _sampling_decider(runner, sampling, gen, threshold)
+    )
     x0 = sampling.pick(logits, gen)  # the prefill's token is emitted before any draft
     (x0,) = out.drop(_emit_each(out, stats, x0, [L] * len(x0)), state, x0)
     while out.rows:
@@ -343,11 +345,19 @@ def _climb(runner, state, h, exits, pending, decide) -> Climb:
 
 
 def _greedy_decider(runner, measure, threshold):
-    """(layer, h [B, d]) -> (rows confident at this exit, the exit's argmax, None)."""
+    """(layer, h [B, d]) -> (rows confident at this exit, the exit's argmax, None). The
+    classifier decides before the LM head, and a batch that is not confident skips the head."""
 
     def decide(layer, h):
-        ready, argmax = _exit_decision(runner, layer, h, measure, threshold)
-        return ready, argmax, None
+        feat = runner.exit_hidden(layer, h)
+        if measure == "classifier":
+            ready = runner.ee.classifier(layer, feat) >= threshold
+            if not bool(ready.any()):
+                return ready, torch.zeros_like(ready, dtype=torch.long), None
+            return ready, runner.exit_head_stats(layer, feat).argmax, None
+        st = runner.exit_head_stats(layer, feat)
+        vocab = runner.exit_vocab_size(layer)
+        return confidence(st, measure, vocab) >= threshold, st.argmax, None
 
     return decide
 
@@ -362,19 +372,6 @@ def _sampling_decider(runner, sampling: Sampling, gen, threshold):
         return q.amax(-1) >= threshold, tok, q
 
     return decide
-
-
-def _exit_decision(runner, layer, h, measure, threshold):
-    """(rows confident at this exit, the exit's argmax per row) for h [B, d]. The classifier
-    decides before the LM head, and a batch that is not confident skips the head."""
-    feat = runner.exit_hidden(layer, h)
-    if measure == "classifier":
-        ready = runner.ee.classifier(layer, feat) >= threshold
-        if not bool(ready.any()):
-            return ready, torch.zeros_like(ready, dtype=torch.long)
-        return ready, runner.exit_head_stats(layer, feat).argmax
-    st = runner.exit_head_stats(layer, feat)
-    return confidence(st, measure, runner.exit_vocab_size(layer)) >= threshold, st.argmax
 
 
 def _run_joining(runner, state, h, start, end, pending) -> torch.Tensor:
