@@ -1,4 +1,4 @@
-// decode_linear's argument checks, shared by the CPU and CUDA kernels.
+// decode_linear's argument checks, shared by the CPU and CUDA kernels, and its CPU kernel.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,5 +19,9 @@ inline void check_decode_linear_args(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(x.device() == weight.device() && (!bias || bias->device() == x.device()),
               "decode_linear: x, weight and bias must be on one device");
 }
+
+// The CPU kernel, also called by decode_block's.
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias);
 
 }  // namespace eefast

@@ -23,6 +23,8 @@ using at::Tensor;
 constexpr int64_t kMaxRows = 8;  // above this, sgemm wins (crossover between 5 and 16 rows)
 constexpr int64_t kOutBlock = 64;   // output features per parallel task
 
+}  // namespace
+
 Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   check_decode_linear_args(x, weight, bias);
   const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
@@ -48,8 +50,6 @@ Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optio
   shape.back() = out_features;
   return y.to(x.scalar_type()).view(shape);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(eefast, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
 

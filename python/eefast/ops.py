@@ -20,6 +20,8 @@ __all__ = [
     "ExitStats",
     "bottleneck_adapter",
     "bottleneck_adapter_reference",
+    "decode_block",
+    "decode_block_reference",
     "decode_linear",
     "exit_stats",
     "exit_stats_reference",
@@ -699,3 +701,83 @@ torch.library.register_autograd(
     _lce_multi_backward,
     setup_context=_lce_multi_setup_context,
 )
+
+
+# --------------------------------------------------------------------------------------------
+# decode_block
+# --------------------------------------------------------------------------------------------
+
+
+def decode_block(
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    allowed: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int,
+    norms: tuple[torch.Tensor, torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    eps: float,
+    scaling: float,
+) -> torch.Tensor:
+    """One llama-family decoder block (llama, mistral, qwen2) for a decode or verify step.
+
+    ``h [batch, q, d]``; ``cos``/``sin [batch, q, head_dim]`` the rotary tables of the q new
+    tokens; ``allowed [batch, q, cache_len + q]`` (bool) the keys each query sees; the caches
+    ``[batch, kv_heads, slots, head_dim]`` (contiguous, ``slots >= cache_len + q``) get the new
+    keys and values at ``[cache_len, cache_len + q)``. ``norms`` are the input and
+    post-attention RMSNorm weights; ``weights``/``biases`` the q, k, v, o, gate, up and down
+    projections. On CPU in float32 each row is computed alone in a fixed order, so a token's
+    output does not depend on what else is in the call. Forward only.
+    """
+    return torch.ops.eefast.decode_block.default(
+        h, cos, sin, allowed, k_cache, v_cache, int(cache_len), *norms, list(weights),
+        list(biases), float(eps), float(scaling),
+    )  # fmt: skip
+
+
+def decode_block_reference(h, cos, sin, allowed, k_cache, v_cache, cache_len, norms, weights,
+                           biases, eps, scaling) -> torch.Tensor:  # fmt: skip
+    """Pure-torch ``decode_block`` in float32 (the test oracle); writes the caches too."""
+
+    def rms(x, w):
+        return w.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def lin(x, i):
+        b = biases[i]
+        return F.linear(x, weights[i].float(), None if b is None else b.float())
+
+    def rotate(x):  # [B, n, q, hd]
+        half = x.shape[-1] // 2
+        turned = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos.float()[:, None] + turned * sin.float()[:, None]
+
+    batch, q, _ = h.shape
+    hd = k_cache.shape[-1]
+    x = rms(h.float(), norms[0])
+    query, key, value = (lin(x, i).view(batch, q, -1, hd).transpose(1, 2) for i in range(3))
+    k_cache[:, :, cache_len : cache_len + q] = rotate(key).to(k_cache.dtype)
+    v_cache[:, :, cache_len : cache_len + q] = value.to(v_cache.dtype)
+    group = query.shape[1] // k_cache.shape[1]
+    keys = k_cache[:, :, : cache_len + q].float().repeat_interleave(group, 1)
+    values = v_cache[:, :, : cache_len + q].float().repeat_interleave(group, 1)
+    scores = (rotate(query) @ keys.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = scores.softmax(-1).masked_fill(~allowed[:, None], 0.0)
+    h_mid = h.float() + lin((probs @ values).transpose(1, 2).reshape(batch, q, -1), 3)
+    x = rms(h_mid, norms[1])
+    return (h_mid + lin(F.silu(lin(x, 4)) * lin(x, 5), 6)).to(h.dtype)
+
+
+@torch.library.register_fake("eefast::decode_block")
+def _decode_block_fake(h, cos, sin, allowed, k_cache, v_cache, cache_len, norm1, norm2, weights,
+                       biases, eps, scaling):  # fmt: skip
+    torch._check(h.dim() == 3, lambda: "decode_block: h must be [batch, q, d]")
+    torch._check(len(weights) == 7, lambda: "decode_block: weights must list the 7 linears")
+    torch._check(
+        k_cache.shape[2] >= cache_len + h.shape[1],
+        lambda: "decode_block: the caches must hold cache_len + q slots",
+    )
+    return torch.empty_like(h)

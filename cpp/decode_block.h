@@ -1,0 +1,38 @@
+// decode_block: one llama-family decoder block for a decode or verify step. Argument checks and
+// the composite (ATen ops) implementation shared by the CUDA glue and the CPU's fallback.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace eefast {
+
+// The seven linears of a block, in this order, in `weights` and `biases`.
+enum DecodeBlockLinear { kQ, kK, kV, kO, kGate, kUp, kDown, kNumLinears };
+
+struct DecodeBlockDims {
+  int64_t batch, q, d, head_dim, heads, kv_heads, keys;  // keys = cache_len + q
+};
+
+// Checks every argument (naming the bad one) and returns the block's dimensions.
+DecodeBlockDims check_decode_block_args(const at::Tensor& h, const at::Tensor& cos,
+                                        const at::Tensor& sin, const at::Tensor& allowed,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        int64_t cache_len, const at::Tensor& norm1,
+                                        const at::Tensor& norm2,
+                                        const std::vector<at::Tensor>& weights,
+                                        const std::vector<std::optional<at::Tensor>>& biases);
+
+// The block with ATen ops (any device and float dtype); writes the step's keys and values to
+// the caches' slots [cache_len, cache_len + q).
+at::Tensor decode_block_composite(const at::Tensor& h, const at::Tensor& cos,
+                                  const at::Tensor& sin, const at::Tensor& allowed,
+                                  at::Tensor& k_cache, at::Tensor& v_cache, int64_t cache_len,
+                                  const at::Tensor& norm1, const at::Tensor& norm2,
+                                  const std::vector<at::Tensor>& weights,
+                                  const std::vector<std::optional<at::Tensor>>& biases,
+                                  double eps, double scaling);
+
+}  // namespace eefast
