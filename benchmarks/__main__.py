@@ -11,6 +11,7 @@ import torch
 from . import (
     bench_adapters,
     bench_bottleneck_adapter,
+    bench_decode_block,
     bench_decode_linear,
     bench_ee_tune,
     bench_exit_stats,
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ops = sub.add_parser(
         "ops",
         help="op microbenchmarks: lora_linear, bottleneck_adapter, exit_stats, "
-        "linear_cross_entropy, decode_linear",
+        "linear_cross_entropy, decode_linear, decode_block",
     )
     ops.add_argument(
         "--op",
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             "exit_stats",
             "linear_cross_entropy",
             "decode_linear",
+            "decode_block",
         ],
         default="all",
     )
@@ -179,6 +181,16 @@ def _ops(args: argparse.Namespace) -> list:
             shapes=dl["shapes"],
             dtypes=dtypes,
             providers=_providers(args, bench_decode_linear),
+            budget_s=args.budget,
+        )
+    if args.op in ("all", "decode_block"):
+        db = bench_decode_block.QUICK
+        rows += bench_decode_block.run(
+            shapes=db["shapes"],
+            cache=db["cache"],
+            layers=db["layers"],
+            dtypes=dtypes,
+            providers=_providers(args, bench_decode_block),
             budget_s=args.budget,
         )
     return rows

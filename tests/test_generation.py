@@ -346,13 +346,37 @@ def test_lean_blocks_are_bit_identical_to_the_modules(arch, impl):
         with runner.decode_linears(), torch.no_grad():
             first = prefill(runner, state, tokens, valid)
             state.add_slots(torch.ones(len(tokens), 3, dtype=torch.bool))
-            step = runner.run(runner.embed(tokens[:, :3]), 0, runner.num_layers, state)
+            step = runner.run(runner.embed(tokens[:, :3]), 0, runner.num_layers, state, False)
         outs.append((first, step, state.cache.keys[3][:, :, : state.slots]))
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_fused_blocks_match_the_modules(arch):
+    """A decode step through decode_block gives the modules' hidden states and cached keys
+    and values (to float32 rounding: the op sums in its own order)."""
+    ee = add_exits(tiny_model(arch), [2], kind="norm")
+    runner = LlamaRunner(ee)
+    assert all(block is not None for block in runner.fused)
+    tokens, valid = left_pad(ragged_prompts(), 0)
+    outs = []
+    for fused in (True, False):
+        state = DecodeState(runner.num_layers, len(tokens), "cpu")
+        with runner.decode_linears(), torch.no_grad():
+            prefill(runner, state, tokens, valid)
+            state.add_slots(torch.tensor([[True, False, True]] * len(tokens)))  # with a hole
+            step = runner.run(runner.embed(tokens[:, :3]), 0, runner.num_layers, state, fused)
+        cache = state.cache
+        outs.append((step, *(c[i][:, :, : state.slots] for c in (cache.keys, cache.values)
+                             for i in range(runner.num_layers))))  # fmt: skip
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_with_hooks_run_through_their_modules():
     ee = add_exits(tiny_model("llama"), [2], kind="norm")
     ee.model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
-    assert [fn is not None for fn in LlamaRunner(ee).lean] == [True, False, True, True]
+    runner = LlamaRunner(ee)
+    assert [fn is not None for fn in runner.lean] == [True, False, True, True]
+    assert [block is not None for block in runner.fused] == [True, False, True, True]

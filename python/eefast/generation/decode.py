@@ -91,7 +91,7 @@ class Outputs:
 def prefill(runner: LlamaRunner, state: DecodeState, ids: torch.Tensor, valid: torch.Tensor):
     """Every layer over the left-padded prompts; the final logits of the last slot."""
     state.add_slots(valid)
-    h = runner.run(runner.embed(ids), 0, runner.num_layers, state)
+    h = runner.run(runner.embed(ids), 0, runner.num_layers, state, fused=False)
     return runner.final_logits(h[:, -1])
 
 

@@ -1,4 +1,4 @@
-"""A llama-family decoder block called without module dispatch.
+"""A llama-family decoder block called without module dispatch, or as one fused op.
 
 At batch 1 a SmolLM2 block's weights stream in about 1.4 ms, and calling HF's block module
 (its submodules, decorators and attention-interface lookup) adds a noticeable share on top.
@@ -7,17 +7,23 @@ the attention function the module would pick (eager or SDPA), and the linears on
 ``decode_linear``, so its output is bit-identical to the module's under
 ``LlamaRunner.decode_linears`` (tested). Only blocks that are exactly HF's qualify; one with
 hooks, adapters or another attention backend runs through its module.
+
+``fused_block`` goes further for decode steps: the whole block is one ``decode_block`` call
+(CPU kernel in float32), which computes each row alone in a fixed order. Its output is close
+to the module's, not bit-identical, but a token's output no longer depends on what else is in
+the call, which is what speculative decoding needs to be exact.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..ops import decode_linear
+from ..ops import decode_block, decode_linear
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -45,6 +51,64 @@ def lean_attention(layer: nn.Module):
     if impl not in ("eager", "sdpa") or hf_rotary(attn) is None:
         return None
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, modeling.eager_attention_forward)
+
+
+# Norms and activations whose forward decode_block computes (HF's RMSNorm: the weight times
+# the float32-normalised row; SiLU).
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_SILU = ("SiLUActivation", "SiLU")
+_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+
+
+@dataclass
+class FusedBlock:
+    """A block's tensors and constants in ``decode_block``'s order."""
+
+    norms: tuple[torch.Tensor, torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    eps: float
+    scaling: float
+    kv_heads: int
+    head_dim: int
+
+
+def fused_block(layer: nn.Module) -> FusedBlock | None:
+    """The ``decode_block`` arguments of a block that qualifies for ``lean_block`` and whose
+    norms, MLP and activation are HF's llama-family ones; else None."""
+    if lean_attention(layer) is None:
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if (
+        any(type(n).__name__ not in _RMS_NORMS for n in norms)
+        or norms[0].variance_epsilon != norms[1].variance_epsilon
+        or type(mlp).__name__ not in _MLPS
+        or type(mlp.act_fn).__name__ not in _SILU
+        or getattr(attn, "sliding_window", None)
+    ):
+        return None
+    linears = [layer.get_submodule(name) for name in _LINEARS]
+    return FusedBlock(
+        norms=(norms[0].weight, norms[1].weight),
+        weights=[m.weight for m in linears],
+        biases=[m.bias for m in linears],
+        eps=float(norms[0].variance_epsilon),
+        scaling=float(attn.scaling),
+        kv_heads=attn.k_proj.out_features // attn.head_dim,
+        head_dim=attn.head_dim,
+    )
+
+
+def run_fused(block: FusedBlock, layer_idx: int, h, cos, sin, allowed, cache) -> torch.Tensor:
+    """``block`` on h [batch, q, d] as one ``decode_block`` call; the new keys and values go to
+    the cache's next q slots of this layer."""
+    batch, q = h.shape[:2]
+    keys, values, first = cache.reserve(layer_idx, (batch, block.kv_heads, q, block.head_dim), h)
+    out = decode_block(h, cos, sin, allowed, keys, values, first, block.norms, block.weights,
+                       block.biases, block.eps, block.scaling)  # fmt: skip
+    cache.lengths[layer_idx] = first + q
+    return out
 
 
 def _linear(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..models.exits import EarlyExitModel
 from ..ops import decode_linear, exit_stats
-from .llama_block import hf_rotary, lean_attention, lean_block
+from .llama_block import fused_block, hf_rotary, lean_attention, lean_block, run_fused
 
 GENERATION_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -36,20 +36,29 @@ class SlotCache:
         self.lengths = [0] * num_layers
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
-        n, q = self.lengths[layer_idx], key.shape[2]
-        buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
-        if buf_k is None or buf_k.shape[2] < n + q:
-            cap = max(64, 2 * (n + q))
-            new_k = key.new_empty(key.shape[0], key.shape[1], cap, key.shape[3])
-            new_v = value.new_empty(value.shape[0], value.shape[1], cap, value.shape[3])
-            if n:
-                new_k[:, :, :n] = buf_k[:, :, :n]
-                new_v[:, :, :n] = buf_v[:, :, :n]
-            self.keys[layer_idx], self.values[layer_idx] = buf_k, buf_v = new_k, new_v
+        buf_k, buf_v, n = self.reserve(layer_idx, key.shape, key)
+        q = key.shape[2]
         buf_k[:, :, n : n + q] = key
         buf_v[:, :, n : n + q] = value
         self.lengths[layer_idx] = n + q
         return buf_k[:, :, : n + q], buf_v[:, :, : n + q]
+
+    def reserve(self, layer_idx: int, shape, like: torch.Tensor):
+        """(keys, values, length) of a layer whose buffers have room for ``shape``'s
+        [batch, heads, q, dim] more slots, grown (doubling) when needed; ``like`` gives the
+        dtype and device of new buffers."""
+        n = self.lengths[layer_idx]
+        batch, heads, q, dim = shape
+        buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
+        if buf_k is None or buf_k.shape[2] < n + q:
+            cap = max(64, 2 * (n + q))
+            new_k = like.new_empty(batch, heads, cap, dim)
+            new_v = like.new_empty(batch, heads, cap, dim)
+            if n:
+                new_k[:, :, :n] = buf_k[:, :, :n]
+                new_v[:, :, :n] = buf_v[:, :, :n]
+            self.keys[layer_idx], self.values[layer_idx] = buf_k, buf_v = new_k, new_v
+        return buf_k, buf_v, n
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
@@ -128,8 +137,10 @@ class LlamaRunner:
         self.block_calls = 0
         self.head_calls = 0.0
         self.vocab_ids = draft_vocab
-        # Per block, the attention function lean_block calls, or None: run the module.
+        # Per block, the attention function lean_block calls, or None: run the module; and
+        # decode_block's arguments where the block qualifies for it (decode steps only).
         self.lean = [lean_attention(layer) for layer in self.layers]
+        self.fused = [fused_block(layer) for layer in self.layers]
         self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextmanager
@@ -155,28 +166,42 @@ class LlamaRunner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(ids)
 
-    def _mask(self, state: DecodeState, first: int, q: int) -> torch.Tensor:
-        """Additive mask [batch, 1, q, first + q]: valid keys at or before each query slot."""
+    @staticmethod
+    def _allowed(state: DecodeState, first: int, q: int) -> torch.Tensor:
+        """[batch, q, first + q]: the valid keys at or before each query slot."""
         keys = state.valid[:, : first + q]
         key_slot = torch.arange(first + q, device=keys.device)
         query_slot = torch.arange(first, first + q, device=keys.device)
-        allowed = keys[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=keys.device)
+        return keys[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The additive [batch, 1, q, keys] form of ``allowed`` that HF's blocks take."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[:, None]
 
-    def run(self, h: torch.Tensor, start: int, end: int, state: DecodeState) -> torch.Tensor:
+    def run(
+        self, h: torch.Tensor, start: int, end: int, state: DecodeState, fused: bool = True
+    ) -> torch.Tensor:
         """Blocks [start, end) on h [batch, q, d], whose tokens are the next q slots of each
-        of those layers (layers in the range must hold the same number of slots)."""
+        of those layers (layers in the range must hold the same number of slots). Blocks that
+        qualify run as one ``decode_block`` call each unless ``fused`` is False (the prefill,
+        whose many rows HF's attention handles better)."""
         if start >= end:
             return h
         self.block_calls += end - start
         first, q = state.cache.lengths[start], h.shape[1]
         pos = state.pos[:, first : first + q]
-        mask = self._mask(state, first, q)
+        allowed = self._allowed(state, first, q)
+        fused_blocks = self.fused if fused else [None] * self.num_layers
+        mask = None
         rotary = self.base.rotary_emb(h, position_ids=pos)
         for i in range(start, end):
             assert state.cache.lengths[i] == first, "layers in one run must be in step"
+            if fused_blocks[i] is not None:
+                h = run_fused(fused_blocks[i], i, h, *rotary, allowed, state.cache)
+                continue
+            mask = self._mask(allowed) if mask is None else mask
             if self.lean[i] is not None:
                 h = lean_block(self.layers[i], self.lean[i], h, rotary, mask, state.cache)
                 continue
