@@ -22,8 +22,9 @@ class Block:
         shapes = [(HEADS * HD, D), (KV_HEADS * HD, D), (KV_HEADS * HD, D), (D, HEADS * HD),
                   (INNER, D), (INNER, D), (D, INNER)]  # fmt: skip
         self.weights = [rand(*s, scale=s[1] ** -0.5) for s in shapes]
-        self.biases = [rand(s[0], scale=0.1) if bias and i < 3 else None
-                       for i, s in enumerate(shapes)]  # fmt: skip  (qwen2: q, k, v biases)
+        with_bias = {0, 1, 2} if bias else set()  # qwen2's: q, k and v only
+        self.biases = [rand(s[0], scale=0.1) if i in with_bias else None
+                       for i, s in enumerate(shapes)]  # fmt: skip
         self.norms = (1 + rand(D, scale=0.1), 1 + rand(D, scale=0.1))
         self.rand = rand
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from eefast.cli import main
 from eefast.cli_generate import demo_generation
 from eefast.data import load_documents, split_blocks, token_blocks
+from eefast.generation import DRAFT_THRESHOLD
 from eefast.models import add_exits, load_model
 from eefast.train import TuneConfig, ee_tune
 from eefast.train.ee_tune import _Data, eval_loss
@@ -239,5 +240,5 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     assert "eefast threshold 0.5 classifier (lossy)" in names
     assert "eefast threshold 0.5 kv=propagate (lossy)" in names
     assert all(r["same_as_hf_greedy"] for r in rows if "speculative" in r["provider"])
-    assert "eefast speculative conf 0.5 full-vocab drafts" in names  # the draft vocabulary
+    assert f"eefast speculative conf {DRAFT_THRESHOLD} full-vocab drafts" in names
     assert next(bench.glob("generate-*.png")).stat().st_size > 0

@@ -247,7 +247,7 @@ def add_commands(sub) -> None:
     b.add_argument(
         "--draft-thresholds",
         type=_float_list,
-        default=[0.4, DRAFT_THRESHOLD, 0.6],
+        default=[0.5, DRAFT_THRESHOLD, 0.7],
         help="speculative rows drafting at the first confident exit, one per threshold",
     )
     b.add_argument(
