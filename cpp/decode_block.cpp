@@ -6,7 +6,6 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/silu.h>
@@ -122,10 +121,10 @@ Tensor decode_block_composite(const Tensor& h, const Tensor& cos, const Tensor& 
                               int64_t cache_len, const Tensor& norm1, const Tensor& norm2,
                               const std::vector<Tensor>& weights,
                               const std::vector<std::optional<Tensor>>& biases, double eps,
-                              double scaling) {
+                              double scaling, LinearFn linear_fn) {
   const DecodeBlockDims n = check_decode_block_args(h, cos, sin, allowed, k_cache, v_cache,
                                                     cache_len, norm1, norm2, weights, biases);
-  auto linear = [&](const Tensor& x, int i) { return at::linear(x, weights[i], biases[i]); };
+  auto linear = [&](const Tensor& x, int i) { return linear_fn(x, weights[i], biases[i]); };
   auto heads = [&](const Tensor& x) {  // [B, q, n * hd] -> [B, n, q, hd]
     return x.view({n.batch, n.q, -1, n.head_dim}).transpose(1, 2);
   };

@@ -72,7 +72,7 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
                         double scaling) {
   if (h.scalar_type() != at::kFloat) {
     return decode_block_composite(h, cos, sin, allowed, k_cache, v_cache, cache_len, norm1,
-                                  norm2, weights, biases, eps, scaling);
+                                  norm2, weights, biases, eps, scaling, &decode_linear_cpu);
   }
   const DecodeBlockDims n = check_decode_block_args(h, cos, sin, allowed, k_cache, v_cache,
                                                     cache_len, norm1, norm2, weights, biases);
