@@ -105,6 +105,32 @@ def test_speculative_exact_on_other_llama_family(arch):
     assert got.tokens == full_greedy(ee, prompts)
 
 
+QWEN2_HALF_SLIDING = ["full_attention"] * 2 + ["sliding_attention"] * 2
+
+
+@pytest.mark.parametrize(
+    "arch,config",
+    [
+        ("mistral", dict(sliding_window=3)),  # every block
+        ("qwen2", dict(use_sliding_window=True, sliding_window=3, layer_types=QWEN2_HALF_SLIDING)),
+    ],
+)
+def test_sliding_window_attention_matches_hf_generate(arch, config):
+    """Blocks with a sliding window attend only that many positions back, as in HF; speculative
+    decoding stays exact with it."""
+    ee = add_exits(tiny_model(arch, **config), [1, 2], kind="norm")
+    eos = StubTokenizer(ee.model.config.eos_token_id)  # HF generate stops there too
+    full = []
+    for prompt in ragged_prompts():
+        want = ee.model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False)
+        full.append(full_greedy(ee, [prompt], eos)[0])
+        assert full[-1] == want[0, len(prompt) :].tolist()
+        got = generate(ee, eos, [prompt], "speculative", NEW, exits=[1, 2], threshold=0.015)
+        assert got.tokens[0] == full[-1] and got.stats.drafted > 0
+    no_window = add_exits(tiny_model(arch), [1, 2], kind="norm")
+    assert full != [full_greedy(no_window, [p], eos)[0] for p in ragged_prompts()], "no effect"
+
+
 def test_weight_passes_are_counted(llama_ee):
     """Block and head passes per token are what bench-generate reports as decode cost."""
     prompt = ragged_prompts()[:1]

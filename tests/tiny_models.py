@@ -43,9 +43,12 @@ def _configs():
 ARCH_NAMES = list(_configs())
 
 
-def tiny_model(arch: str = "llama", seed: int = 0):
+def tiny_model(arch: str = "llama", seed: int = 0, **config):
+    """A tiny random model of ``arch``; ``config`` overrides its config's fields."""
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_configs()[arch], attn_implementation="eager")
+    cfg = _configs()[arch]
+    cfg.update(config)
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     # Random init leaves norms at identity; perturb them so copied norms are tested for real.
     with torch.no_grad():
         for name, p in model.named_parameters():

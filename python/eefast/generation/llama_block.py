@@ -85,7 +85,6 @@ def fused_block(layer: nn.Module) -> FusedBlock | None:
         or norms[0].variance_epsilon != norms[1].variance_epsilon
         or type(mlp).__name__ not in _MLPS
         or type(mlp.act_fn).__name__ not in _SILU
-        or getattr(attn, "sliding_window", None)
     ):
         return None
     linears = [layer.get_submodule(name) for name in _LINEARS]

@@ -141,6 +141,7 @@ class LlamaRunner:
         # decode_block's arguments where the block qualifies for it (decode steps only).
         self.lean = [lean_attention(layer) for layer in self.layers]
         self.fused = [fused_block(layer) for layer in self.layers]
+        self.windows = [_sliding_window(layer, ee.model.config) for layer in self.layers]
         self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextmanager
@@ -167,12 +168,17 @@ class LlamaRunner:
         return self.base.embed_tokens(ids)
 
     @staticmethod
-    def _allowed(state: DecodeState, first: int, q: int) -> torch.Tensor:
-        """[batch, q, first + q]: the valid keys at or before each query slot."""
+    def _allowed(state: DecodeState, first: int, q: int, window: int | None) -> torch.Tensor:
+        """[batch, q, first + q]: the valid keys at or before each query slot, and with a
+        sliding window, only those less than ``window`` positions back."""
         keys = state.valid[:, : first + q]
         key_slot = torch.arange(first + q, device=keys.device)
         query_slot = torch.arange(first, first + q, device=keys.device)
-        return keys[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])
+        allowed = keys[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])
+        if window is not None:
+            back = state.pos[:, first : first + q, None] - state.pos[:, None, : first + q]
+            allowed &= back < window
+        return allowed
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """The additive [batch, 1, q, keys] form of ``allowed`` that HF's blocks take."""
@@ -192,16 +198,21 @@ class LlamaRunner:
         self.block_calls += end - start
         first, q = state.cache.lengths[start], h.shape[1]
         pos = state.pos[:, first : first + q]
-        allowed = self._allowed(state, first, q)
         fused_blocks = self.fused if fused else [None] * self.num_layers
-        mask = None
+        allowed: dict[int | None, torch.Tensor] = {}  # per attention window
+        masks: dict[int | None, torch.Tensor] = {}
         rotary = self.base.rotary_emb(h, position_ids=pos)
         for i in range(start, end):
             assert state.cache.lengths[i] == first, "layers in one run must be in step"
+            window = self.windows[i]
+            if window not in allowed:
+                allowed[window] = self._allowed(state, first, q, window)
             if fused_blocks[i] is not None:
-                h = run_fused(fused_blocks[i], i, h, *rotary, allowed, state.cache)
+                h = run_fused(fused_blocks[i], i, h, *rotary, allowed[window], state.cache)
                 continue
-            mask = self._mask(allowed) if mask is None else mask
+            if window not in masks:
+                masks[window] = self._mask(allowed[window])
+            mask = masks[window]
             if self.lean[i] is not None:
                 h = lean_block(self.layers[i], self.lean[i], h, rotary, mask, state.cache)
                 continue
@@ -282,6 +293,15 @@ class LlamaRunner:
         return (
             len(self.vocab_ids) if self.vocab_ids is not None else self.ee.head(layer)[0].shape[0]
         )
+
+
+def _sliding_window(layer: nn.Module, config) -> int | None:
+    """How many positions back a block attends (None: all), as HF's masks apply it: qwen2
+    sets it per block, mistral for every block."""
+    attn = layer.self_attn
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(config, "sliding_window", None)
 
 
 def _decode_forward(linear: nn.Linear):
