@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .cli_generate import PROMPTS, _say, agreement
+from .cli_common import say
+from .cli_generate import PROMPTS, agreement
 from .generation import DRAFT_THRESHOLD, generate, hf_greedy, prompt_ids
 from .io import write_json
 
@@ -115,12 +116,12 @@ def run_bench(ee, tokenizer, args) -> None:
                 if mode == "threshold":
                     row["agreement"] = agreement(ee, ids[: len(toks)], toks)
             rows.append(row)
-            _say(_format(row, rows))
+            say(_format(row, rows))
     out = Path(args.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(out / f"generate-{stamp}.json", rows)
     _plot(rows, out / f"generate-{stamp}.png")
-    _say(f"wrote {out / f'generate-{stamp}.json'} and the PNG beside it")
+    say(f"wrote {out / f'generate-{stamp}.json'} and the PNG beside it")
 
 
 def _merge(acc, res):

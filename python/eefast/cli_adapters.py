@@ -22,6 +22,7 @@ from .adapters import (
     mark_only_adapters_trainable,
     save_adapter,
 )
+from .cli_common import say
 from .io import write_json
 from .models import load_model
 from .models.loading import DEFAULT_MODEL
@@ -34,10 +35,6 @@ METHODS = ("lora", "series", "parallel", "prefix", "ia3")
 # Peak learning rates that move SmolLM2 within a few hundred steps (measured: see the README).
 DEFAULT_LR = {"lora": 1e-3, "series": 1e-3, "parallel": 1e-3, "prefix": 1e-2, "ia3": 1e-2}
 TASK = "arith"
-
-
-def _say(msg: str) -> None:
-    print(f"[eefast] {msg}", flush=True)
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -93,15 +90,15 @@ def _evaluate(model, tokenizer, args, out: Path | None) -> dict:
     result = answer_accuracy(
         model, tokenizer, rows, args.eval_batch_size, args.max_new_tokens, not args.no_chat
     )
-    _say(
+    say(
         f"accuracy {result['accuracy']:.1%} ({result['correct']}/{result['total']}) on "
         f"{args.eval_data} in {time.perf_counter() - t0:.0f} s"
     )
     for s in result["samples"][:3]:
-        _say(f"  {s['instruction'][:60]!r} -> {s['reply'][:60]!r} (gold {s['gold']})")
+        say(f"  {s['instruction'][:60]!r} -> {s['reply'][:60]!r} (gold {s['gold']})")
     if out is not None:
         write_json(out, result)
-        _say(f"wrote {out}")
+        say(f"wrote {out}")
     return result
 
 
@@ -112,7 +109,7 @@ def cmd_finetune(args) -> None:
     adapter = add_adapters(model, config)
     trainable = mark_only_adapters_trainable(model)
     total = sum(p.numel() for p in model.parameters())
-    _say(
+    say(
         f"{args.method} adapter on {model.config._name_or_path}: {trainable:,} trainable "
         f"parameters ({trainable / total:.3%} of {total:,}) at {len(adapter.targets)} places"
     )
@@ -129,7 +126,7 @@ def cmd_finetune(args) -> None:
         save_every=args.save_every,
     )
     out = Path(args.out)
-    _say(
+    say(
         f"{len(examples)} examples from {args.data}; {ft.steps} steps of "
         f"{ft.batch_size}x{ft.grad_accum} at lr {lr:g}; checkpoints in {out / 'checkpoints'}"
     )
@@ -145,13 +142,13 @@ def cmd_finetune(args) -> None:
         pad_id=pad,
     )
     first, last = log[0]["loss"], sum(r["loss"] for r in log[-10:]) / len(log[-10:])
-    _say(
+    say(
         f"loss {first:.3f} -> {last:.3f} (mean of the last 10 steps) in "
         f"{time.perf_counter() - t0:.0f} s"
     )
     save_adapter(model, out)
     write_json(out / "finetune.json", {"config": asdict(ft), "log": log})
-    _say(f"wrote the adapter to {out}")
+    say(f"wrote the adapter to {out}")
     if args.eval:
         _evaluate(model, tokenizer, args, out / f"eval_{Path(args.eval_data).stem}.json")
 
@@ -162,7 +159,7 @@ def cmd_eval(args) -> None:
     out = None
     if args.adapter:
         adapter = load_adapter(model, args.adapter)
-        _say(f"loaded a {adapter.method} adapter from {args.adapter}")
+        say(f"loaded a {adapter.method} adapter from {args.adapter}")
         out = Path(args.adapter) / f"eval_{Path(args.eval_data).stem}.json"
     if args.out:
         out = Path(args.out)

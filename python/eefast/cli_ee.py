@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_common import float_list, int_list, say
 from .cli_generate import demo_generation
 from .data import DEFAULT_CORPUS, load_documents, split_blocks, token_blocks
 from .io import write_json
@@ -25,34 +26,16 @@ from .train import TuneConfig, ee_tune, evaluate_exits
 from .train.ee_eval import format_table, plot_exits
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated floats, got {text!r}") from None
-
-
-def _say(msg: str) -> None:
-    print(f"[eefast] {msg}", flush=True)
-
-
 def _load(args):
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    _say(
+    say(
         f"loaded {model.config._name_or_path} ({model.config.model_type}, "
         f"{model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s"
     )
     blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
     train, held_out = split_blocks(blocks, args.eval_blocks)
-    _say(
+    say(
         f"corpus {args.data}: {blocks.numel():,} tokens = {len(blocks)} blocks of "
         f"{args.seq_len}; {len(held_out)} held out"
     )
@@ -65,7 +48,7 @@ def _report(ee, held_out, args, out: Path | None) -> list[dict]:
     if out:
         write_json(out / "eval_exits.json", rows)
         plot_exits(rows, out / "eval_exits.png")
-        _say(f"wrote {out / 'eval_exits.json'} and {out / 'eval_exits.png'}")
+        say(f"wrote {out / 'eval_exits.json'} and {out / 'eval_exits.png'}")
     return rows
 
 
@@ -90,22 +73,22 @@ def cmd_tune(args) -> None:
     torch.manual_seed(args.seed)
     model, train, held_out = _load(args)
     ee = add_exits(model, args.exits, args.kind, args.init, args.share_lm_head)
-    _say(
+    say(
         f"exits ({args.kind}) after blocks {ee.exit_layers} of {ee.num_layers}; "
         f"{sum(p.numel() for p in ee.exit_parameters()):,} trainable parameters"
     )
     out = Path(args.out)
-    _say(
+    say(
         f"tuning {args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
         f"checkpoints and metrics in {out} (rerun resumes)"
     )
     t0 = time.perf_counter()
     metrics = ee_tune(ee, train, held_out, _tune_config(args), out, resume=not args.no_resume)
-    _say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
+    say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
     if metrics:
         last = metrics[-1]
-        _say(f"step {last['step']}: loss {last['loss']:.3f}, {last['tokens_per_s']:.0f} tokens/s")
-    _say("held-out quality per exit (tuned vs untuned baseline = final norm + LM head there):")
+        say(f"step {last['step']}: loss {last['loss']:.3f}, {last['tokens_per_s']:.0f} tokens/s")
+    say("held-out quality per exit (tuned vs untuned baseline = final norm + LM head there):")
     _report(ee, held_out, args, out)
 
 
@@ -118,11 +101,11 @@ def cmd_eval_exits(args) -> None:
 def cmd_demo(args) -> None:
     """The main job: EE-tune SmolLM2's exits on pydoc_data for a few minutes, report, and
     decode with them (full depth against lossless self-speculative)."""
-    _say("EE-Tuning demo: frozen backbone, exits tuned with fused multi-exit losses")
+    say("EE-Tuning demo: frozen backbone, exits tuned with fused multi-exit losses")
     t_start = time.perf_counter()
     cmd_tune(args)
     demo_generation(args.model, args.out)
-    _say(f"demo done in {time.perf_counter() - t_start:.0f} s")
+    say(f"demo done in {time.perf_counter() - t_start:.0f} s")
 
 
 def cmd_train_classifier(args) -> None:
@@ -131,12 +114,12 @@ def cmd_train_classifier(args) -> None:
     model, train, held_out = _load(args)
     ee = load_exits(model, args.exits)
     train = train[: args.blocks]
-    _say(f"fitting the exit classifier on {train.numel():,} tokens per exit")
+    say(f"fitting the exit classifier on {train.numel():,} tokens per exit")
     _, rows = fit_exit_classifier(ee, train, held_out, args.steps, batch_size=args.batch_size)
     print(format_table(rows), flush=True)
     save_classifier(ee, args.exits)
     write_json(Path(args.exits) / "classifier_eval.json", rows)
-    _say(f"wrote {Path(args.exits) / 'classifier.safetensors'}; use it with --measure classifier")
+    say(f"wrote {Path(args.exits) / 'classifier.safetensors'}; use it with --measure classifier")
 
 
 def cmd_draft_vocab(args) -> None:
@@ -152,7 +135,7 @@ def cmd_draft_vocab(args) -> None:
     ids = frequent_tokens(train, args.size, tokenizer.all_special_ids)
     held = coverage(held_out, ids)
     save_draft_vocab(args.exits, ids, held)
-    _say(
+    say(
         f"draft vocabulary: {len(ids):,} of {vocab:,} tokens ({len(ids) / vocab:.0%} of the "
         f"head), covering {coverage(train, ids):.1%} of {args.data}'s training tokens and "
         f"{held:.1%} of its held-out ones; wrote {Path(args.exits) / DRAFT_VOCAB_FILE}"
@@ -168,7 +151,7 @@ def cmd_distill_data(args) -> None:
     rows = write_self_distilled(
         model, tokenizer, Path(args.out), args.prompts, args.max_new_tokens, args.batch_size
     )
-    _say(f"{args.out}: {rows} chat rows; tune on them with --data {args.out}")
+    say(f"{args.out}: {rows} chat rows; tune on them with --data {args.out}")
 
 
 def _common(
@@ -185,8 +168,8 @@ def _common(
     p.add_argument("--data", default=DEFAULT_CORPUS, help="pydoc_data, a .txt or a .jsonl")
     p.add_argument(
         "--exits",
-        type=_int_list,
-        default=_int_list(exits),
+        type=int_list,
+        default=int_list(exits),
         help="exit after these many blocks, e.g. 8,15,22",
     )
     p.add_argument("--kind", choices=EXIT_KINDS, default=kind)
@@ -205,7 +188,7 @@ def _common(
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--kd-weight", type=float, default=0.0)
     p.add_argument("--z-loss", type=float, default=0.0)
-    p.add_argument("--exit-weights", type=_float_list, default=None)
+    p.add_argument("--exit-weights", type=float_list, default=None)
     p.add_argument("--exit-weight-warmup", type=int, default=0)
     p.add_argument(
         "--cache-hidden",

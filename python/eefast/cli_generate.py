@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_common import float_list, int_list, say
 from .generation import (
     CONFIDENCE_MEASURES,
     DRAFT_THRESHOLD,
@@ -32,28 +33,16 @@ PROMPTS = [
 THRESHOLDS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 
 
-def _say(msg: str) -> None:
-    print(f"[eefast] {msg}", flush=True)
-
-
 def _load(args):
     model, tokenizer = load_model(args.model)
     ee = load_exits(model, args.exits)
-    _say(f"exits at {ee.exit_layers} of {ee.num_layers} blocks ({ee.kind}) from {args.exits}")
+    say(f"exits at {ee.exit_layers} of {ee.num_layers} blocks ({ee.kind}) from {args.exits}")
     if ee.draft_vocab is not None:
         if args.no_draft_vocab:
             ee.draft_vocab = None
         else:
-            _say(f"exit heads cut to a draft vocabulary of {len(ee.draft_vocab):,} tokens")
+            say(f"exit heads cut to a draft vocabulary of {len(ee.draft_vocab):,} tokens")
     return ee, tokenizer
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def agreement(ee, ids: list[list[int]], outputs: list[list[int]]) -> float:
@@ -89,17 +78,17 @@ def demo_generation(model_name: str, exits_dir) -> None:
     full = generate(ee, tokenizer, [prompt], "full", 48, chat=True)
     spec = generate(ee, tokenizer, [prompt], "speculative", 48, chat=True)
     print(f"\n>>> {prompt}\n{spec.texts[0]}", flush=True)
-    _say(f"full depth: {_stats_line(full)}")
-    _say(f"speculative (confident exits of {ee.exit_layers} draft): {_stats_line(spec)}")
+    say(f"full depth: {_stats_line(full)}")
+    say(f"speculative (confident exits of {ee.exit_layers} draft): {_stats_line(spec)}")
     same = "identical to" if spec.tokens == full.tokens else "DIFFERENT from"
-    _say(f"speculative output is {same} full-depth greedy (lossless by construction)")
+    say(f"speculative output is {same} full-depth greedy (lossless by construction)")
     if spec.tokens_per_second < full.tokens_per_second:
         why = (
             f"its drafts are accepted {spec.stats.acceptance:.0%} of the time"
             if spec.stats.drafted
             else "no exit was confident enough to draft"
         )
-        _say(
+        say(
             f"speculation is slower here: {why}; it pays off with exits tuned longer on chat "
             "data (see the README's generation section)"
         )
@@ -132,7 +121,7 @@ def cmd_generate(args) -> None:
     lossy = " (lossy)" if args.mode == "threshold" else ""
     for prompt, text in zip(prompts, res.texts, strict=True):
         print(f"\n>>> {prompt}\n{text}")
-    _say(f"{args.mode}{lossy}: {_stats_line(res)}")
+    say(f"{args.mode}{lossy}: {_stats_line(res)}")
 
 
 def calibrate(ee, tokenizer, ids, thresholds, target, max_new, measure="max_prob"):
@@ -151,7 +140,7 @@ def calibrate(ee, tokenizer, ids, thresholds, target, max_new, measure="max_prob
                 "exit_layers": dict(sorted(res.stats.exit_layers.items())),
             }
         )
-        _say(
+        say(
             f"threshold {th}: agreement {rows[-1]['agreement']:.3f}, "
             f"{rows[-1]['tokens_per_s']:.1f} tok/s, mean layers {rows[-1]['mean_layers']:.1f}"
         )
@@ -170,9 +159,9 @@ def cmd_calibrate(args) -> None:
         out, {"target": args.target, "measure": args.measure, "threshold": best, "rows": rows}
     )
     if best is None:
-        _say(f"no threshold reached agreement {args.target}; wrote {out}")
+        say(f"no threshold reached agreement {args.target}; wrote {out}")
     else:
-        _say(f"threshold {best} reaches agreement >= {args.target}; wrote {out}")
+        say(f"threshold {best} reaches agreement >= {args.target}; wrote {out}")
 
 
 def cmd_bench_generate(args) -> None:
@@ -199,7 +188,7 @@ def add_commands(sub) -> None:
     g.add_argument("--mode", choices=MODES, default="speculative")
     g.add_argument(
         "--exit-layers",
-        type=_int_list,
+        type=int_list,
         default=None,
         help="exits a token may stop at, e.g. 6,12,20 (default: all)",
     )
@@ -234,25 +223,25 @@ def add_commands(sub) -> None:
     c = sub.add_parser("calibrate", help="pick a threshold for a target agreement")
     common(c)
     c.add_argument("--target", type=float, default=0.95)
-    c.add_argument("--thresholds", type=_float_list, default=THRESHOLDS)
+    c.add_argument("--thresholds", type=float_list, default=THRESHOLDS)
     c.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
     c.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
     c.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bench-generate", help="eefast generation against HF generate")
     common(b)
-    b.add_argument("--batch-sizes", type=_int_list, default=[1, 4])
+    b.add_argument("--batch-sizes", type=int_list, default=[1, 4])
     b.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
-    b.add_argument("--thresholds", type=_float_list, default=[0.5, 0.8, 0.9, 0.99])
+    b.add_argument("--thresholds", type=float_list, default=[0.5, 0.8, 0.9, 0.99])
     b.add_argument(
         "--draft-thresholds",
-        type=_float_list,
+        type=float_list,
         default=[0.5, DRAFT_THRESHOLD, 0.7],
         help="speculative rows drafting at the first confident exit, one per threshold",
     )
     b.add_argument(
         "--variant-thresholds",
-        type=_float_list,
+        type=float_list,
         default=[0.8, 0.9],
         help="thresholds for the kv=propagate and classifier variants (when present)",
     )
