@@ -46,7 +46,7 @@ def _smollm2_config(layers: int) -> LlamaConfig:
     )  # fmt: skip
 
 
-def _calls(blocks, config, batch: int, q: int, cache: int, dtype, gen) -> dict:
+def _calls(blocks, fused, compiled, config, batch: int, q: int, cache: int, dtype, gen) -> dict:
     """provider -> a call that runs the next block on one step of ``q`` tokens per sequence."""
     hd = config.hidden_size // config.num_attention_heads
     h = torch.randn(batch, q, config.hidden_size, generator=gen).to(dtype)
@@ -57,8 +57,6 @@ def _calls(blocks, config, batch: int, q: int, cache: int, dtype, gen) -> dict:
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     kv = [torch.randn(batch, 3, cache + q, hd, generator=gen).to(dtype) for _ in range(2)]
     slots = _FixedSlots(*kv, cache)
-    fused = [fused_block(block) for block in blocks]
-    compiled = [torch.compile(block) for block in blocks]
     turn = itertools.cycle(range(len(blocks)))
 
     def eefast_call():
@@ -88,8 +86,10 @@ def run(shapes, cache: int, layers: int, dtypes, providers, budget_s: float = 2.
         for p in (p for block in blocks for p in block.parameters()):
             p.requires_grad_(False)
             p.normal_(0, 0.02, generator=gen)
+        fused = [fused_block(block) for block in blocks]
+        compiled = [torch.compile(block) for block in blocks]
         for batch, q in shapes:
-            fns = _calls(blocks, config, batch, q, cache, dtype, gen)
+            fns = _calls(blocks, fused, compiled, config, batch, q, cache, dtype, gen)
             case = {"batch": batch, "q": q, "cache": cache, "dtype": str(dtype).split(".")[-1]}
             for provider in providers:
                 for _ in range(layers):  # compiles every block before timing

@@ -103,11 +103,9 @@ def run_fused(block: FusedBlock, layer_idx: int, h, cos, sin, allowed, cache) ->
     """``block`` on h [batch, q, d] as one ``decode_block`` call; the new keys and values go to
     the cache's next q slots of this layer."""
     batch, q = h.shape[:2]
-    keys, values, first = cache.reserve(layer_idx, (batch, block.kv_heads, q, block.head_dim), h)
-    out = decode_block(h, cos, sin, allowed, keys, values, first, block.norms, block.weights,
-                       block.biases, block.eps, block.scaling)  # fmt: skip
-    cache.lengths[layer_idx] = first + q
-    return out
+    keys, values, first = cache.append(layer_idx, (batch, block.kv_heads, q, block.head_dim), h)
+    return decode_block(h, cos, sin, allowed, keys, values, first, block.norms, block.weights,
+                        block.biases, block.eps, block.scaling)  # fmt: skip
 
 
 def _linear(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:

@@ -36,17 +36,16 @@ class SlotCache:
         self.lengths = [0] * num_layers
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
-        buf_k, buf_v, n = self.reserve(layer_idx, key.shape, key)
+        buf_k, buf_v, n = self.append(layer_idx, key.shape, key)
         q = key.shape[2]
         buf_k[:, :, n : n + q] = key
         buf_v[:, :, n : n + q] = value
-        self.lengths[layer_idx] = n + q
         return buf_k[:, :, : n + q], buf_v[:, :, : n + q]
 
-    def reserve(self, layer_idx: int, shape, like: torch.Tensor):
-        """(keys, values, length) of a layer whose buffers have room for ``shape``'s
-        [batch, heads, q, dim] more slots, grown (doubling) when needed; ``like`` gives the
-        dtype and device of new buffers."""
+    def append(self, layer_idx: int, shape, like: torch.Tensor):
+        """Adds ``shape``'s [batch, heads, q, dim] q slots to a layer, for the caller to fill,
+        and returns (keys, values, first new slot). Buffers grow (doubling) when needed;
+        ``like`` gives the dtype and device of new ones."""
         n = self.lengths[layer_idx]
         batch, heads, q, dim = shape
         buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
@@ -58,6 +57,7 @@ class SlotCache:
                 new_k[:, :, :n] = buf_k[:, :, :n]
                 new_v[:, :, :n] = buf_v[:, :, :n]
             self.keys[layer_idx], self.values[layer_idx] = buf_k, buf_v = new_k, new_v
+        self.lengths[layer_idx] = n + q
         return buf_k, buf_v, n
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
