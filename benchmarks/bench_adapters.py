@@ -18,10 +18,11 @@ import torch
 from eefast.adapters import IA3Config, LoraConfig, PrefixConfig, add_adapters
 from eefast.adapters import mark_only_adapters_trainable as eefast_freeze
 from eefast.data import load_documents, token_blocks
-from eefast.models import load_model
-from eefast.train.finetune import causal_lm_loss
+from eefast.hf import load_model
+from eefast.timing import time_median
+from eefast.train import causal_lm_loss
 
-from .common import Row, peak_extra_memory_mib, time_median
+from .common import Row, peak_extra_memory_mib
 
 PROVIDERS = ["eefast", "peft"]
 METHODS = ["lora", "ia3", "prefix"]

@@ -12,9 +12,10 @@ import itertools
 import torch
 
 import eefast
-from eefast.ops import bottleneck_adapter_reference
+from eefast.ops.reference import bottleneck_adapter as bottleneck_adapter_reference
+from eefast.timing import time_median
 
-from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator
 
 QUICK = {"tokens": [256, 2048], "dims": [576, 2048], "ranks": [64]}
 FULL = {"tokens": [1, 256, 2048, 8192], "dims": [576, 2048, 4096], "ranks": [16, 64, 256]}

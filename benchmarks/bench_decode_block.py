@@ -15,10 +15,12 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from eefast.generation.llama_block import fused_block
+from eefast.generation.blocks import fused_block
+from eefast.hf import ARCHS
 from eefast.ops import decode_block
+from eefast.timing import time_median
 
-from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator
 
 QUICK = {"shapes": [(1, 1), (1, 5), (4, 1), (4, 5)], "cache": 256, "layers": 30}
 PROVIDERS = ["eefast", "eager", "compile"]
@@ -86,7 +88,7 @@ def run(shapes, cache: int, layers: int, dtypes, providers, budget_s: float = 2.
         for p in (p for block in blocks for p in block.parameters()):
             p.requires_grad_(False)
             p.normal_(0, 0.02, generator=gen)
-        fused = [fused_block(block) for block in blocks]
+        fused = [fused_block(block, ARCHS["llama"]) for block in blocks]
         compiled = [torch.compile(block) for block in blocks]
         for batch, q in shapes:
             fns = _calls(blocks, fused, compiled, config, batch, q, cache, dtype, gen)

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import eefast
+from eefast.timing import time_median
 
-from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator
 
 QUICK = {"rows": [1, 2, 5, 8, 16, 32], "shapes": [(1536, 576), (576, 1536), (49152, 576)]}
 PROVIDERS = ["eefast", "eager", "compile"]

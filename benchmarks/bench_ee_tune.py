@@ -15,12 +15,13 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from eefast.data import load_documents, token_blocks
-from eefast.models import add_exits, load_model
-from eefast.train.ee_tune import exit_losses, next_token_targets
+from eefast import add_exits, load_model
+from eefast.data import load_documents, next_token_targets, token_blocks
+from eefast.timing import time_median
+from eefast.train.ee_tune import exit_losses
 from eefast.train.hidden_cache import HiddenCache
 
-from .common import Row, peak_extra_memory_mib, time_median
+from .common import Row, peak_extra_memory_mib
 
 PROVIDERS = ["eefast", "eefast-cached", "naive"]
 

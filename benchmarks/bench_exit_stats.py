@@ -13,8 +13,9 @@ import itertools
 import torch
 
 import eefast
+from eefast.timing import time_median
 
-from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator
 
 QUICK = {"rows": [1, 8, 2048], "d": 576, "vocab": 49152}
 PROVIDERS = ["eefast", "eager", "compile"]

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import eefast
+from eefast.timing import time_median
 
-from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator
 
 QUICK = {"tokens": [4096], "d": 576, "vocab": 49152, "exits": 3}
 PROVIDERS = ["eefast", "eager", "compile"]

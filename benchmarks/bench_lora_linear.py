@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 import eefast
-from eefast.ops import lora_linear_reference
+from eefast.ops.reference import lora_linear as lora_linear_reference
+from eefast.timing import time_median
 
-from .common import Row, peak_extra_memory_mib, seeded_generator, time_median
+from .common import Row, peak_extra_memory_mib, seeded_generator
 
 QUICK = {"tokens": [1, 512, 2048], "dims": [576, 2048], "ranks": [16]}
 FULL = {"tokens": [1, 512, 2048], "dims": [576, 2048, 4096], "ranks": [8, 16, 64]}

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import eefast
-from eefast.ops import ADAPTER_ACTIVATIONS, bottleneck_adapter_reference
+from eefast.ops import ADAPTER_ACTIVATIONS
+from eefast.ops.reference import bottleneck_adapter as bottleneck_adapter_reference
 
 # (leading shape of x, in_features, bottleneck, out_features or None for a series adapter)
 SHAPES = [

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import eefast.tasks.chat as chat
-from eefast.cli_generate import PROMPTS
+import eefast.data.chat as chat
+from eefast.data import PROMPTS
 
 
 class TemplateTokenizer:

@@ -5,7 +5,8 @@ test_generation.py.)"""
 import pytest
 import torch
 
-from eefast.ops import decode_block, decode_block_reference
+from eefast.ops import decode_block
+from eefast.ops.reference import decode_block as decode_block_reference
 
 D, HD, HEADS, KV_HEADS, INNER = 64, 16, 4, 2, 96
 

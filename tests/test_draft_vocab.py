@@ -4,11 +4,11 @@ exact (greedy) and unbiased (sampling); the cut head scores only its tokens; fil
 import pytest
 import torch
 
+from eefast.exits import add_exits, load_exits, save_draft_vocab, save_exits
 from eefast.generation import generate
 from eefast.generation.decode import _accept_sampled
 from eefast.generation.draft_vocab import coverage, frequent_tokens
-from eefast.generation.state import LlamaRunner
-from eefast.models import add_exits, load_exits, save_draft_vocab, save_exits
+from eefast.generation.runner import LlamaRunner
 from tiny_models import VOCAB, tiny_model, token_batch
 
 NEW = 24

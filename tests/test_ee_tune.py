@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
+from eefast import TuneConfig, add_exits, ee_tune, evaluate_exits, load_exits
 from eefast.data import load_documents, split_blocks
-from eefast.models import add_exits, load_exits
-from eefast.train import TuneConfig, ee_tune, evaluate_exits
 from tiny_models import VOCAB, tiny_model
 
 

@@ -4,9 +4,9 @@ and lets a "not yet" skip the exit's LM head."""
 import pytest
 import torch
 
-import eefast.generation.state as state
+import eefast.generation.runner as runner
+from eefast.exits import add_exits, load_exits, save_classifier, save_exits
 from eefast.generation import generate
-from eefast.models import add_exits, load_exits, save_classifier, save_exits
 from eefast.nn.exit_classifier import ExitClassifier
 from eefast.train.exit_classifier import exit_examples, fit_exit_classifier
 from tiny_models import tiny_model, token_batch
@@ -74,7 +74,7 @@ def test_not_yet_skips_the_exit_head(ee, monkeypatch):
     prompts = token_batch(2, 7, seed=4).tolist()
     full = generate(ee, None, prompts, "full", NEW)
     calls = []
-    monkeypatch.setattr(state, "exit_stats", lambda *a: calls.append(1))
+    monkeypatch.setattr(runner, "exit_stats", lambda *a: calls.append(1))
     ee.classifier = constant_classifier(ee, -20.0)  # never confident
     got = generate(ee, None, prompts, "threshold", NEW, measure="classifier", threshold=0.5)
     assert got.tokens == full.tokens and not calls

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eefast
-from eefast.ops import exit_stats_reference
+from eefast.ops.reference import exit_stats as exit_stats_reference
 
 # (leading shape of hidden, d, vocab): few rows (threads over vocab) and many rows (over rows),
 # vocab below, at and above one chunk (2048) with a remainder.
@@ -163,7 +163,7 @@ def test_portable_kernels_match_reference():
     """The non-AVX2 path (what CPUs without AVX2 run), forced in a fresh process."""
     code = """
 import torch, eefast
-from eefast.ops import exit_stats_reference
+from eefast.ops.reference import exit_stats as exit_stats_reference
 torch.manual_seed(0)
 for rows, vocab in ((3, 4100), (40, 2500)):
     for w_dtype in (torch.float32, torch.bfloat16):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import eefast
-from eefast.models import add_exits, load_exits, save_exits
+from eefast.exits import add_exits, load_exits, save_exits
 from eefast.nn import EXIT_KINDS
 from tiny_models import ARCH_NAMES, tiny_model, token_batch
 

@@ -12,16 +12,9 @@ from eefast.adapters import (
     add_adapters,
     mark_only_adapters_trainable,
 )
-from eefast.models.arch import decoder_stack
-from eefast.tasks import arith
-from eefast.train.finetune import (
-    IGNORE,
-    Example,
-    FinetuneConfig,
-    causal_lm_loss,
-    collate,
-    finetune,
-)
+from eefast.data import IGNORE, Example, arith, collate
+from eefast.hf import decoder_stack
+from eefast.train import FinetuneConfig, causal_lm_loss, finetune
 from tiny_models import ARCH_NAMES, VOCAB, tiny_model, token_batch
 
 

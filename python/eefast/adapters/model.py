@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..models.arch import decoder_stack
+from ..hf.arch import decoder_stack
 from ..nn import BottleneckAdapter, IA3Linear, LoRALinear
 from .config import (
     AdapterConfig,

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import DecodeState
+from .runner import LlamaRunner
 from .sampling import Sampling
-from .state import DecodeState, LlamaRunner
 
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy", "classifier")
 KV_MODES = ("recompute", "propagate")

@@ -1,6 +1,17 @@
-"""Training loops: ee_tune (exits on a frozen backbone) and the exit evaluation."""
+"""Training: EE-Tuning of exits on a frozen backbone (ee_tune.py), adapter fine-tuning
+(finetune.py), the exit classifier (exit_classifier.py), and the loop, checkpoints and hidden
+cache they share (loop.py, checkpoint.py, hidden_cache.py)."""
 
-from .ee_eval import evaluate_exits
 from .ee_tune import TuneConfig, ee_tune
+from .finetune import FinetuneConfig, causal_lm_loss, finetune
+from .loop import LoopSettings, TrainLoop
 
-__all__ = ["TuneConfig", "ee_tune", "evaluate_exits"]
+__all__ = [
+    "FinetuneConfig",
+    "LoopSettings",
+    "TrainLoop",
+    "TuneConfig",
+    "causal_lm_loss",
+    "ee_tune",
+    "finetune",
+]

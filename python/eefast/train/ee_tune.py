@@ -12,27 +12,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ..data.corpus import next_token_targets
+from ..exits.files import check_fingerprint, exits_config, save_exits
+from ..exits.model import BackboneStates, EarlyExitModel
 from ..io import write_text
-from ..models.exits import (
-    BackboneStates,
-    EarlyExitModel,
-    check_fingerprint,
-    exits_config,
-    save_exits,
-)
 from ..ops import multi_exit_cross_entropy
-from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .hidden_cache import HiddenCache
-
-IGNORE = -100
+from .loop import LoopSettings, TrainLoop, batch_index
 
 
 @dataclass
@@ -41,7 +32,7 @@ class TuneConfig:
     batch_size: int = 4
     lr: float = 3e-4
     weight_decay: float = 0.0
-    lr_warmup_steps: int = 10  # then cosine decay to 10% of lr
+    lr_warmup_steps: int = 10  # then cosine decay to 10% of lr (train/loop.py)
     exit_weights: list[float] | None = None  # per-exit loss weights (default: all 1)
     exit_weight_warmup_steps: int = 0  # ramp each exit's loss weight in linearly
     kd_weight: float = 0.0  # KL(final layer || exit) term; needs the full-depth pass
@@ -62,38 +53,12 @@ class TuneConfig:
             raise ValueError(f"ee_tune: {n_exits} exits but {len(self.exit_weights)} exit_weights")
 
 
-def lr_at(cfg: TuneConfig, step: int) -> float:
-    warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
-    decay_steps = max(1, cfg.steps - cfg.lr_warmup_steps)
-    progress = min(1.0, max(0, step - cfg.lr_warmup_steps) / decay_steps)
-    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def exit_weights_at(cfg: TuneConfig, n_exits: int, step: int) -> list[float]:
     base = cfg.exit_weights or [1.0] * n_exits
     ramp = (
         min(1.0, (step + 1) / cfg.exit_weight_warmup_steps) if cfg.exit_weight_warmup_steps else 1
     )
     return [w * ramp for w in base]
-
-
-def batch_index(n_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """The blocks of a step: a seeded permutation per epoch, so resume replays the same data."""
-    if n_blocks < batch_size:
-        raise ValueError(f"ee_tune: {n_blocks} training blocks, fewer than batch_size {batch_size}")
-    per_epoch = n_blocks // batch_size
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(
-        n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    )
-    return perm[i * batch_size : (i + 1) * batch_size]
-
-
-def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
-    """Targets for every position: the next token, and IGNORE at each block's end."""
-    targets = torch.full_like(ids, IGNORE)
-    targets[:, :-1] = ids[:, 1:]
-    return targets.reshape(-1)
 
 
 def exit_losses(
@@ -193,93 +158,76 @@ def ee_tune(
     cfg.validate(len(layers))
     if train_blocks.dim() != 2 or len(train_blocks) == 0:
         raise ValueError("ee_tune: train_blocks must be a non-empty [n_blocks, seq_len] tensor")
+    batch_index(len(train_blocks), cfg.batch_size, 0, cfg.seed, "ee_tune")  # fail early
     need_final = cfg.kd_weight > 0
-    params = list(ee.exit_parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(out_dir) if out_dir else None
     ckpt_root = out / "checkpoint" if out else None
 
-    start, metrics = 0, []
-    loaded = load_checkpoint(ckpt_root) if (out and resume) else None
-    if loaded:
-        module_state, opt_tensors, opt_meta, state = loaded
-        check_fingerprint(state["exits"]["fingerprint"], ee.model, f"checkpoint in {ckpt_root}")
-        if state["exits"]["layers"] != layers or state["exits"]["kind"] != ee.kind:
+    def check(saved: dict) -> None:
+        check_fingerprint(saved["exits"]["fingerprint"], ee.model, f"checkpoint in {ckpt_root}")
+        if saved["exits"]["layers"] != layers or saved["exits"]["kind"] != ee.kind:
             raise ValueError(
-                f"ee_tune: checkpoint in {ckpt_root} has exits {state['exits']['layers']} "
-                f"({state['exits']['kind']}), this model has {layers} ({ee.kind})"
+                f"ee_tune: checkpoint in {ckpt_root} has exits {saved['exits']['layers']} "
+                f"({saved['exits']['kind']}), this model has {layers} ({ee.kind})"
             )
-        ee.exits.load_state_dict(module_state)
-        restore_optimizer(optimizer, opt_tensors, opt_meta)
-        start, metrics = state["step"], state["metrics"]
 
-    def checkpoint(step: int) -> None:
-        if out:
-            info = {"exits": exits_config(ee), "config": asdict(cfg), "metrics": metrics}
-            save_checkpoint(ckpt_root, step, ee.exits.state_dict(), optimizer, info)
-            _write_metrics(out, metrics)
-
+    settings = LoopSettings(
+        cfg.steps, cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps, cfg.grad_clip, cfg.save_every
+    )
+    params = {n: p for n, p in ee.exits.named_parameters() if p.requires_grad}
+    loop = TrainLoop(
+        "ee-tune",
+        params,
+        settings,
+        ckpt_root,
+        info={"exits": exits_config(ee), "config": asdict(cfg)},
+        check=check,
+        resume=resume,
+        progress=progress,
+        on_checkpoint=(lambda log: _write_metrics(out, log)) if out else None,
+        on_interrupt=(lambda: save_exits(ee, out)) if out else None,  # usable as they are
+    )
     cache = _hidden_cache(ee, train_blocks, cfg, need_final, progress) if cfg.cache_hidden else None
     train = _Data(ee, train_blocks, cache, need_final)
     held_out = _Data(ee, eval_blocks, None, False) if eval_blocks is not None else None
+
+    def evaluate() -> dict:
+        ee.exits.eval()
+        evals = eval_loss(ee, held_out, cfg.batch_size, cfg.eval_batches)
+        ee.exits.train()
+        return {f"eval_loss_exit{layer}": v for layer, v in zip(layers, evals, strict=True)}
+
     ee.exits.train()
-    step = start
-    bar = tqdm(total=cfg.steps, initial=start, desc="ee-tune", disable=not progress, unit="step")
     try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            states, targets = train.states(
-                batch_index(len(train_blocks), cfg.batch_size, step, cfg.seed)
-            )
-            lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total, losses = exit_losses(
-                ee,
-                states,
-                targets,
-                exit_weights_at(cfg, len(layers), step),
-                cfg.kd_weight,
-                cfg.z_loss,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            tokens = targets.numel()
-            record = {
-                "step": step,
-                "loss": float(total.detach()),
-                "lr": lr,
-                "tokens_per_s": tokens / (time.perf_counter() - t0),
-            }
-            record |= {
-                f"loss_exit{layer}": float(v) for layer, v in zip(layers, losses, strict=True)
-            }
-            if step % cfg.log_every == 0 or step % cfg.eval_every == 0:
-                metrics.append(record)  # before eval: an interrupted eval loses no record
-            if held_out is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                ee.exits.eval()
-                evals = eval_loss(ee, held_out, cfg.batch_size, cfg.eval_batches)
-                ee.exits.train()
+        with loop:
+            for step in loop.steps():
+                states, targets = train.states(
+                    batch_index(len(train_blocks), cfg.batch_size, step, cfg.seed)
+                )
+                total, losses = exit_losses(
+                    ee,
+                    states,
+                    targets,
+                    exit_weights_at(cfg, len(layers), step),
+                    cfg.kd_weight,
+                    cfg.z_loss,
+                )
+                total.backward()
+                done = step + 1
+                evaluating = held_out is not None and (
+                    done % cfg.eval_every == 0 or done == cfg.steps
+                )
+                record = {"loss": float(total.detach()), "tokens": targets.numel()}
                 record |= {
-                    f"eval_loss_exit{layer}": v for layer, v in zip(layers, evals, strict=True)
+                    f"loss_exit{layer}": float(v) for layer, v in zip(layers, losses, strict=True)
                 }
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if step % cfg.save_every == 0 and step < cfg.steps:
-                checkpoint(step)
-    except KeyboardInterrupt:
-        checkpoint(step)  # no lost work: resume picks up here
-        if out:
-            save_exits(ee, out)  # and the exits so far are usable as they are
-        raise
+                loop.update(
+                    record,
+                    keep=done % cfg.log_every == 0 or done % cfg.eval_every == 0,
+                    then=evaluate if evaluating else None,
+                )
     finally:
-        bar.close()
         ee.exits.eval()
     if out:
-        checkpoint(step)
         save_exits(ee, out)
-    return metrics
+    return loop.log

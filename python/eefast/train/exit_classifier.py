@@ -12,11 +12,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..models.exits import EarlyExitModel
+from ..exits.model import CONFIDENCE_THRESHOLDS, EarlyExitModel
 from ..nn.exit_classifier import ExitClassifier
 from ..ops import exit_stats
-
-THRESHOLDS = (0.5, 0.8, 0.9)
 
 
 @torch.no_grad()
@@ -74,7 +72,7 @@ def fit_exit_classifier(
         for layer, (x, max_prob, y) in test.items():
             row = {"layer": layer, "agreement": float(y.float().mean())}
             p = clf(layer, x)
-            for t in THRESHOLDS:
+            for t in CONFIDENCE_THRESHOLDS:
                 for name, score in (("clf", p), ("max_prob", max_prob)):
                     prec, cov = _precision_coverage(score, y, t)
                     row[f"{name}>={t} precision"] = prec

@@ -1,28 +1,22 @@
 """Adapter fine-tuning: instruction data with the prompt masked out of the loss, gradient
-accumulation, a progress bar, atomic checkpoints and exact resume.
-
-Batches are drawn from a generator seeded by (seed, step), and torch's RNG is reseeded per step,
-so an interrupted run that resumes from a checkpoint makes the same updates as one that never
-stopped.
+accumulation, and the shared loop's progress bar, atomic checkpoints and exact resume
+(train/loop.py). torch's RNG is reseeded per step, so dropout replays on resume too.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..generation import chat_prompt_ids
-from ..models.arch import ARCHS, decoder_stack
+from ..data.corpus import IGNORE
+from ..data.rows import Example, collate
+from ..hf.arch import ARCHS, decoder_stack
 from ..ops import linear_cross_entropy
-from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
-
-IGNORE = -100
+from .loop import LoopSettings, TrainLoop, batch_index
 
 
 def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -38,12 +32,6 @@ def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
     return linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], head.bias)
-
-
-@dataclass
-class Example:
-    prompt: list[int]  # tokens not in the loss (when masking)
-    response: list[int]  # tokens the model learns to produce
 
 
 @dataclass
@@ -67,75 +55,6 @@ class FinetuneConfig:
             raise ValueError(f"finetune: lr must be positive, got {self.lr}")
 
 
-def format_prompt(
-    tokenizer, instruction: str, input_text: str = "", chat: bool = True
-) -> list[int]:
-    """Prompt tokens of an instruction (+ input): through the chat template when the tokenizer
-    has one and ``chat``, else an Alpaca-style template."""
-    content = f"{instruction}\n\n{input_text}" if input_text else instruction
-    if chat and getattr(tokenizer, "chat_template", None):
-        return chat_prompt_ids(tokenizer, content)
-    text = f"### Instruction:\n{content}\n\n### Response:\n"
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
-def tokenize_rows(tokenizer, rows: list[dict], chat: bool = True) -> list[Example]:
-    """Examples from jsonl rows: ``instruction``/``input``/``output`` (prompt + response) or
-    ``text`` (all of it is response, nothing masked)."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    examples = []
-    for i, row in enumerate(rows):
-        if "instruction" in row and "output" in row:
-            prompt = format_prompt(tokenizer, row["instruction"], row.get("input", ""), chat)
-            response = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + eos
-        elif "text" in row:
-            prompt, response = [], tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-        else:
-            raise ValueError(
-                f"row {i}: expected instruction/output or text fields, got {list(row)}"
-            )
-        examples.append(Example(prompt, response))
-    return examples
-
-
-def collate(
-    examples: list[Example], max_len: int, pad_id: int, mask_prompt: bool
-) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels; labels are IGNORE on padding and, when
-    masking, on the prompt. Sequences longer than max_len keep their first max_len tokens."""
-    seqs = [(e.prompt + e.response)[:max_len] for e in examples]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (e, s) in enumerate(zip(examples, seqs, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        start = min(len(e.prompt), len(s)) if mask_prompt else 0
-        labels[i, start : len(s)] = ids[i, start : len(s)]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _batch_indices(n: int, batch: int, seed: int, step: int, micro: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-    return torch.randint(0, n, (batch,), generator=g).tolist()
-
-
-def _lr_factor(step: int, config: FinetuneConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("finetune: no trainable parameters; call mark_only_adapters_trainable")
-    return params
-
-
 def finetune(
     model: nn.Module,
     examples: list[Example],
@@ -157,78 +76,48 @@ def finetune(
         raise ValueError("finetune: no training examples")
     if all(not e.response for e in examples):
         raise ValueError("finetune: every example has an empty response; nothing to learn")
-    params = _trainable(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("finetune: no trainable parameters; call mark_only_adapters_trainable")
+    batch_index(len(examples), config.batch_size, 0, config.seed, "finetune")  # fail early
     ckpt_dir = Path(out) / "checkpoints" if out is not None else None
-    run_id = {"finetune": asdict(config) | {"steps": None}, "fingerprint": fingerprint}
-    start, log = 0, []
-    found = load_checkpoint(ckpt_dir) if (ckpt_dir and resume) else None
-    if found is not None:
-        tensors, opt_tensors, opt_meta, state = found
-        if state["run"] != json.loads(json.dumps(run_id)):
+    run_id = json.loads(json.dumps({"finetune": asdict(config) | {"steps": None},
+                                    "fingerprint": fingerprint}))  # fmt: skip
+
+    def check(saved: dict) -> None:
+        if saved != run_id:
             raise ValueError(
                 f"finetune: the checkpoint in {ckpt_dir} is from another run "
-                f"({state['run']}); use a new --out or --no-resume"
+                f"({saved}); use a new --out or --no-resume"
             )
-        if set(tensors) != set(params):
-            raise ValueError(f"finetune: the checkpoint in {ckpt_dir} has other parameters")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
-        restore_optimizer(optimizer, opt_tensors, opt_meta)
-        start, log = state["step"], state["log"]
 
-    def checkpoint(step: int) -> None:
-        if ckpt_dir is not None:
-            state = {n: p.detach() for n, p in params.items()}
-            save_checkpoint(ckpt_dir, step, state, optimizer, {"run": run_id, "log": log})
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=config.steps, initial=start, disable=not progress, desc="finetune", unit="step"
+    settings = LoopSettings(
+        config.steps, config.lr, config.weight_decay, config.warmup_steps, 0.0, config.save_every
     )
+    loop = TrainLoop("finetune", params, settings, ckpt_dir, run_id, check, resume, progress)
     was_training = model.training
     model.train()
-    step = start
     try:
-        for step in range(start, config.steps):
-            t0 = time.perf_counter()
-            torch.manual_seed(config.seed * 7919 + step)  # dropout: the same on resume
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, config)
-            total, tokens = 0.0, 0
-            for micro in range(config.grad_accum):
-                idx = _batch_indices(len(examples), config.batch_size, config.seed, step, micro)
-                batch = collate(
-                    [examples[i] for i in idx], config.max_len, pad_id, config.mask_prompt
-                )
-                loss = causal_lm_loss(model, **batch) / config.grad_accum
-                loss.backward()
-                total += loss.item()
-                tokens += int((batch["labels"] != IGNORE).sum())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            log.append(
-                {
-                    "step": step + 1,
-                    "loss": total,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens": tokens,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
-            if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-                checkpoint(step + 1)
-        step = config.steps
-    except KeyboardInterrupt:
-        checkpoint(len(log))
-        bar.close()
-        raise
+        with loop:
+            for step in loop.steps():
+                torch.manual_seed(config.seed * 7919 + step)  # dropout: the same on resume
+                total, tokens = 0.0, 0
+                for micro in range(config.grad_accum):
+                    idx = batch_index(
+                        len(examples), config.batch_size, step * config.grad_accum + micro,
+                        config.seed,
+                    )  # fmt: skip
+                    batch = collate(
+                        [examples[i] for i in idx.tolist()],
+                        config.max_len,
+                        pad_id,
+                        config.mask_prompt,
+                    )
+                    loss = causal_lm_loss(model, **batch) / config.grad_accum
+                    loss.backward()
+                    total += loss.item()
+                    tokens += int((batch["labels"] != IGNORE).sum())
+                loop.update({"loss": total, "tokens": tokens})
     finally:
         model.train(was_training)
-    bar.close()
-    checkpoint(step)
-    return log
+    return loop.log

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ..exits.files import check_fingerprint, model_fingerprint
+from ..exits.model import BackboneStates, EarlyExitModel
 from ..io import write_safetensors
-from ..models.exits import BackboneStates, EarlyExitModel, check_fingerprint, model_fingerprint
 
 
 def _blocks_digest(blocks: torch.Tensor) -> str:

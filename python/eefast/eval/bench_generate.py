@@ -1,4 +1,5 @@
-"""`eefast bench-generate`: eefast's generation modes against HF generate, in one run."""
+"""eefast's generation modes against HF ``generate``, side by side in one run (the library side
+of ``eefast bench-generate``)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from .cli_common import say
-from .cli_generate import PROMPTS, agreement
-from .generation import DRAFT_THRESHOLD, generate, hf_greedy, prompt_ids
-from .io import write_json
+from ..data.prompts import PROMPTS
+from ..generation import DRAFT_THRESHOLD, generate
+from ..hf.tokens import hf_greedy, pad_id, prompt_ids
+from ..io import write_json
+from .agreement import agreement
 
 
 def _hf_generate(model, tokenizer, batch_ids, max_new, **kw) -> tuple[list[list[int]], float]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
-    new = hf_greedy(model, batch_ids, pad, max_new, **kw)
+    new = hf_greedy(model, batch_ids, pad_id(tokenizer), max_new, **kw)
     seconds = time.perf_counter() - t0
     eos = tokenizer.eos_token_id
     toks = []
@@ -29,12 +30,29 @@ def _batches(ids, size):
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def run_bench(ee, tokenizer, args) -> None:
-    torch.set_num_threads(args.threads)
-    ids = prompt_ids(tokenizer, PROMPTS[: args.prompts], chat=True)
-    max_new = args.max_new_tokens
+def run_bench(
+    ee,
+    tokenizer,
+    *,
+    batch_sizes: list[int],
+    prompts: int,
+    max_new_tokens: int,
+    thresholds: list[float],
+    draft_thresholds: list[float],
+    variant_thresholds: list[float],
+    kv_variants: list[str],
+    threads: int,
+    out: str | Path,
+    report=print,
+) -> list[dict]:
+    """Every case at every batch size over the first ``prompts`` built-in chat prompts; one
+    row each (tokens/s, same output as HF greedy, acceptance, agreement, blocks and heads per
+    token), reported line by line and written to ``out`` as JSON and PNG."""
+    torch.set_num_threads(threads)
+    ids = prompt_ids(tokenizer, PROMPTS[:prompts], chat=True)
+    max_new = max_new_tokens
     rows = []
-    for bs in args.batch_sizes:
+    for bs in batch_sizes:
         batches = _batches(ids, bs)
         cases = [("hf greedy", None, {})]
         if bs == 1:  # HF's assisted generation is batch-1 only
@@ -51,7 +69,7 @@ def run_bench(ee, tokenizer, args) -> None:
         ]
         cases += [
             (f"eefast speculative conf {t}", "speculative", {"threshold": t})
-            for t in args.draft_thresholds
+            for t in draft_thresholds
         ]
         if ee.draft_vocab is not None:  # what the draft vocabulary buys, in the same run
             t = DRAFT_THRESHOLD
@@ -63,14 +81,13 @@ def run_bench(ee, tokenizer, args) -> None:
                 )
             ]
         cases += [
-            (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t})
-            for t in args.thresholds
+            (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t}) for t in thresholds
         ]
         # Variants of threshold mode at the same thresholds: CALM's KV copy-up, the classifier.
         cases += [
             (f"eefast threshold {t} kv={kv} (lossy)", "threshold", {"threshold": t, "kv": kv})
-            for kv in args.kv_variants
-            for t in args.variant_thresholds
+            for kv in kv_variants
+            for t in variant_thresholds
         ]
         if ee.classifier is not None:
             cases += [
@@ -79,7 +96,7 @@ def run_bench(ee, tokenizer, args) -> None:
                     "threshold",
                     {"threshold": t, "measure": "classifier"},
                 )
-                for t in args.variant_thresholds
+                for t in variant_thresholds
             ]
         reference = None
         for name, mode, kw in cases:
@@ -116,12 +133,13 @@ def run_bench(ee, tokenizer, args) -> None:
                 if mode == "threshold":
                     row["agreement"] = agreement(ee, ids[: len(toks)], toks)
             rows.append(row)
-            say(_format(row, rows))
-    out = Path(args.out)
+            report(_format(row, rows))
+    out = Path(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(out / f"generate-{stamp}.json", rows)
     _plot(rows, out / f"generate-{stamp}.png")
-    say(f"wrote {out / f'generate-{stamp}.json'} and the PNG beside it")
+    report(f"wrote {out / f'generate-{stamp}.json'} and the PNG beside it")
+    return rows
 
 
 def _merge(acc, res):

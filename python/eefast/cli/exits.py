@@ -1,4 +1,5 @@
-"""EE-Tuning commands: `eefast demo` (the main job), `eefast tune` and `eefast eval-exits`."""
+"""EE-Tuning commands: `eefast demo` (the main job), `tune`, `eval-exits`, `train-classifier`,
+`draft-vocab` and `distill-data`."""
 
 from __future__ import annotations
 
@@ -8,22 +9,21 @@ from pathlib import Path
 
 import torch
 
-from .cli_common import float_list, int_list, say
-from .cli_generate import demo_generation
-from .data import DEFAULT_CORPUS, load_documents, split_blocks, token_blocks
-from .io import write_json
-from .models import (
+from ..data import DEFAULT_CORPUS, PROMPTS, load_documents, split_blocks, token_blocks
+from ..eval import evaluate_exits, format_table, plot_exits
+from ..exits import (
     DRAFT_VOCAB_FILE,
     add_exits,
     load_exits,
-    load_model,
     save_classifier,
     save_draft_vocab,
 )
-from .models.loading import DEFAULT_MODEL
-from .nn import EXIT_KINDS
-from .train import TuneConfig, ee_tune, evaluate_exits
-from .train.ee_eval import format_table, plot_exits
+from ..generation import generate
+from ..hf import DEFAULT_MODEL, load_model
+from ..io import write_json
+from ..nn import EXIT_KINDS
+from ..train import TuneConfig, ee_tune
+from .common import float_list, int_list, say
 
 
 def _load(args):
@@ -98,6 +98,31 @@ def cmd_eval_exits(args) -> None:
     _report(ee, held_out, args, Path(args.out or args.exits))
 
 
+def demo_generation(model_name: str, exits_dir) -> None:
+    """The demo's last step: decode one chat prompt at full depth and speculatively with the
+    tuned exits, and show that the lossless mode gives the same tokens."""
+    model, tokenizer = load_model(model_name)
+    ee = load_exits(model, exits_dir)
+    prompt = PROMPTS[0]
+    full = generate(ee, tokenizer, [prompt], "full", 48, chat=True)
+    spec = generate(ee, tokenizer, [prompt], "speculative", 48, chat=True)
+    print(f"\n>>> {prompt}\n{spec.texts[0]}", flush=True)
+    say(f"full depth: {full.summary()}")
+    say(f"speculative (confident exits of {ee.exit_layers} draft): {spec.summary()}")
+    same = "identical to" if spec.tokens == full.tokens else "DIFFERENT from"
+    say(f"speculative output is {same} full-depth greedy (lossless by construction)")
+    if spec.tokens_per_second < full.tokens_per_second:
+        why = (
+            f"its drafts are accepted {spec.stats.acceptance:.0%} of the time"
+            if spec.stats.drafted
+            else "no exit was confident enough to draft"
+        )
+        say(
+            f"speculation is slower here: {why}; it pays off with exits tuned longer on chat "
+            "data (see the README's generation section)"
+        )
+
+
 def cmd_demo(args) -> None:
     """The main job: EE-tune SmolLM2's exits on pydoc_data for a few minutes, report, and
     decode with them (full depth against lossless self-speculative)."""
@@ -109,7 +134,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train_classifier(args) -> None:
-    from .train.exit_classifier import fit_exit_classifier
+    from ..train.exit_classifier import fit_exit_classifier
 
     model, train, held_out = _load(args)
     ee = load_exits(model, args.exits)
@@ -123,7 +148,7 @@ def cmd_train_classifier(args) -> None:
 
 
 def cmd_draft_vocab(args) -> None:
-    from .generation.draft_vocab import coverage, frequent_tokens
+    from ..generation.draft_vocab import coverage, frequent_tokens
 
     model, tokenizer = load_model(args.model)
     ee = load_exits(model, args.exits)  # checks the exits are this model's
@@ -143,7 +168,7 @@ def cmd_draft_vocab(args) -> None:
 
 
 def cmd_distill_data(args) -> None:
-    from .tasks.chat import write_self_distilled
+    from ..data.chat import write_self_distilled
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """A small synthetic arithmetic word-problem task, in the style of MultiArith and AddSub.
 
 Problems come from templates with a fixed seed, so the train and test splits are reproducible
-(and ship as jsonl next to this file: ``python -m eefast.tasks.arith`` rewrites them). Each row
+(and ship as jsonl next to this file: ``python -m eefast.data.arith`` rewrites them). Each row
 has ``instruction`` (the problem), ``input`` (empty) and ``output`` (the equation and "The
 answer is N."). Evaluation extracts the last number of a reply, as LLM-Adapters does.
 """
@@ -13,7 +13,7 @@ import random
 import re
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent
 SPLITS = {"train": (2000, 1234), "test": (200, 5678)}  # rows, seed
 
 _NAMES = ["Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Nina", "Jack", "Lena"]

@@ -1,25 +1,35 @@
-"""The `eefast` command line: demo (the main job), tune, eval-exits, generate, finetune, eval,
-demo-ops, info."""
+"""`eefast info` (what this build registered) and `eefast demo-ops` (a tour of the fused ops)."""
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import torch
 
-from . import LoRALinear, cli_adapters, cli_generate, exit_stats, lora_linear
-from .cli_ee import add_commands
-from .ops import exit_stats_reference, lora_linear_reference
+from ..nn import LoRALinear
+from ..ops import exit_stats, lora_linear, reference
+from ..timing import time_median
 
 
-def _registered_backends(op: str) -> list[str]:
-    table = torch._C._dispatch_dump(f"eefast::{op}")
-    if "\nCompositeExplicitAutograd[alias]:" in f"\n{table}":
-        return ["any device (ATen composite)"]
-    return [key for key in ("CPU", "CUDA") if f"\n{key}:" in f"\n{table}"]
+def registered_ops() -> list[str]:
+    """Every op of this build's ``eefast`` namespace, as the dispatcher knows them."""
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted(n.split("::", 1)[1] for n in names if n.startswith("eefast::"))
+
+
+def op_backends(op: str) -> tuple[list[str], str]:
+    """(the backends with a kernel for ``eefast::op``, where its autograd is registered)."""
+    table = "\n" + torch._C._dispatch_dump(f"eefast::{op}")
+    if "\nCompositeExplicitAutograd[alias]:" in table:
+        backends = ["any device (ATen composite)"]
+    else:
+        backends = [key for key in ("CPU", "CUDA") if f"\n{key}:" in table]
+    autograd = "none (forward only)"
+    line = next((x for x in table.splitlines() if x.startswith("Autograd[alias]:")), "")
+    if line:
+        autograd = "Python" if "torch/library.py" in line else "C++"
+    return backends, autograd
 
 
 def cmd_info(_args: argparse.Namespace) -> None:
@@ -29,41 +39,28 @@ def cmd_info(_args: argparse.Namespace) -> None:
     print(
         f"eefast {eefast.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}"
     )
-    for op in (
-        "lora_linear",
-        "lora_linear_backward",
-        "bottleneck_adapter",
-        "bottleneck_adapter_backward",
-        "exit_stats",
-        "linear_cross_entropy",
-        "linear_cross_entropy_multi",
-        "linear_cross_entropy_backward",
-    ):
-        print(f"  torch.ops.eefast.{op}: {', '.join(_registered_backends(op)) or 'not built'}")
+    ops = registered_ops()
+    if not ops:
+        print("  no torch.ops.eefast.* registered: eefast._C is not built")
+    for op in ops:
+        backends, autograd = op_backends(op)
+        print(f"  torch.ops.eefast.{op}: {', '.join(backends) or 'no kernel'}; autograd {autograd}")
     print(f"  CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 
 
-def _median_call_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn(), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def _median_ms(fn, reps: int) -> float:
+    return time_median(fn, min_reps=reps, budget_s=0.0)[0] * 1e3
 
 
 def _fwd_bwd_ms(fwd, x, grad, leaves, reps: int) -> float:
     """Median milliseconds of fwd(x).backward(grad), after one warm-up call."""
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
+
+    def step():
         fwd(x).backward(grad)
-        times.append(time.perf_counter() - t0)
         for t in leaves:
             t.grad = None
-    return statistics.median(times[1:]) * 1e3
+
+    return _median_ms(step, reps)
 
 
 def cmd_demo_ops(args: argparse.Namespace) -> None:
@@ -77,7 +74,7 @@ def cmd_demo_ops(args: argparse.Namespace) -> None:
     w, a, b = torch.randn(80, 96), torch.randn(8, 96, requires_grad=True), torch.randn(80, 8)
     b.requires_grad_()
     y = lora_linear(x, w, None, a, b, 0.5)
-    ref = lora_linear_reference(x, w, None, a, b, 0.5)
+    ref = reference.lora_linear(x, w, None, a, b, 0.5)
     print(f"   max |y - reference| = {(y - ref).abs().max().item():.2e}")
 
     print("\n2. LoRALinear learns a low-rank change of a frozen layer (Adam, 200 steps):")
@@ -110,7 +107,7 @@ def cmd_demo_ops(args: argparse.Namespace) -> None:
             args.reps,
         )
         eager = _fwd_bwd_ms(
-            partial(lora_linear_reference, weight=w, bias=None, lora_a=a, lora_b=b, scaling=1.0),
+            partial(reference.lora_linear, weight=w, bias=None, lora_a=a, lora_b=b, scaling=1.0),
             x,
             g,
             (x, a, b),
@@ -126,8 +123,8 @@ def cmd_demo_ops(args: argparse.Namespace) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         head = (torch.randn(49152, 576) / 24).to(dtype)
         h = torch.randn(1, 576)
-        fused = _median_call_ms(lambda h=h, head=head: exit_stats(h, head), args.reps * 5)
-        eager = _median_call_ms(lambda h=h, head=head: exit_stats_reference(h, head), args.reps * 5)
+        fused = _median_ms(lambda h=h, head=head: exit_stats(h, head), args.reps * 5)
+        eager = _median_ms(lambda h=h, head=head: reference.exit_stats(h, head), args.reps * 5)
         stats = exit_stats(h, head)
         print(
             f"   weight {str(dtype):15} eefast {fused:6.2f} ms   "
@@ -137,19 +134,12 @@ def cmd_demo_ops(args: argparse.Namespace) -> None:
     print("\nFull comparison against HF PEFT, eager and torch.compile: make bench")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eefast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
     info = sub.add_parser("info", help="what this build provides")
     info.set_defaults(func=cmd_info)
-    add_commands(sub)
-    cli_generate.add_commands(sub)
-    cli_adapters.add_commands(sub)
     demo = sub.add_parser("demo-ops", help="a short tour of the fused ops and their speed")
     demo.add_argument("--tokens", type=int, default=512)
     demo.add_argument("--dim", type=int, default=2048)
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("--reps", type=int, default=3)
     demo.set_defaults(func=cmd_demo_ops)
-    args = parser.parse_args(argv)
-    args.func(args)

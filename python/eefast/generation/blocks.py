@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..hf.arch import ArchSpec
 from ..ops import decode_block, decode_linear
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -53,13 +54,6 @@ def lean_attention(layer: nn.Module):
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, modeling.eager_attention_forward)
 
 
-# Norms and activations whose forward decode_block computes (HF's RMSNorm: the weight times
-# the float32-normalised row; SiLU).
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
-_SILU = ("SiLUActivation", "SiLU")
-_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-
-
 @dataclass
 class FusedBlock:
     """A block's tensors and constants in ``decode_block``'s order."""
@@ -73,18 +67,19 @@ class FusedBlock:
     head_dim: int
 
 
-def fused_block(layer: nn.Module) -> FusedBlock | None:
+def fused_block(layer: nn.Module, spec: ArchSpec) -> FusedBlock | None:
     """The ``decode_block`` arguments of a block that qualifies for ``lean_block`` and whose
-    norms, MLP and activation are HF's llama-family ones; else None."""
-    if lean_attention(layer) is None:
+    norms, MLP and activation are the ones the architecture table names; else None."""
+    names = spec.decode_block
+    if names is None or lean_attention(layer) is None:
         return None
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if (
-        any(type(n).__name__ not in _RMS_NORMS for n in norms)
+        any(type(n).__name__ != names.norm for n in norms)
         or norms[0].variance_epsilon != norms[1].variance_epsilon
-        or type(mlp).__name__ not in _MLPS
-        or type(mlp.act_fn).__name__ not in _SILU
+        or type(mlp).__name__ != names.mlp
+        or type(mlp.act_fn).__name__ not in names.act
     ):
         return None
     linears = [layer.get_submodule(name) for name in _LINEARS]

@@ -12,11 +12,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..models.exits import EarlyExitModel
+from ..data.corpus import IGNORE, next_token_targets
+from ..exits.model import CONFIDENCE_THRESHOLDS, EarlyExitModel
 from ..ops import exit_stats, linear_cross_entropy
-from .ee_tune import IGNORE, next_token_targets
-
-THRESHOLDS = (0.5, 0.8, 0.9)
 
 
 class _Tally:
@@ -51,7 +49,7 @@ def evaluate_exits(
     ee: EarlyExitModel,
     blocks: torch.Tensor,
     batch_size: int = 4,
-    thresholds=THRESHOLDS,
+    thresholds=CONFIDENCE_THRESHOLDS,
     baseline: bool = True,
     progress: bool = True,
 ) -> list[dict]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generation import hf_greedy
-from ..tasks.arith import last_number
-from .finetune import format_prompt
+from ..data.arith import last_number
+from ..hf.tokens import format_prompt, hf_greedy, pad_id
 
 
 @torch.no_grad()
@@ -26,7 +25,7 @@ def answer_accuracy(
 
     if not rows:
         raise ValueError("answer_accuracy: no rows")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()
     samples, correct = [], 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_CORPUS = "pydoc_data"
+IGNORE = -100  # the target of a position that has no next token (torch's ignore_index)
 
 
 def load_documents(spec: str | None = None) -> list[str]:
@@ -70,3 +71,11 @@ def split_blocks(blocks: torch.Tensor, eval_blocks: int) -> tuple[torch.Tensor, 
             f"need 0 < eval_blocks < {len(blocks)} blocks in the corpus, got {eval_blocks}"
         )
     return blocks[:-eval_blocks], blocks[-eval_blocks:]
+
+
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """Targets for every position of ``[n, seq]`` blocks, flattened: the next token, and
+    IGNORE at each block's end."""
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, :-1] = ids[:, 1:]
+    return targets.reshape(-1)

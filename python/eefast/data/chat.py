@@ -3,7 +3,7 @@
 Exits that draft for (or stand in for) the full model should predict what the full model
 says, on the kind of text it generates. With no dataset hub, the data comes from the model
 itself: prompts are built from request templates x topics (a fixed seed, disjoint from the
-benchmark prompts in ``cli_generate.PROMPTS``), replies are full-depth greedy, and each row is
+benchmark prompts in ``data.prompts.PROMPTS``), replies are full-depth greedy, and each row is
 the chat-formatted conversation as ``text``, ready for ``eefast tune --data``. Writing is
 resumable: rows are appended per batch and a rerun continues after the last one written.
 """
@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from ..hf.tokens import chat_prompt_ids, hf_greedy, pad_id
 
 # Families of (request templates, topics): explanations and writing about general topics,
 # programming how-tos and concepts, and practical how-tos, so the exits see the kinds of
@@ -134,11 +136,8 @@ def _check_resumable(path: Path, expected: list[str]) -> None:
 
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """HF ``generate`` greedy on a left-padded batch of chat prompts; the reply texts."""
-    from ..generation import chat_prompt_ids, hf_greedy
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    new = hf_greedy(model, ids, pad, max_new_tokens)
+    new = hf_greedy(model, ids, pad_id(tokenizer), max_new_tokens)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .adapters import (
+from ..adapters import (
     IA3Config,
     LoraConfig,
     ParallelConfig,
@@ -22,45 +21,28 @@ from .adapters import (
     mark_only_adapters_trainable,
     save_adapter,
 )
-from .cli_common import say
-from .io import write_json
-from .models import load_model
-from .models.loading import DEFAULT_MODEL
-from .ops import ADAPTER_ACTIVATIONS
-from .tasks.arith import load_split
-from .train.answer_eval import answer_accuracy
-from .train.finetune import FinetuneConfig, finetune, tokenize_rows
+from ..data import TASK, load_rows, tokenize_rows
+from ..eval import answer_accuracy
+from ..hf import DEFAULT_MODEL, load_model, pad_id
+from ..io import write_json
+from ..ops import ADAPTER_ACTIVATIONS
+from ..train import FinetuneConfig, finetune
+from .common import say
 
 METHODS = ("lora", "series", "parallel", "prefix", "ia3")
-# Peak learning rates that move SmolLM2 within a few hundred steps (measured: see the README).
+# Peak learning rates that move SmolLM2 within a few hundred steps (docs/adapters.md).
 DEFAULT_LR = {"lora": 1e-3, "series": 1e-3, "parallel": 1e-3, "prefix": 1e-2, "ia3": 1e-2}
-TASK = "arith"
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
 
 
-def load_rows(spec: str, split: str) -> list[dict]:
-    """Rows of the shipped task (``arith``, the given split) or of a .jsonl / .txt file."""
-    if spec == TASK:
-        return load_split(split)
-    path = Path(spec)
-    if not path.is_file():
-        raise SystemExit(f"eefast: data {spec!r}: no such file (or use {TASK!r})")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"eefast: {path}:{n}: not JSON ({e})") from None
-    else:
-        rows = [{"text": t} for t in path.read_text().split("\n\n") if t.strip()]
-    if not rows:
-        raise SystemExit(f"eefast: data {spec!r} is empty")
-    return rows
+def _rows(spec: str, split: str) -> list[dict]:
+    try:
+        return load_rows(spec, split)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def adapter_config(args) -> object:
@@ -85,7 +67,7 @@ def adapter_config(args) -> object:
 
 
 def _evaluate(model, tokenizer, args, out: Path | None) -> dict:
-    rows = load_rows(args.eval_data, "test")[: args.limit or None]
+    rows = _rows(args.eval_data, "test")[: args.limit or None]
     t0 = time.perf_counter()
     result = answer_accuracy(
         model, tokenizer, rows, args.eval_batch_size, args.max_new_tokens, not args.no_chat
@@ -113,7 +95,7 @@ def cmd_finetune(args) -> None:
         f"{args.method} adapter on {model.config._name_or_path}: {trainable:,} trainable "
         f"parameters ({trainable / total:.3%} of {total:,}) at {len(adapter.targets)} places"
     )
-    examples = tokenize_rows(tokenizer, load_rows(args.data, "train"), chat=not args.no_chat)
+    examples = tokenize_rows(tokenizer, _rows(args.data, "train"), chat=not args.no_chat)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     ft = FinetuneConfig(
         steps=args.steps,
@@ -130,7 +112,6 @@ def cmd_finetune(args) -> None:
         f"{len(examples)} examples from {args.data}; {ft.steps} steps of "
         f"{ft.batch_size}x{ft.grad_accum} at lr {lr:g}; checkpoints in {out / 'checkpoints'}"
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
     log = finetune(
         model,
@@ -139,7 +120,7 @@ def cmd_finetune(args) -> None:
         out,
         fingerprint={"adapter": config_to_dict(config), "model": args.model, "data": args.data},
         resume=not args.no_resume,
-        pad_id=pad,
+        pad_id=pad_id(tokenizer),
     )
     first, last = log[0]["loss"], sum(r["loss"] for r in log[-10:]) / len(log[-10:])
     say(

@@ -1,0 +1,188 @@
+"""``eefast.generate(ee_model, tokenizer, prompts, mode=...)``: checks its arguments, sets up
+the runner and the decoding state, and runs one mode's loop (decode.py).
+
+Modes:
+  ``full``         full-depth decoding (the reference, and what the others are checked against)
+  ``speculative``  lossless self-speculative decoding: confident exits draft, the full model
+                   verifies
+  ``threshold``    lossy: a token leaves at the first exit whose confidence passes a threshold
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..exits.model import EarlyExitModel
+from ..hf.tokens import left_pad, pad_id, prompt_ids
+from .cache import DecodeState
+from .decode import (
+    CONFIDENCE_MEASURES,
+    KV_MODES,
+    DecodeStats,
+    DraftLength,
+    Outputs,
+    decode_full,
+    decode_speculative,
+    decode_threshold,
+    prefill,
+)
+from .runner import LlamaRunner
+from .sampling import Sampling
+from .stopping import cut_at_stop, eos_ids, stop_checker
+
+MODES = ("full", "speculative", "threshold")
+# speculative: the exit confidence a draft needs (the best of 0.4-0.8 at batch 1, three runs)
+DRAFT_THRESHOLD = 0.6
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]  # new tokens per prompt
+    layers: list[list[int]]  # per new token, the layer it was decided at (num_layers: full)
+    stats: DecodeStats
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.stats.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line: tokens, speed, acceptance (speculative) and where tokens were decided."""
+        s = self.stats
+        hist = ", ".join(f"{k}:{v}" for k, v in sorted(s.exit_layers.items()))
+        line = f"{s.tokens} tokens in {self.seconds:.2f} s = {self.tokens_per_second:.1f} tok/s"
+        if s.drafted:
+            line += f"; acceptance {s.acceptance:.2f}, {s.mean_accepted:.2f} tokens/round"
+        return line + f"; decided at layer {{{hist}}}"
+
+
+@torch.no_grad()
+def generate(
+    ee: EarlyExitModel,
+    tokenizer,
+    prompts,
+    mode: str = "speculative",
+    max_new_tokens: int = 128,
+    *,
+    exit_layer: int | None = None,
+    draft_k: int = 4,
+    adaptive: bool = True,
+    threshold: float | None = None,
+    measure: str = "max_prob",
+    kv: str = "recompute",
+    exits: list[int] | None = None,
+    min_exit: int = 1,
+    draft_vocab: bool | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    stop_at_eos: bool = True,
+    stop: list[str] | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` for each prompt (a string, or token ids).
+
+    Both early-exit modes send each token up through the exits in ``exits`` (default all, at
+    or above ``min_exit``) and stop it at the first one whose ``measure`` (max_prob, margin,
+    entropy scaled to [0, 1], or the fitted exit classifier) reaches ``threshold`` for every
+    sequence of the batch.
+
+    ``threshold`` mode (lossy, greedy only, ``threshold`` default 0.9) emits that exit's token;
+    ``kv`` says how the blocks it skipped get its KV (``recompute``, exact, or ``propagate``).
+
+    ``speculative`` mode (lossless, ``threshold`` default ``DRAFT_THRESHOLD``) keeps such
+    tokens as drafts, at most ``draft_k`` a round (adaptive unless ``adaptive=False``), and the
+    full model verifies them when a token finds no confident exit: greedy output is the full
+    model's, token for token. ``exit_layer=E`` drafts from that exit only; with
+    ``threshold=0`` it drafts ``draft_k`` tokens every round (classic self-speculation).
+
+    A sequence ends at EOS (unless ``stop_at_eos=False``) or once its text holds one of the
+    ``stop`` strings; its text is cut before the stop string (its tokens keep the one that
+    completed it).
+
+    ``draft_vocab`` cuts the exit heads to the draft vocabulary saved beside the exits
+    (``eefast draft-vocab``): None uses it when there is one, True requires it, False keeps
+    the whole vocabulary. Speculative output stays exact either way.
+    """
+    if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
+        raise ValueError(
+            "eefast.generate: no exits attached; add them with eefast.add_exits or "
+            "load tuned ones with eefast.load_exits"
+        )
+    if mode not in MODES:
+        raise ValueError(f"eefast.generate: unknown mode {mode!r}; choose from {MODES}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"eefast.generate: max_new_tokens must be > 0, got {max_new_tokens}")
+    if draft_k <= 0:
+        raise ValueError(f"eefast.generate: draft_k must be > 0, got {draft_k}")
+    if mode != "full" and measure == "classifier" and ee.classifier is None:
+        raise ValueError(
+            "eefast.generate: measure='classifier' needs a fitted exit classifier "
+            "(eefast train-classifier, then load_exits picks it up)"
+        )
+    if kv not in KV_MODES:
+        raise ValueError(f"eefast.generate: unknown kv mode {kv!r}; choose from {KV_MODES}")
+    if measure not in CONFIDENCE_MEASURES:
+        raise ValueError(f"eefast.generate: unknown measure {measure!r}; {CONFIDENCE_MEASURES}")
+    available = ee.exit_layers
+    named = [exit_layer] if exit_layer is not None else []
+    for layer in [*named, *(exits or [])]:
+        if layer not in available:
+            raise ValueError(
+                f"eefast.generate: no exit at layer {layer}; this model has exits at {available}"
+            )
+    active = sorted(e for e in (exits or available) if e >= min_exit)
+    if mode != "full" and not active and not named:
+        raise ValueError(f"eefast.generate: no exit at or above min_exit={min_exit}")
+    drafting = named or active
+    if threshold is None:
+        threshold = DRAFT_THRESHOLD if mode == "speculative" else 0.9
+    if draft_vocab and ee.draft_vocab is None:
+        raise ValueError(
+            "eefast.generate: draft_vocab=True but these exits have no draft vocabulary "
+            "(make one with eefast draft-vocab)"
+        )
+    sampling = Sampling(temperature, top_k, top_p)
+    if mode == "threshold" and not sampling.greedy:
+        raise ValueError("eefast.generate: threshold mode is greedy; set temperature=0")
+    if mode == "speculative" and not sampling.greedy and measure != "max_prob":
+        raise ValueError(
+            "eefast.generate: sampled drafts are confident by their distribution's top "
+            "probability; use measure='max_prob'"
+        )
+
+    runner = LlamaRunner(ee, ee.draft_vocab if draft_vocab is not False else None)
+    device = next(ee.model.parameters()).device
+    ids = prompt_ids(tokenizer, prompts, chat)
+    tokens, valid = left_pad(ids, pad_id(tokenizer), device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = Outputs(
+        len(ids), max_new_tokens, eos_ids(tokenizer, stop_at_eos), stop_checker(tokenizer, stop)
+    )
+    state = DecodeState(runner.num_layers, len(ids), device)
+
+    t0 = time.perf_counter()
+    with runner.decode_linears():
+        logits = prefill(runner, state, tokens, valid)
+        runner.block_calls, runner.head_calls = 0, 0.0
+        if mode == "full":
+            stats = decode_full(runner, state, logits, out, sampling, gen)
+        elif mode == "speculative":
+            draft = DraftLength(draft_k, adaptive)
+            stats = decode_speculative(
+                runner, state, logits, out, sampling, gen, drafting, draft, threshold, measure
+            )
+        else:
+            stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)
+    seconds = time.perf_counter() - t0
+    stats.block_calls, stats.head_calls = runner.block_calls, runner.head_calls
+    texts = [
+        cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) if tokenizer else ""
+        for t in out.tokens
+    ]
+    return GenerationResult(texts, out.tokens, out.layers, stats, seconds)

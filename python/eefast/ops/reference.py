@@ -1,0 +1,122 @@
+"""Pure-torch references of every eefast op: the oracles the tests compare against, and
+the eager baselines of the benchmarks. Each takes the op's arguments and computes through
+full fp32 (or the input dtype's) tensors, with no fusion."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .bottleneck import ADAPTER_ACTIVATIONS
+from .confidence import ExitStats
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unfused pure-torch ``lora_linear`` (the test oracle); ``x_lora`` stands for dropout(x)."""
+    x_lora = x if x_lora is None else x_lora
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_lora, lora_a), lora_b)
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scale: float | torch.Tensor,
+    activation: str = "relu",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unfused pure-torch ``bottleneck_adapter`` (the test oracle and the eager baseline)."""
+    residual = x if residual is None else residual
+    hidden = ADAPTER_ACTIVATIONS[activation](F.linear(x, down_weight, down_bias))
+    return residual + scale * F.linear(hidden, up_weight, up_bias)
+
+
+def exit_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> ExitStats:
+    """Pure-torch ``exit_stats`` through full fp32 logits (the test oracle)."""
+    b = None if bias is None else bias.float()
+    logits = F.linear(hidden.float(), weight.float(), b) / temperature
+    lse = logits.logsumexp(-1)
+    logp = logits - lse.unsqueeze(-1)
+    top = logits.topk(min(2, logits.shape[-1]), dim=-1).values
+    p1 = (top[..., 0] - lse).exp()
+    p2 = (top[..., 1] - lse).exp() if top.shape[-1] > 1 else torch.zeros_like(p1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return ExitStats(lse, p1, logits.argmax(-1), entropy, p1 - p2)
+
+
+def linear_cross_entropy(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    z_loss=0.0,
+    teacher=None,
+    kd_weight=0.0,
+):
+    """Pure-torch ``linear_cross_entropy`` through full fp32 logits (the test oracle)."""
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    valid = targets != ignore_index
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    loss = loss + z_loss * logits.logsumexp(-1).square()
+    if teacher is not None:
+        t_logits = F.linear(teacher[0].float(), teacher[1].float()).reshape(logits.shape)
+        log_pt = t_logits.log_softmax(-1)
+        loss = loss + kd_weight * (log_pt.exp() * (log_pt - logits.log_softmax(-1))).sum(-1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(hidden.shape[:-1])
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp(min=1)
+
+
+def decode_block(h, cos, sin, allowed, k_cache, v_cache, cache_len, norms, weights,
+                           biases, eps, scaling) -> torch.Tensor:  # fmt: skip
+    """Pure-torch ``decode_block`` in float32 (the test oracle); writes the caches too."""
+
+    def rms(x, w):
+        return w.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def lin(x, i):
+        b = biases[i]
+        return F.linear(x, weights[i].float(), None if b is None else b.float())
+
+    def rotate(x):  # [B, n, q, hd]
+        half = x.shape[-1] // 2
+        turned = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos.float()[:, None] + turned * sin.float()[:, None]
+
+    batch, q, _ = h.shape
+    hd = k_cache.shape[-1]
+    x = rms(h.float(), norms[0])
+    query, key, value = (lin(x, i).view(batch, q, -1, hd).transpose(1, 2) for i in range(3))
+    k_cache[:, :, cache_len : cache_len + q] = rotate(key).to(k_cache.dtype)
+    v_cache[:, :, cache_len : cache_len + q] = value.to(v_cache.dtype)
+    group = query.shape[1] // k_cache.shape[1]
+    keys = k_cache[:, :, : cache_len + q].float().repeat_interleave(group, 1)
+    values = v_cache[:, :, : cache_len + q].float().repeat_interleave(group, 1)
+    scores = (rotate(query) @ keys.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = scores.softmax(-1).masked_fill(~allowed[:, None], 0.0)
+    h_mid = h.float() + lin((probs @ values).transpose(1, 2).reshape(batch, q, -1), 3)
+    x = rms(h_mid, norms[1])
+    return (h_mid + lin(F.silu(lin(x, 4)) * lin(x, 5), 6)).to(h.dtype)
