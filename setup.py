@@ -33,7 +33,7 @@ def _cuda_wanted() -> bool:
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         # py_limited_api: one abi3 .so serves every CPython >= 3.10 for a given torch;
-        # cpp/registration.cpp defines PyInit__C against the limited API.
+        # csrc/registration.cpp defines PyInit__C against the limited API.
         super().__init__(name, sources=[], py_limited_api=True)
 
 

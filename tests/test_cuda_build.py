@@ -1,7 +1,7 @@
 """The CUDA code compiles, on any machine with nvcc, GPU or not.
 
-- every cuda/*.cu builds for sm_80 and sm_90a (the standalone cuda/CMakeLists.txt);
-- the CUDA dispatch glue (cpp/*_cuda.cpp) passes a syntax check against torch's headers when
+- every csrc/<op>/*.cu builds for sm_80 and sm_90a (the standalone csrc/CMakeLists.txt);
+- the CUDA dispatch glue (csrc/<op>/cuda.cpp) passes a syntax check against torch's headers when
   this torch is CPU-only (with a CUDA torch it is compiled into eefast._C for real).
 """
 
@@ -42,7 +42,7 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
         [
             "cmake",
             "-S",
-            str(ROOT / "cuda"),
+            str(ROOT / "csrc"),
             "-B",
             str(build),
             f"-DEEFAST_PYTHON_EXECUTABLE={sys.executable}",
@@ -66,13 +66,16 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a(tmp_path):
         "arch=compute_90a,code=[compute_90a,sm_90a]",
     ):
         assert arch in out.stdout, f"{arch} missing from the nvcc command lines"
-    for cu in sorted((ROOT / "cuda").glob("*.cu")):
-        assert f"{cu.name}.o" in out.stdout, f"{cu.name} was not compiled"
+    for cu in sorted((ROOT / "csrc").rglob("*.cu")):
+        name = cu.relative_to(ROOT / "csrc")
+        assert f"{name}.o" in out.stdout, f"{name} was not compiled"
     assert (build / "libeefast_cuda_kernels.a").exists()
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch builds the glue for real")
-@pytest.mark.parametrize("glue", sorted(p.name for p in (ROOT / "cpp").glob("*_cuda.cpp")))
+@pytest.mark.parametrize(
+    "glue", sorted(str(p.relative_to(ROOT / "csrc")) for p in (ROOT / "csrc").glob("*/cuda.cpp"))
+)
 def test_cuda_glue_syntax(tmp_path, glue):
     # The CPU wheel ships ATen/c10 CUDA headers but not this generated one (a build flag only).
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
@@ -89,13 +92,12 @@ def test_cuda_glue_syntax(tmp_path, glue):
         "-Werror",
         "-Wno-unused-parameter",
         "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS",
-        f"-I{ROOT / 'cpp'}",
-        f"-I{ROOT / 'cuda'}",
+        f"-I{ROOT / 'csrc'}",
         f"-I{tmp_path}",
         f"-isystem{torch_inc}",
         f"-isystem{torch_inc / 'torch' / 'csrc' / 'api' / 'include'}",
         f"-isystem{cuda_inc}",
-        str(ROOT / "cpp" / glue),
+        str(ROOT / "csrc" / glue),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-5000:]

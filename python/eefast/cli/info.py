@@ -25,7 +25,7 @@ def op_backends(op: str) -> tuple[list[str], str]:
         backends = ["any device (ATen composite)"]
     else:
         backends = [key for key in ("CPU", "CUDA") if f"\n{key}:" in table]
-    autograd = "none (forward only)"
+    autograd = "none"
     line = next((x for x in table.splitlines() if x.startswith("Autograd[alias]:")), "")
     if line:
         autograd = "Python" if "torch/library.py" in line else "C++"

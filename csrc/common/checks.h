@@ -1,0 +1,34 @@
+// Argument checks every op shares: one dtype and one device for all inputs, float dtypes, and
+// a shape helper. Each op's own checks live in csrc/<op>/<op>.h and call these.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace eefast {
+
+inline void check_same_dtype_device(const char* op, const at::Tensor& x, const char* name,
+                                    const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has ", x.scalar_type(), "; all inputs must share one dtype");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device(), "; all inputs must be on one device");
+}
+
+inline void check_float_dtype(const char* op, const at::Tensor& x) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": x must be a float32, bfloat16 or float16 tensor, got ", dt);
+}
+
+// Shape of x with the last dimension replaced.
+inline std::vector<int64_t> with_last_dim(at::IntArrayRef shape, int64_t last) {
+  std::vector<int64_t> s(shape.begin(), shape.end());
+  s.back() = last;
+  return s;
+}
+
+}  // namespace eefast

@@ -1,0 +1,21 @@
+// decode_linear on CUDA is cuBLAS (at::linear). The op exists for the CPU, where MKL's sgemm
+// is slow at 2-16 rows; on CUDA it only keeps one code path for callers (not re-timed on a GPU).
+#include <ATen/ops/linear.h>
+#include <torch/library.h>
+
+#include "decode_linear/decode_linear.h"
+
+namespace eefast {
+namespace {
+
+at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  check_decode_linear_args(x, weight, bias);
+  return at::linear(x, weight, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eefast, CUDA, m) { m.impl("decode_linear", &decode_linear_cuda); }
+
+}  // namespace eefast

@@ -1,0 +1,349 @@
+// linear_cross_entropy: LM head + cross-entropy (+ z-loss, + distillation to a teacher head)
+// without [tokens, vocab] logits. Written in device-generic ATen ops and registered for
+// CompositeExplicitAutograd, so the same chunked algorithm runs on CPU (MKL) and on CUDA
+// (cuBLAS); each chunk's row work goes through a fused row pass on either device.
+//
+// Rows are processed in chunks sized so that one chunk's [rows, vocab] fp32 logits stay a few
+// MB; every chunk computes its logits with sgemm, the loss, and for mean/sum the gradient of the
+// logits right away (softmax - onehot, ...), which turns into the hidden gradient (dz W) and
+// accumulates the weight gradient (dz^T h). That is 3 GEMMs per chunk and no second pass. Extra
+// memory is O(chunk x vocab), independent of the number of tokens. Chunks run in order, so the
+// weight-gradient accumulation is deterministic. On CPU, bf16 weights are upcast a vocab block at
+// a time (ATen's bf16 GEMMs are slow on AVX2 CPUs). On CUDA, chunks are 8x taller so cuBLAS gets
+// GEMMs that fill the GPU, and a bf16 hidden with a bf16 head runs bf16 GEMMs with fp32 output
+// (mm.dtype): the logits, softmax and loss stay fp32, dz is rounded to bf16 for the two
+// backward GEMMs, as bf16 autograd would do.
+// Without a teacher, the per-row logsumexp and softmax-gradient passes go through the
+// vectorised row kernels of cpu/row_kernels.h on CPU and linear_cross_entropy/kernels.cu on CUDA: two reads
+// and one write of each chunk instead of ATen's six element-wise passes and a temporary.
+
+#include "cpu/row_kernels.h"
+#include "common/head_logits.h"
+#include "linear_cross_entropy/linear_cross_entropy.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace eefast {
+namespace {
+
+using at::Tensor;
+
+#ifdef EEFAST_WITH_CUDA
+constexpr bool kCudaRowPass = true;
+#else
+constexpr bool kCudaRowPass = false;
+// Never called: cuda_rows is false without CUDA.
+void lce_rows_cuda(const Tensor&, const Tensor&, const Tensor&, double, Tensor&, const Tensor&) {}
+#endif
+
+// bf16 x bf16 GEMMs with fp32 output: CUDA only, where cuBLAS runs them on tensor cores.
+bool bf16_gemms(const Tensor& hidden, const Tensor& weight) {
+  return hidden.is_cuda() && hidden.scalar_type() == at::kBFloat16 &&
+         weight.scalar_type() == at::kBFloat16;
+}
+
+void check_args(const char* op, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+                const std::optional<Tensor>& teacher_weight, double z_loss, double kd_weight) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [tokens, d], got shape ", hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point");
+  const auto wdt = weight.scalar_type();
+  TORCH_CHECK(wdt == at::kFloat || wdt == at::kBFloat16, op,
+              ": weight must be float32 or bfloat16, got ", wdt);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0, op,
+              ": weight must be [vocab, d] with vocab > 0, got shape ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), op, ": hidden has d=", hidden.size(1),
+              " but weight is [vocab, d=", weight.size(1), "]");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), op,
+              ": targets must be [tokens=", hidden.size(0), "], got shape ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ",
+              targets.scalar_type());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [vocab=",
+                weight.size(0), "], got shape ", bias->sizes());
+  }
+  TORCH_CHECK(teacher_hidden.has_value() == teacher_weight.has_value(), op,
+              ": teacher_hidden and teacher_weight come together");
+  if (teacher_hidden) {
+    TORCH_CHECK(teacher_weight->dim() == 2 && teacher_weight->size(0) == weight.size(0), op,
+                ": teacher_weight must have the student's vocab=", weight.size(0), ", got shape ",
+                teacher_weight->sizes());
+    TORCH_CHECK(teacher_hidden->dim() == 2 && teacher_hidden->size(0) == hidden.size(0) &&
+                    teacher_hidden->size(1) == teacher_weight->size(1),
+                op, ": teacher_hidden must be [tokens=", hidden.size(0), ", teacher d=",
+                teacher_weight->size(1), "], got shape ", teacher_hidden->sizes());
+  }
+  TORCH_CHECK(z_loss >= 0 && kd_weight >= 0, op, ": z_loss and kd_weight must be >= 0");
+  TORCH_CHECK(kd_weight == 0 || teacher_hidden.has_value(), op,
+              ": kd_weight > 0 needs a teacher (teacher_hidden and teacher_weight)");
+  for (const auto& t : {std::optional<Tensor>(weight), std::optional<Tensor>(targets), bias,
+                        teacher_hidden, teacher_weight}) {
+    TORCH_CHECK(!t || t->device() == hidden.device(), op,
+                ": all inputs must be on hidden's device (", hidden.device(), "), got ",
+                t->device());
+  }
+}
+
+// grad_h[rows, d] = dz W in fp32: dz is fp32, or bf16 for bf16_gemms; otherwise a bf16 W is
+// upcast one vocab block at a time.
+void grad_hidden_into(Tensor& grad_h, const Tensor& dz, const Tensor& weight, Tensor& w_buf) {
+  if (dz.scalar_type() == at::kBFloat16) {
+    at::mm_out(grad_h, dz, weight, at::kFloat);
+    return;
+  }
+  if (weight.scalar_type() == at::kFloat) {
+    at::mm_out(grad_h, dz, weight);
+    return;
+  }
+  grad_h.zero_();
+  for (int64_t v = 0; v < weight.size(0); v += kVocabBlock) {
+    const int64_t n = std::min(kVocabBlock, weight.size(0) - v);
+    Tensor w = w_buf.narrow(0, 0, n).copy_(weight.narrow(0, v, n));
+    grad_h.addmm_(dz.narrow(1, v, n), w);
+  }
+}
+
+// [rows, 1] logsumexp of each row of contiguous fp32 z, by the vectorised row kernel.
+Tensor row_logsumexp(const Tensor& z) {
+  const int64_t rows = z.size(0), n = z.size(1);
+  Tensor lse = at::empty({rows, 1}, z.options());
+  float* zp = z.data_ptr<float>();
+  float* out = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const cpu::SoftmaxStats st = cpu::softmax_stats(zp + r * n, n, nullptr, 1.f, 0);
+      out[r] = st.nan_at >= 0 ? std::numeric_limits<float>::quiet_NaN()
+                              : st.max1 + std::log(st.sum);
+    }
+  });
+  return lse;
+}
+
+// Row r of z becomes coef[r] * softmax(z[r]), given its logsumexp.
+void rows_scaled_softmax(Tensor& z, const Tensor& lse, const Tensor& coef) {
+  const int64_t n = z.size(1);
+  float* zp = z.data_ptr<float>();
+  const Tensor c = coef.contiguous();
+  const float *lp = lse.data_ptr<float>(), *cp = c.data_ptr<float>();
+  at::parallel_for(0, z.size(0), 1, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) cpu::scaled_softmax(zp + r * n, n, lp[r], cp[r]);
+  });
+}
+
+struct Results {
+  Tensor loss_rows, grad_hidden, grad_weight, grad_bias;
+};
+
+// Per-row losses, and when row_scale is given the gradients of sum_i row_scale[i] * loss_i.
+// The weight/bias gradients are added into grad_weight/grad_bias (fp32 [vocab, d] / [vocab])
+// when those are defined, so several exits can share one buffer.
+Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                 const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+                 const std::optional<Tensor>& teacher_weight, int64_t ignore_index,
+                 double z_loss, double kd_weight, const std::optional<Tensor>& row_scale,
+                 bool weight_grad, Tensor grad_weight = Tensor(), Tensor grad_bias = Tensor()) {
+  const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const bool lowp = bf16_gemms(hidden, weight);
+  const Tensor h32 = lowp ? hidden.contiguous() : hidden.to(at::kFloat).contiguous();
+  const Tensor w = weight.contiguous();
+  const Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
+  const bool teach = teacher_hidden.has_value() && kd_weight > 0;
+  const bool teach_lowp = teach && bf16_gemms(*teacher_hidden, *teacher_weight);
+  const Tensor th32 = !teach        ? Tensor()
+                      : teach_lowp ? teacher_hidden->contiguous()
+                                   : teacher_hidden->to(at::kFloat).contiguous();
+  const Tensor tw = teach ? teacher_weight->contiguous() : Tensor();
+
+  const Tensor valid = targets.ne(ignore_index);
+  const Tensor in_range = targets.ge(0).logical_and(targets.lt(vocab));
+  TORCH_CHECK(in_range.logical_or(valid.logical_not()).all().item<bool>(),
+              "linear_cross_entropy: targets must be in [0, vocab=", vocab, ") or ignore_index=",
+              ignore_index);
+  const Tensor safe_targets = targets.masked_fill(valid.logical_not(), 0);
+
+  const bool grads = row_scale.has_value();
+  Results res;
+  res.loss_rows = at::empty({rows}, f32);
+  res.grad_hidden = at::empty({grads ? rows : 0, d}, f32);
+  res.grad_weight =
+      grad_weight.defined() ? grad_weight : at::zeros({grads && weight_grad ? vocab : 0, d}, f32);
+  res.grad_bias =
+      grad_bias.defined() ? grad_bias : at::zeros({grads && weight_grad && bias ? vocab : 0}, f32);
+
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, chunk_elems(hidden) / vocab));
+  Tensor z_buf = at::empty({chunk, vocab}, f32);
+  Tensor dz_lowp = lowp && grads ? at::empty({chunk, vocab}, hidden.options()) : Tensor();
+  Tensor zt_buf = teach ? at::empty({chunk, vocab}, f32) : Tensor();
+  Tensor w_buf = at::empty({w.scalar_type() == at::kFloat ? 0 : kVocabBlock, d}, f32);
+  Tensor tw_buf = teach ? at::empty({tw.scalar_type() == at::kFloat ? 0 : kVocabBlock,
+                                     tw.size(1)}, f32)
+                        : Tensor();
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    Tensor z = z_buf.narrow(0, 0, n);
+    const Tensor h = h32.narrow(0, r0, n);
+    logits_into(z, h, w, bias32, w_buf);
+    const Tensor tgt = safe_targets.narrow(0, r0, n).unsqueeze(1);
+    const Tensor ok = valid.narrow(0, r0, n).to(at::kFloat);
+    const Tensor z_target = z.gather(1, tgt).squeeze(1);  // before dz may overwrite z
+    const bool cpu_rows = z.is_cpu() && !teach;  // fused row passes (cpu/row_kernels.h)
+    const bool cuda_rows = kCudaRowPass && z.is_cuda() && !teach;  // fused (linear_cross_entropy/kernels.cu)
+    // dz = scale * [(1 + 2 z_loss lse) p - onehot + kd_weight (p - p_t)], p = softmax(z)
+    const Tensor scale = grads ? (ok * row_scale->narrow(0, r0, n)).unsqueeze(1) : Tensor();
+    Tensor dz = grads && lowp ? dz_lowp.narrow(0, 0, n) : z;  // fp32 dz: in place over z
+    Tensor lse;
+    if (cuda_rows) {
+      lse = at::empty({n, 1}, f32);
+      lce_rows_cuda(z, tgt.squeeze(1), grads ? scale.squeeze(1) : Tensor(), z_loss, lse,
+                    grads ? dz : Tensor());
+    } else {
+      lse = cpu_rows ? row_logsumexp(z) : z.logsumexp({1}, /*keepdim=*/true);
+    }
+    Tensor loss = lse.squeeze(1) - z_target;
+    if (z_loss > 0) loss = loss + z_loss * lse.squeeze(1).square();
+    Tensor log_pt;
+    if (teach) {
+      Tensor zt = zt_buf.narrow(0, 0, n);
+      logits_into(zt, th32.narrow(0, r0, n), tw, Tensor(), tw_buf);
+      log_pt = zt.log_softmax(1);
+      // KL(teacher || student) = sum p_t (log p_t - log p_s), log p_s = z - lse
+      loss = loss + kd_weight * (log_pt.exp() * (log_pt - (z - lse))).sum(1);
+    }
+    res.loss_rows.narrow(0, r0, n).copy_(loss * ok);
+    if (!grads) continue;
+
+    if (cpu_rows) {
+      rows_scaled_softmax(z, lse, (1.0 + 2.0 * z_loss * lse) * scale);
+      z.scatter_add_(1, tgt, -scale);
+    } else if (!cuda_rows) {
+      z.sub_(lse).exp_().mul_(1.0 + 2.0 * z_loss * lse + kd_weight);
+      if (teach) z.sub_(log_pt.exp_().mul_(kd_weight));
+      z.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
+      z.mul_(scale);
+    }
+    if (lowp && !cuda_rows) dz.copy_(z);
+    if (bias && weight_grad) res.grad_bias.add_(dz.sum(0, /*keepdim=*/false, at::kFloat));
+    Tensor gh = res.grad_hidden.narrow(0, r0, n);
+    grad_hidden_into(gh, dz, w, w_buf);
+    if (weight_grad) {
+      if (lowp) {
+        at::addmm_out(res.grad_weight, res.grad_weight, dz.t(), h, at::kFloat);
+      } else {
+        res.grad_weight.addmm_(dz.t(), h);
+      }
+    }
+  }
+  return res;
+}
+
+// What the mean divides by: the non-ignored rows, at least 1 (no valid row gives 0, not NaN).
+double mean_divisor(const Tensor& targets, int64_t ignore_index) {
+  return static_cast<double>(std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>()));
+}
+
+// The head's fp32 gradients in the dtypes of weight and bias.
+std::tuple<Tensor, Tensor> head_grads(const Tensor& grad_weight, const Tensor& grad_bias,
+                                      const Tensor& weight, const std::optional<Tensor>& bias) {
+  return {grad_weight.to(weight.scalar_type()),
+          bias ? grad_bias.to(bias->scalar_type()) : grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_impl(
+    const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+    const std::optional<Tensor>& teacher_weight, int64_t ignore_index, int64_t reduction,
+    double z_loss, double kd_weight, bool weight_grad) {
+  check_args("linear_cross_entropy", hidden, weight, targets, bias, teacher_hidden,
+             teacher_weight, z_loss, kd_weight);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "linear_cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum)");
+  std::optional<Tensor> scale;
+  const double divisor = reduction == 1 ? mean_divisor(targets, ignore_index) : 1.0;
+  if (reduction != 0) {
+    scale = at::full({hidden.size(0)}, 1.0 / divisor, hidden.options().dtype(at::kFloat));
+  }
+  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
+                       ignore_index, z_loss, kd_weight, scale, weight_grad);
+  const Tensor loss = reduction == 0 ? r.loss_rows : r.loss_rows.sum().div_(divisor);
+  auto [grad_weight, grad_bias] = head_grads(r.grad_weight, r.grad_bias, weight, bias);
+  return {loss, r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_impl(
+    const Tensor& grad_rows, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
+    const std::optional<Tensor>& teacher_weight, int64_t ignore_index, double z_loss,
+    double kd_weight, bool weight_grad) {
+  check_args("linear_cross_entropy_backward", hidden, weight, targets, bias, teacher_hidden,
+             teacher_weight, z_loss, kd_weight);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == hidden.size(0),
+              "linear_cross_entropy_backward: grad_rows must be [tokens]");
+  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
+                       ignore_index, z_loss, kd_weight, grad_rows.to(at::kFloat), weight_grad);
+  auto [grad_weight, grad_bias] = head_grads(r.grad_weight, r.grad_bias, weight, bias);
+  return {r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_entropy_multi_impl(
+    at::TensorList hiddens, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, at::ArrayRef<double> exit_weights,
+    const std::optional<Tensor>& teacher_hidden, const std::optional<Tensor>& teacher_weight,
+    int64_t ignore_index, int64_t reduction, double z_loss, double kd_weight, bool weight_grad) {
+  TORCH_CHECK(!hiddens.empty(), "linear_cross_entropy_multi: no exits");
+  TORCH_CHECK(exit_weights.size() == hiddens.size(), "linear_cross_entropy_multi: ",
+              hiddens.size(), " exits but ", exit_weights.size(), " exit weights");
+  TORCH_CHECK(reduction == 1 || reduction == 2,
+              "linear_cross_entropy_multi: reduction must be 1 (mean) or 2 (sum)");
+  for (const Tensor& h : hiddens) {
+    check_args("linear_cross_entropy_multi", h, weight, targets, bias, teacher_hidden,
+               teacher_weight, z_loss, kd_weight);
+  }
+  const auto f32 = hiddens[0].options().dtype(at::kFloat);
+  const double divisor = reduction == 1 ? mean_divisor(targets, ignore_index) : 1.0;
+  const int64_t vocab = weight.size(0), d = weight.size(1);
+  // One weight-gradient buffer for every exit sharing the head.
+  Tensor grad_weight = at::zeros({weight_grad ? vocab : 0, d}, f32);
+  Tensor grad_bias = at::zeros({weight_grad && bias ? vocab : 0}, f32);
+  Tensor losses = at::empty({static_cast<int64_t>(hiddens.size())}, f32);
+  std::vector<Tensor> grad_hiddens;
+  for (size_t e = 0; e < hiddens.size(); ++e) {
+    const Tensor scale = at::full({hiddens[e].size(0)}, exit_weights[e] / divisor, f32);
+    Results r = lce_core(hiddens[e], weight, targets, bias, teacher_hidden, teacher_weight,
+                         ignore_index, z_loss, kd_weight, scale, weight_grad, grad_weight,
+                         grad_bias);
+    losses[e].copy_(r.loss_rows.sum().div_(divisor));
+    grad_hiddens.push_back(r.grad_hidden.to(hiddens[e].scalar_type()));
+  }
+  const Tensor total = (losses * at::tensor(std::vector<double>(exit_weights.begin(),
+                                                                  exit_weights.end()),
+                                              f32))
+                           .sum();
+  auto [grad_weight_out, grad_bias_out] = head_grads(grad_weight, grad_bias, weight, bias);
+  return {total, losses, grad_hiddens, grad_weight_out, grad_bias_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eefast, CompositeExplicitAutograd, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_impl);
+  m.impl("linear_cross_entropy_multi", &linear_cross_entropy_multi_impl);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_impl);
+}
+
+}  // namespace eefast
