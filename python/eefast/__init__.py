@@ -73,7 +73,12 @@ __all__ = [
 ]
 
 
+_SUBPACKAGES = {"adapters", "cli", "data", "eval", "exits", "generation", "hf", "train"}
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:  # eefast.data.token_blocks etc. without importing it first
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

@@ -119,7 +119,7 @@ def demo_generation(model_name: str, exits_dir) -> None:
         )
         say(
             f"speculation is slower here: {why}; it pays off with exits tuned longer on chat "
-            "data (see the README's generation section)"
+            "data (see docs/generation.md)"
         )
 
 
