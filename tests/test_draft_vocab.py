@@ -6,7 +6,7 @@ import torch
 
 from eefast.exits import add_exits, load_exits, save_draft_vocab, save_exits
 from eefast.generation import generate
-from eefast.generation.decode import _accept_sampled
+from eefast.generation.decode import accept_sampled
 from eefast.generation.draft_vocab import coverage, frequent_tokens
 from eefast.generation.runner import LlamaRunner
 from tiny_models import VOCAB, tiny_model, token_batch
@@ -92,7 +92,7 @@ def test_acceptance_with_zero_draft_mass_still_follows_the_verifier():
     q_rows = [q.expand(n, 4)]
     first = []
     for row in range(n):
-        n_acc, nxt = _accept_sampled(row, d, p_rows, q_rows, gen)
+        n_acc, nxt = accept_sampled(row, d, p_rows, q_rows, gen)
         first.append(int(d[row, 0]) if n_acc else nxt)
     freq = torch.bincount(torch.tensor(first), minlength=4).float() / n
     assert torch.allclose(freq, p, atol=0.015), freq

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from eefast import TuneConfig, add_exits, ee_tune, evaluate_exits, load_exits
-from eefast.data import load_documents, split_blocks
+from eefast.data import load_documents, next_token_targets, split_blocks
+from eefast.ops import reference
+from eefast.train.loop import batch_index
 from tiny_models import VOCAB, tiny_model
 
 
@@ -55,14 +57,21 @@ def test_exits_learn_and_backbone_stays_frozen(arch, kind, share):
 
 
 def test_kd_and_z_loss_train(tmp_path):
+    """The first step's loss is the reference CE + z-loss + KD to the final layer, at the
+    warmed-up exit weight; then the exit learns."""
+    cfg = config(kd_weight=1.0, z_loss=1e-3, exit_weights=[2.0], exit_weight_warmup_steps=4)
+    data = blocks()
     ee = add_exits(tiny_model("qwen2"), [2], kind="norm")
-    metrics = ee_tune(
-        ee,
-        blocks(),
-        None,
-        config(kd_weight=1.0, z_loss=1e-3, exit_weights=[2.0], exit_weight_warmup_steps=4),
-        progress=False,
-    )
+    ids = data[batch_index(len(data), cfg.batch_size, 0, cfg.seed)]
+    with torch.no_grad():
+        states = ee.backbone_states(ids, need_final=True)
+        hidden = ee.exit_hidden(2, states)
+        want = reference.linear_cross_entropy(
+            hidden, ee.head(2)[0], next_token_targets(ids), z_loss=1e-3,
+            teacher=(states.final, ee.final_head()[0]), kd_weight=1.0,
+        ) * (2.0 * 1 / 4)  # fmt: skip
+    metrics = ee_tune(ee, data, None, cfg, progress=False)
+    assert metrics[0]["loss"] == pytest.approx(float(want), rel=1e-4)
     assert metrics[-1]["loss_exit2"] < metrics[0]["loss_exit2"]
 
 

@@ -15,6 +15,7 @@ from eefast.adapters import (
 from eefast.data import IGNORE, Example, arith, collate
 from eefast.hf import decoder_stack
 from eefast.train import FinetuneConfig, causal_lm_loss, finetune
+from eefast.train.loop import batch_index
 from tiny_models import ARCH_NAMES, VOCAB, tiny_model, token_batch
 
 
@@ -88,13 +89,25 @@ def test_loss_falls(config):
     assert all(r["tokens"] > 0 for r in log)
 
 
-def test_grad_accumulation_matches_one_big_batch_count():
-    """Accumulating 2 micro-batches of 4 consumes 8 examples' response tokens per step."""
+def test_grad_accumulation_equals_one_big_batch():
+    """2 micro-batches of 4 accumulate the gradient of one batch of those 8 examples (every
+    example has 4 response tokens, so each micro-batch's mean weighs the same)."""
+    config = FinetuneConfig(steps=1, batch_size=4, grad_accum=2, lr=1e-3)
+    data = examples()
+    reference = adapted_model()
+    idx = [batch_index(len(data), 4, micro, config.seed) for micro in range(2)]
+    big = collate([data[i] for i in torch.cat(idx).tolist()], config.max_len, 0, True)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    want = torch.autograd.grad(causal_lm_loss(reference, **big), params)
+
     model = adapted_model()
-    log = finetune(
-        model, examples(), FinetuneConfig(steps=2, batch_size=4, grad_accum=2), progress=False
-    )
-    assert all(r["tokens"] == 8 * 4 for r in log)  # 4 response tokens per example
+    got = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    for acc, p in zip(got, (p for p in model.parameters() if p.requires_grad), strict=True):
+        p.register_hook(lambda g, acc=acc: acc.add_(g))  # every micro-batch's backward
+    log = finetune(model, data, config, progress=False)
+    assert log[0]["tokens"] == 8 * 4  # 4 response tokens per example
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):

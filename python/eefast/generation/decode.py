@@ -212,7 +212,7 @@ def decode_speculative(
                 n_acc = int(match.cumprod(0).sum())
                 nxt = int(target[row, n_acc])
             else:
-                n_acc, nxt = _accept_sampled(row, d, p, q_probs, gen)
+                n_acc, nxt = accept_sampled(row, d, p, q_probs, gen)
             all_accepted &= n_acc == m
             reject[row, 1 + n_acc :] = True  # slot 0 is x0, slots 1..m the drafts
             emitted = d[row, :n_acc].tolist() + [nxt]
@@ -233,7 +233,7 @@ def decode_speculative(
     return stats
 
 
-def _accept_sampled(row, d, p, q_probs, gen) -> tuple[int, int]:
+def accept_sampled(row, d, p, q_probs, gen) -> tuple[int, int]:
     """Speculative-sampling acceptance for one row: (accepted drafts, the next token)."""
     m = d.shape[1]
     for j in range(m):
