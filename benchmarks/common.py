@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from eefast import io
+
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
 
 
@@ -117,11 +119,7 @@ def print_table(rows: list[Row], baseline: str = "eefast") -> None:
 
 
 def write_json(rows: list[Row], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(), "rows": [asdict(r) for r in rows]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    io.write_json(path, {"machine": machine_info(), "rows": [asdict(r) for r in rows]})
 
 
 def plot_speedups(rows: list[Row], path: Path, baseline: str = "eefast") -> None:
