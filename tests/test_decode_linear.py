@@ -85,7 +85,7 @@ def test_bad_input_is_refused(device):
     x, w, _ = make((2,), 8, 4, torch.float32, device, bias=False)
     with pytest.raises(RuntimeError, match="must equal weight's in features"):
         decode_linear(x[:, :5], w)
-    with pytest.raises(RuntimeError, match="x is BFloat16 but weight is Float"):
+    with pytest.raises(RuntimeError, match="weight has dtype Float but x has BFloat16"):
         decode_linear(x.bfloat16(), w)
     with pytest.raises(RuntimeError, match=r"bias must be \[4\]"):
         decode_linear(x, w, torch.zeros(3, device=device))

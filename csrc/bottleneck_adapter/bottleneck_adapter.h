@@ -65,11 +65,9 @@ inline void check_bottleneck_adapter_args(const at::Tensor& x,
                 ": up_bias must be [out_features=", out, "], got shape ", up_bias->sizes());
   }
   if (residual) {
-    TORCH_CHECK(residual->dim() == x.dim() && residual->size(-1) == out &&
-                    residual->numel() / std::max<int64_t>(out, 1) ==
-                        x.numel() / std::max<int64_t>(x.size(-1), 1),
-                op, ": residual must be x's shape with out_features=", out, " last, got ",
-                residual->sizes(), " for x ", x.sizes());
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(with_last_dim(x.sizes(), out)), op,
+                ": residual must be x's shape with out_features=", out, " last, ",
+                with_last_dim(x.sizes(), out), ", got ", residual->sizes());
   } else {
     TORCH_CHECK(out == x.size(-1), op, ": without a residual the output is added to x, so "
                 "up_weight must have out_features=in_features=", x.size(-1), ", got ", out);

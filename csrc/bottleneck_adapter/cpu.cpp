@@ -140,6 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
   check_same_dtype_device(op, x, "up_weight", up_weight);
   if (up_bias) check_same_dtype_device(op, x, "up_bias", *up_bias);
   check_scale(op, scale, x);
+  check_device(op, "z", z, x);
   const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
   TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == in && up_weight.dim() == 2 &&
                   up_weight.size(1) == r,

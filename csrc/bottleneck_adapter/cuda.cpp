@@ -75,6 +75,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
   check_same_dtype_device(op, x, "down_weight", down_weight);
   check_same_dtype_device(op, x, "up_weight", up_weight);
   check_scale(op, scale, x);
+  check_device(op, "z", z, x);
   const auto dtype = adapter_dtype(x);
   const auto act = cuda_act(activation);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace eefast {
@@ -22,6 +23,19 @@ inline void check_float_dtype(const char* op, const at::Tensor& x) {
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": x must be a float32, bfloat16 or float16 tensor, got ", dt);
+}
+
+// A hyper-parameter that must be a finite number (NaN and inf would be swallowed or spread).
+inline void check_finite(const char* op, const char* name, double value) {
+  TORCH_CHECK(std::isfinite(value), op, ": ", name, " must be finite, got ", value);
+}
+
+// Every tensor argument on the first one's device. A tensor on another device (the meta device
+// included) would otherwise send the whole call to the wrong kernel.
+inline void check_device(const char* op, const char* name, const at::Tensor& t,
+                         const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+              " but the inputs are on ", ref.device(), "; all inputs must be on one device");
 }
 
 // Shape of x with the last dimension replaced.

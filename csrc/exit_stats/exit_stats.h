@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -36,8 +37,12 @@ inline void check_exit_stats_args(const at::Tensor& hidden, const at::Tensor& we
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
                 ": bias must be [vocab=", weight.size(0), "], got shape ", bias->sizes());
   }
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
-              ": temperature must be a finite number > 0, got ", temperature);
+  // The kernels scale logits by 1/T in float32: a subnormal T (flushed to zero) or one whose
+  // reciprocal overflows would make every statistic NaN.
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= std::numeric_limits<float>::min() &&
+                  std::isfinite(1.0f / static_cast<float>(temperature)),
+              op, ": temperature must be a finite float32 number >= ",
+              std::numeric_limits<float>::min(), " (a normal float), got ", temperature);
 }
 
 // The five outputs of exit_stats for `rows` flattened rows: fp32, argmax int64.

@@ -29,7 +29,9 @@
 #include <ATen/ops/full_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -88,7 +90,9 @@ void check_args(const char* op, const Tensor& hidden, const Tensor& weight, cons
                 op, ": teacher_hidden must be [tokens=", hidden.size(0), ", teacher d=",
                 teacher_weight->size(1), "], got shape ", teacher_hidden->sizes());
   }
-  TORCH_CHECK(z_loss >= 0 && kd_weight >= 0, op, ": z_loss and kd_weight must be >= 0");
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0 && std::isfinite(kd_weight) && kd_weight >= 0,
+              op, ": z_loss and kd_weight must be finite and >= 0, got ", z_loss, " and ",
+              kd_weight);
   TORCH_CHECK(kd_weight == 0 || teacher_hidden.has_value(), op,
               ": kd_weight > 0 needs a teacher (teacher_hidden and teacher_weight)");
   for (const auto& t : {std::optional<Tensor>(weight), std::optional<Tensor>(targets), bias,
@@ -160,17 +164,23 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
   const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const bool lowp = bf16_gemms(hidden, weight);
-  const Tensor h32 = lowp ? hidden.contiguous() : hidden.to(at::kFloat).contiguous();
+  const Tensor valid = targets.ne(ignore_index);
+  // Ignored rows contribute nothing, not even a NaN or inf they hold: they enter as zeros.
+  const bool any_ignored = !valid.all().item<bool>();
+  const auto zero_ignored = [&](const Tensor& t) {
+    return any_ignored ? t.masked_fill(valid.logical_not().unsqueeze(1), 0) : t;
+  };
+  const Tensor h32 =
+      zero_ignored(lowp ? hidden.contiguous() : hidden.to(at::kFloat).contiguous());
   const Tensor w = weight.contiguous();
   const Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
   const bool teach = teacher_hidden.has_value() && kd_weight > 0;
   const bool teach_lowp = teach && bf16_gemms(*teacher_hidden, *teacher_weight);
   const Tensor th32 = !teach        ? Tensor()
-                      : teach_lowp ? teacher_hidden->contiguous()
-                                   : teacher_hidden->to(at::kFloat).contiguous();
+                      : teach_lowp ? zero_ignored(teacher_hidden->contiguous())
+                                   : zero_ignored(teacher_hidden->to(at::kFloat).contiguous());
   const Tensor tw = teach ? teacher_weight->contiguous() : Tensor();
 
-  const Tensor valid = targets.ne(ignore_index);
   const Tensor in_range = targets.ge(0).logical_and(targets.lt(vocab));
   TORCH_CHECK(in_range.logical_or(valid.logical_not()).all().item<bool>(),
               "linear_cross_entropy: targets must be in [0, vocab=", vocab, ") or ignore_index=",
@@ -225,7 +235,7 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
       // KL(teacher || student) = sum p_t (log p_t - log p_s), log p_s = z - lse
       loss = loss + kd_weight * (log_pt.exp() * (log_pt - (z - lse))).sum(1);
     }
-    res.loss_rows.narrow(0, r0, n).copy_(loss * ok);
+    res.loss_rows.narrow(0, r0, n).copy_(at::where(ok.to(at::kBool), loss, at::zeros_like(loss)));
     if (!grads) continue;
 
     if (cpu_rows) {
@@ -310,6 +320,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
               hiddens.size(), " exits but ", exit_weights.size(), " exit weights");
   TORCH_CHECK(reduction == 1 || reduction == 2,
               "linear_cross_entropy_multi: reduction must be 1 (mean) or 2 (sum)");
+  for (const double c : exit_weights) {
+    TORCH_CHECK(std::isfinite(c), "linear_cross_entropy_multi: exit weights must be finite, got ",
+                c);
+  }
   for (const Tensor& h : hiddens) {
     check_args("linear_cross_entropy_multi", h, weight, targets, bias, teacher_hidden,
                teacher_weight, z_loss, kd_weight);

@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
                                            const std::optional<Tensor>& bias, const Tensor& lora_a,
                                            const Tensor& lora_b, double scaling,
                                            const std::optional<Tensor>& x_lora) {
-  check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora);
+  check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora, scaling);
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
   const Tensor x2 = x.reshape({-1, in});
   const Tensor xl2 = x_lora ? x_lora->reshape({-1, in}) : x2;
@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
 std::tuple<Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
     const Tensor& grad_out, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
     const Tensor& x_lora, const Tensor& xa, double scaling, bool needs_grad_x, bool split_grad_x) {
-  check_lora_linear_backward_args(grad_out, weight, lora_a, lora_b, x_lora, xa);
+  check_lora_linear_backward_args(grad_out, weight, lora_a, lora_b, x_lora, xa, scaling);
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
   const Tensor g2 = grad_out.reshape({-1, out});
   const Tensor xl2 = x_lora.reshape({-1, in});

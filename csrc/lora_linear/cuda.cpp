@@ -43,7 +43,7 @@ std::tuple<Tensor, Tensor> lora_linear_cuda(const Tensor& x, const Tensor& weigh
                                             const std::optional<Tensor>& bias,
                                             const Tensor& lora_a, const Tensor& lora_b,
                                             double scaling, const std::optional<Tensor>& x_lora) {
-  check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora);
+  check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora, scaling);
   const auto dtype = cuda_dtype(x, "lora_linear");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
@@ -65,7 +65,7 @@ std::tuple<Tensor, Tensor> lora_linear_cuda(const Tensor& x, const Tensor& weigh
 std::tuple<Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cuda(
     const Tensor& grad_out, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
     const Tensor& x_lora, const Tensor& xa, double scaling, bool needs_grad_x, bool split_grad_x) {
-  check_lora_linear_backward_args(grad_out, weight, lora_a, lora_b, x_lora, xa);
+  check_lora_linear_backward_args(grad_out, weight, lora_a, lora_b, x_lora, xa, scaling);
   const auto dtype = cuda_dtype(x_lora, "lora_linear_backward");
   const c10::cuda::CUDAGuard guard(x_lora.device());
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);

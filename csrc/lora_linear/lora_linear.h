@@ -13,8 +13,9 @@ namespace eefast {
 inline void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                    const at::Tensor& lora_b,
-                                   const std::optional<at::Tensor>& x_lora) {
+                                   const std::optional<at::Tensor>& x_lora, double scaling) {
   constexpr const char* op = "lora_linear";
+  check_finite(op, "scaling", scaling);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (features last), got a 0-d tensor");
   check_float_dtype(op, x);
   check_same_dtype_device(op, x, "weight", weight);
@@ -45,8 +46,10 @@ inline void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight
 
 inline void check_lora_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& weight,
                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                            const at::Tensor& x_lora, const at::Tensor& xa) {
+                                            const at::Tensor& x_lora, const at::Tensor& xa,
+                                            double scaling) {
   constexpr const char* op = "lora_linear_backward";
+  check_finite(op, "scaling", scaling);
   check_float_dtype(op, x_lora);
   check_same_dtype_device(op, x_lora, "grad_out", grad_out);
   check_same_dtype_device(op, x_lora, "weight", weight);

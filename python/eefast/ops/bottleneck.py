@@ -6,10 +6,12 @@ wrapper, the activation names the kernels know and the fake kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_same
+from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_same
 
 ADAPTER_ACTIVATIONS = {
     "identity": lambda z: z,
@@ -24,6 +26,8 @@ ADAPTER_ACTIVATIONS = {
 def _scale_tensor(scale: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         return scale.float()
+    if not math.isfinite(scale):
+        raise ValueError(f"bottleneck_adapter: scale must be finite, got {scale}")
     return torch.tensor(float(scale), dtype=torch.float32, device=x.device)
 
 
@@ -77,8 +81,23 @@ def _bottleneck_adapter_fake(
         up_weight.dim() == 2 and up_weight.shape[1] == down_weight.shape[0],
         lambda: "bottleneck_adapter: up_weight must be [out_features, bottleneck]",
     )
+    op = "bottleneck_adapter"
+    check_dtype(op, "x", x, FLOAT_DTYPES)
     torch._check(scale.numel() == 1, lambda: "bottleneck_adapter: scale must hold one element")
+    check(scale.dim() <= 1 and scale.dtype == torch.float32, op, "scale must be a float32 scalar")
+    check_device(op, "scale", scale, x)
     out_features = up_weight.shape[0]
+    r = down_weight.shape[0]
+    if down_bias is not None:
+        check(down_bias.dim() == 1 and down_bias.shape[0] == r, op, "down_bias must be [r]")
+    if up_bias is not None:
+        check(up_bias.dim() == 1 and up_bias.shape[0] == out_features, op, "up_bias must be [out]")
+    if residual is not None:
+        check(
+            residual.shape == (*x.shape[:-1], out_features),
+            op,
+            "residual must be x's shape with out_features last",
+        )
     if residual is None:
         torch._check(
             out_features == x.shape[-1],
@@ -105,6 +124,14 @@ def _bottleneck_adapter_backward_fake(
     needs_grad_x,
     needs_grad_scale,
 ):
+    op = "bottleneck_adapter_backward"
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    for name, t in (("grad_out", grad_out), ("down_weight", down_weight),
+                    ("up_weight", up_weight), ("up_bias", up_bias)):  # fmt: skip
+        if t is not None:
+            check_same(name, t, x, op)
+    check_device(op, "z", z, x)
+    check_device(op, "scale", scale, x)
     grad_x = x.new_empty(x.shape if needs_grad_x else (0, x.shape[-1]))
     grad_scale = scale.new_empty(scale.shape if needs_grad_scale else (0,))
     return (

@@ -5,9 +5,14 @@ Schema and kernels: csrc/exit_stats/. Forward only. Here: the wrapper and the fa
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+
+from ._checks import FLOAT_DTYPES, HEAD_DTYPES, check, check_device, check_dtype
+
+_F32 = torch.finfo(torch.float32)
 
 
 class ExitStats(NamedTuple):
@@ -38,8 +43,13 @@ def exit_stats(
 
 @torch.library.register_fake("eefast::exit_stats")
 def _exit_stats_fake(hidden, weight, bias=None, temperature=1.0):
-    torch._check(hidden.dim() >= 1, lambda: "exit_stats: hidden must be [..., d]")
-    torch._check(weight.dim() == 2, lambda: "exit_stats: weight must be 2-D [vocab, d]")
+    op = "exit_stats"
+    check(hidden.dim() >= 1, op, "hidden must be [..., d]")
+    check_dtype(op, "hidden", hidden, FLOAT_DTYPES)
+    check_dtype(op, "weight", weight, HEAD_DTYPES)
+    check_device(op, "weight", weight, hidden)
+    check(weight.dim() == 2, op, "weight must be 2-D [vocab, d]")
+    check(weight.shape[0] > 0, op, "weight has an empty vocab")
     torch._check(
         hidden.shape[-1] == weight.shape[1],
         lambda: (
@@ -47,11 +57,15 @@ def _exit_stats_fake(hidden, weight, bias=None, temperature=1.0):
             f"but weight is [vocab, d={weight.shape[1]}]"
         ),
     )
-    torch._check(
-        weight.device == hidden.device,
-        lambda: f"exit_stats: weight is on {weight.device} but hidden is on {hidden.device}",
+    if bias is not None:
+        check(bias.dtype == weight.dtype, op, "bias must have weight's dtype")
+        check_device(op, "bias", bias, hidden)
+        check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], op, "bias must be [vocab]")
+    check(
+        math.isfinite(temperature) and temperature >= _F32.tiny and 1.0 / temperature <= _F32.max,
+        op,
+        f"temperature must be a finite float32 number >= {_F32.tiny} (a normal float)",
     )
-    torch._check(temperature > 0, lambda: "exit_stats: temperature must be a finite number > 0")
     lead = hidden.shape[:-1]
     f32 = hidden.new_empty(lead, dtype=torch.float32)
     return f32, f32.clone(), hidden.new_empty(lead, dtype=torch.int64), f32.clone(), f32.clone()

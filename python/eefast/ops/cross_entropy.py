@@ -8,7 +8,11 @@ multiply by the upstream scalar, which C++ would not make faster.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ._checks import HEAD_DTYPES, check, check_device, check_dtype
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -134,6 +138,42 @@ def multi_exit_cross_entropy(
     return total, torch.stack([loss.detach() for loss in losses])
 
 
+def _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
+                    kd_weight):  # fmt: skip
+    """The fake kernels' form of csrc/linear_cross_entropy's check_args."""
+    check(hidden.dim() == 2, op, "hidden must be [tokens, d]")
+    check(hidden.dtype.is_floating_point, op, "hidden must be floating point")
+    check_dtype(op, "weight", weight, HEAD_DTYPES)
+    check(weight.dim() == 2 and weight.shape[0] > 0, op, "weight must be [vocab, d], vocab > 0")
+    check(hidden.shape[1] == weight.shape[1], op, "hidden and weight disagree on d")
+    check(targets.dim() == 1 and targets.shape[0] == hidden.shape[0], op, "targets: [tokens]")
+    check(targets.dtype == torch.int64, op, "targets must be int64")
+    if bias is not None:
+        check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], op, "bias must be [vocab]")
+    check((teacher_hidden is None) == (teacher_weight is None), op, "teacher comes in a pair")
+    if teacher_hidden is not None:
+        check(
+            teacher_weight.dim() == 2 and teacher_weight.shape[0] == weight.shape[0], op,
+            "teacher_weight must have the student's vocab",
+        )  # fmt: skip
+        check(
+            teacher_hidden.dim() == 2
+            and teacher_hidden.shape[0] == hidden.shape[0]
+            and teacher_hidden.shape[1] == teacher_weight.shape[1],
+            op,
+            "teacher_hidden must be [tokens, teacher d]",
+        )
+    check(
+        math.isfinite(z_loss) and z_loss >= 0 and math.isfinite(kd_weight) and kd_weight >= 0,
+        op,
+        "z_loss and kd_weight must be finite and >= 0",
+    )
+    check(kd_weight == 0 or teacher_hidden is not None, op, "kd_weight > 0 needs a teacher")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):  # fmt: skip
+        check_device(op, name, t, hidden)
+
+
 def _lce_grad_shapes(hidden, weight, bias, grads: bool, weight_grad: bool):
     rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = hidden.new_empty((rows if grads else 0, hidden.shape[1]))
@@ -159,9 +199,10 @@ def _lce_fake(
     kd_weight,
     weight_grad,
 ):
-    torch._check(hidden.dim() == 2 and weight.dim() == 2, lambda: "linear_cross_entropy: 2-D")
-    torch._check(hidden.shape[1] == weight.shape[1], lambda: "linear_cross_entropy: d mismatch")
-    torch._check(targets.shape[0] == hidden.shape[0], lambda: "linear_cross_entropy: targets")
+    op = "linear_cross_entropy"
+    _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
+                    kd_weight)  # fmt: skip
+    check(0 <= reduction <= 2, op, "reduction must be 0 (none), 1 (mean) or 2 (sum)")
     loss = hidden.new_empty((hidden.shape[0],) if reduction == 0 else (), dtype=torch.float32)
     return (loss, *_lce_grad_shapes(hidden, weight, bias, reduction != 0, weight_grad))
 
@@ -180,6 +221,10 @@ def _lce_backward_fake(
     kd_weight,
     weight_grad,
 ):
+    op = "linear_cross_entropy_backward"
+    _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
+                    kd_weight)  # fmt: skip
+    check(grad_rows.dim() == 1 and grad_rows.shape[0] == hidden.shape[0], op, "grad_rows: [tokens]")
     return _lce_grad_shapes(hidden, weight, bias, True, weight_grad)
 
 
@@ -261,7 +306,14 @@ def _lce_multi_fake(
     kd_weight,
     weight_grad,
 ):
+    op = "linear_cross_entropy_multi"
+    check(len(hiddens) > 0, op, "no exits")
     torch._check(len(hiddens) == len(exit_weights), lambda: "one exit weight per exit")
+    check(reduction in (1, 2), op, "reduction must be 1 (mean) or 2 (sum)")
+    check(all(math.isfinite(c) for c in exit_weights), op, "exit weights must be finite")
+    for h in hiddens:
+        _check_lce_args(op, h, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
+                        kd_weight)  # fmt: skip
     f32 = hiddens[0].new_empty((), dtype=torch.float32)
     _, grad_weight, grad_bias = _lce_grad_shapes(hiddens[0], weight, bias, True, weight_grad)
     return (

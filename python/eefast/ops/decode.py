@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_same
+
 
 def decode_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -25,11 +27,17 @@ def decode_linear(
 
 @torch.library.register_fake("eefast::decode_linear")
 def _decode_linear_fake(x, weight, bias=None):
+    op = "decode_linear"
     torch._check(weight.dim() == 2, lambda: "decode_linear: weight must be [out, in]")
     torch._check(
-        x.shape[-1] == weight.shape[1],
-        lambda: f"decode_linear: x's last dim ({x.shape[-1]}) != weight's in ({weight.shape[1]})",
+        x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+        lambda: f"decode_linear: x's last dim must equal weight's in ({weight.shape[1]})",
     )
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    check_same("weight", weight, x, op)
+    if bias is not None:
+        check_same("bias", bias, x, op)
+        check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], op, "bias must be [out]")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -89,10 +97,44 @@ def decode_block(
 @torch.library.register_fake("eefast::decode_block")
 def _decode_block_fake(h, cos, sin, allowed, k_cache, v_cache, cache_len, norm1, norm2, weights,
                        biases, eps, scaling):  # fmt: skip
-    torch._check(h.dim() == 3, lambda: "decode_block: h must be [batch, q, d]")
-    torch._check(len(weights) == 7, lambda: "decode_block: weights must list the 7 linears")
-    torch._check(
-        k_cache.shape[2] >= cache_len + h.shape[1],
-        lambda: "decode_block: the caches must hold cache_len + q slots",
+    op = "decode_block"
+    check(h.dim() == 3, op, "h must be [batch, q, d]")
+    check_dtype(op, "h", h, (*FLOAT_DTYPES, torch.float64))
+    check(len(weights) == 7 and len(biases) == 7, op, "weights and biases must list the 7 linears")
+    check(k_cache.dim() == 4 and v_cache.dim() == 4, op, "the caches must be 4-D")
+    batch, q, d = h.shape
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    check(cache_len >= 0, op, "cache_len must be >= 0")
+    keys = cache_len + q
+    for c in (k_cache, v_cache):
+        check(
+            c.shape[0] == batch
+            and c.shape[1] == kv_heads
+            and c.shape[2] >= keys
+            and c.shape[3] == head_dim,
+            op,
+            "k_cache and v_cache must be [batch, kv_heads, >= cache_len + q, head_dim]",
+        )
+    for t in (cos, sin):
+        check(t.shape == (batch, q, head_dim), op, "cos and sin must be [batch, q, head_dim]")
+    check(
+        allowed.dtype == torch.bool and allowed.shape == (batch, q, keys),
+        op,
+        "allowed must be bool [batch, q, cache_len + q]",
     )
+    check(norm1.shape == (d,) and norm2.shape == (d,), op, "norm weights must be [d]")
+    same = [
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        norm1,
+        norm2,
+        *weights,
+        *(b for b in biases if b is not None),
+    ]
+    for t in same:
+        check(t.dtype == h.dtype, op, "every weight, cache and cos/sin must have h's dtype")
+    for t in (*same, allowed):
+        check_device(op, "a tensor", t, h)
     return torch.empty_like(h)

@@ -1,0 +1,196 @@
+"""Seeded, bounded fuzzing of every op: each case either matches the pure-torch reference or is
+refused, and the fake kernel (what torch.compile traces) refuses exactly what the kernel does.
+
+A case starts valid and gets up to two random faults: another dtype (float64, int64) or device
+(meta) for one argument, a wrong size in one dimension, an empty dimension, a non-finite or
+out-of-range hyper-parameter.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import eefast
+from eefast.ops import reference
+
+CASES = 150
+BAD_FLOATS = (float("nan"), float("inf"), -1.0, 0.0, 3e-39)
+
+
+def _run(fn, args: dict):
+    try:
+        return True, fn(**args)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        return False, e
+
+
+def _fake_accepts(fn, args: dict) -> bool:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def conv(v):
+        if isinstance(v, torch.Tensor):
+            return mode.from_tensor(v)
+        if isinstance(v, tuple | list):
+            return type(v)(conv(x) for x in v)
+        return v
+
+    fake = {k: conv(v) for k, v in args.items()}
+    with mode:
+        return _run(fn, fake)[0]
+
+
+def _fault(rng: random.Random, args: dict, tensors: list[str], floats: list[str]) -> str:
+    kind = rng.choice(["dtype", "device", "size", "empty", "float"] if floats else
+                      ["dtype", "device", "size", "empty"])  # fmt: skip
+    if kind == "float":
+        name = rng.choice(floats)
+        args[name] = rng.choice(BAD_FLOATS)
+        return f"{name}={args[name]}"
+    name = rng.choice(tensors)
+    t = args[name]
+    if t is None:
+        return "none"
+    if kind == "dtype":
+        args[name] = t.to(rng.choice([torch.float64, torch.int64]))
+    elif kind == "device":
+        args[name] = t.to("meta")
+    elif kind == "size" and t.dim():
+        shape = list(t.shape)
+        shape[rng.randrange(len(shape))] += rng.choice([1, 2])
+        args[name] = torch.randn(shape).to(t.dtype) if t.is_floating_point() else t.new_zeros(shape)
+    elif kind == "empty" and t.dim():
+        args[name] = t.narrow(rng.randrange(t.dim()), 0, 0)
+    return f"{kind} {name}"
+
+
+def _finite_inputs(args: dict) -> bool:
+    return all(
+        not isinstance(v, torch.Tensor) or v.device.type != "meta" and
+        (not v.is_floating_point() or bool(torch.isfinite(v).all()))
+        for v in args.values()
+    )  # fmt: skip
+
+
+def _check_case(fn, ref, args, what, atol=1e-4):
+    ok, got = _run(fn, args)
+    assert ok == _fake_accepts(fn, args), f"{what}: kernel {'accepts' if ok else 'refuses'} " \
+        f"but the fake does not ({got if not ok else ''})"  # fmt: skip
+    if ok and _finite_inputs(args):
+        want = ref(**args)
+        got, want = (
+            (got if isinstance(got, tuple) else (got,)),
+            (want if isinstance(want, tuple) else (want,)),
+        )
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=1e-3, msg=what)
+
+
+def _lora_args(rng):
+    n, i, o, r = rng.randint(1, 5), rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 4)
+    return {
+        "x": torch.randn(n, i), "weight": torch.randn(o, i),
+        "bias": torch.randn(o) if rng.random() < 0.5 else None,
+        "lora_a": torch.randn(r, i), "lora_b": torch.randn(o, r), "scaling": rng.uniform(0, 2),
+    }  # fmt: skip
+
+
+def _bottleneck_args(rng):
+    n, d, r = rng.randint(1, 5), rng.randint(1, 9), rng.randint(1, 4)
+    parallel = rng.random() < 0.5
+    o = rng.randint(1, 9) if parallel else d
+    return {
+        "x": torch.randn(n, d), "down_weight": torch.randn(r, d),
+        "down_bias": torch.randn(r), "up_weight": torch.randn(o, r), "up_bias": torch.randn(o),
+        "scale": rng.uniform(0, 2), "residual": torch.randn(n, o) if parallel else None,
+    }  # fmt: skip
+
+
+def _exit_stats_args(rng):
+    n, d, v = rng.randint(1, 5), rng.randint(1, 9), rng.randint(1, 40)
+    return {
+        "hidden": torch.randn(n, d), "weight": torch.randn(v, d),
+        "bias": torch.randn(v) if rng.random() < 0.5 else None,
+        "temperature": rng.uniform(0.5, 2),
+    }  # fmt: skip
+
+
+def _lce_args(rng):
+    n, d, v = rng.randint(1, 6), rng.randint(1, 9), rng.randint(1, 40)
+    targets = torch.randint(0, v, (n,))
+    targets[torch.rand(n) < 0.3] = -100
+    return {
+        "hidden": torch.randn(n, d), "weight": torch.randn(v, d), "targets": targets,
+        "bias": torch.randn(v) if rng.random() < 0.5 else None,
+        "z_loss": rng.choice([0.0, 1e-3]), "reduction": rng.choice(["mean", "sum", "none"]),
+    }  # fmt: skip
+
+
+def _decode_linear_args(rng):
+    n, i, o = rng.randint(1, 12), rng.randint(1, 9), rng.randint(1, 9)
+    return {
+        "x": torch.randn(n, i), "weight": torch.randn(o, i),
+        "bias": torch.randn(o) if rng.random() < 0.5 else None,
+    }  # fmt: skip
+
+
+def _decode_linear_ref(x, weight, bias=None):
+    return torch.nn.functional.linear(
+        x.float(), weight.float(), None if bias is None else bias.float()
+    )
+
+
+OPS = {
+    "lora_linear": (eefast.lora_linear, reference.lora_linear, _lora_args,
+                    ["x", "weight", "bias", "lora_a", "lora_b"], ["scaling"]),
+    "bottleneck_adapter": (eefast.bottleneck_adapter, reference.bottleneck_adapter,
+                           _bottleneck_args,
+                           ["x", "down_weight", "down_bias", "up_weight", "up_bias", "residual"],
+                           ["scale"]),
+    "exit_stats": (eefast.exit_stats, reference.exit_stats, _exit_stats_args,
+                   ["hidden", "weight", "bias"], ["temperature"]),
+    "linear_cross_entropy": (eefast.linear_cross_entropy, reference.linear_cross_entropy,
+                             _lce_args, ["hidden", "weight", "targets", "bias"], ["z_loss"]),
+    "decode_linear": (eefast.decode_linear, _decode_linear_ref, _decode_linear_args,
+                      ["x", "weight", "bias"], []),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_fuzz_matches_reference_or_refuses_like_the_fake(op):
+    fn, ref, make, tensors, floats = OPS[op]
+    rng = random.Random(f"eefast-{op}")
+    refused = 0
+    for case in range(CASES):
+        args = make(rng)
+        faults = [_fault(rng, args, tensors, floats) for _ in range(rng.choice([0, 1, 1, 2]))]
+        what = f"{op} case {case}: {', '.join(faults) or 'valid'}"
+        ok_before = _run(fn, args)[0]
+        refused += not ok_before
+        _check_case(fn, ref, args, what)
+    assert 0 < refused < CASES  # the fuzzing exercises both sides
+
+
+def test_nan_in_an_ignored_row_contributes_nothing():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(16, 8, requires_grad=True)
+    targets = torch.tensor([3, -100, 5, -100])
+    poisoned = hidden.detach().clone()
+    poisoned[1], poisoned[3] = float("nan"), float("inf")
+    poisoned.requires_grad_()
+    clean = hidden.detach().clone()
+    clean[1], clean[3] = 0.0, 0.0
+    clean.requires_grad_()
+    for reduction in ("mean", "sum", "none"):
+        w1, w2 = weight.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        got = eefast.linear_cross_entropy(poisoned, w1, targets, reduction=reduction)
+        want = eefast.linear_cross_entropy(clean, w2, targets, reduction=reduction)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(w1.grad, w2.grad)
+        assert torch.isfinite(poisoned.grad).all() and not poisoned.grad[[1, 3]].any()
+        poisoned.grad = clean.grad = None
+    assert not math.isnan(float(eefast.linear_cross_entropy(poisoned, weight, targets, z_loss=1.0)))
