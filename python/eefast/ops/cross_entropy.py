@@ -169,8 +169,9 @@ def _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_w
         "z_loss and kd_weight must be finite and >= 0",
     )
     check(kd_weight == 0 or teacher_hidden is not None, op, "kd_weight > 0 needs a teacher")
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):  # fmt: skip
+    others = {"weight": weight, "targets": targets, "bias": bias,
+              "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}  # fmt: skip
+    for name, t in others.items():
         check_device(op, name, t, hidden)
 
 
