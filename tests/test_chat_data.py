@@ -67,3 +67,15 @@ def test_prompts_cover_code_and_how_to_requests():
     prompts = chat.chat_prompts(400)
     assert any("Python" in p or "JavaScript" in p for p in prompts)
     assert any(p.startswith("How do I make") for p in prompts)
+
+
+@pytest.mark.parametrize(
+    "content", ["my notes\nline two\n", "my notes\nno newline", "x", '{"a": 1}\n']
+)
+def test_resume_never_touches_a_file_it_did_not_write(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(chat, "greedy_replies", fake_replies)
+    path = tmp_path / "notes.txt"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="was not changed"):
+        chat.write_self_distilled(None, TemplateTokenizer(), path, 4, 40, batch_size=2)
+    assert path.read_text() == content

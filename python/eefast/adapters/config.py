@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from ..ops import ADAPTER_ACTIVATIONS
@@ -22,6 +23,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoraConfig: alpha must be a finite number, got {self.alpha!r}")
 
 
 @dataclass
@@ -51,8 +54,14 @@ class BottleneckConfig:
             )
         if self.init not in ("zero-up", "normal"):
             raise ValueError(f"{name}: init must be 'zero-up' or 'normal', got {self.init!r}")
-        if not (self.scaling == "learned" or isinstance(self.scaling, int | float)):
-            raise ValueError(f"{name}: scaling must be a number or 'learned', got {self.scaling!r}")
+        if not (
+            self.scaling == "learned"
+            or isinstance(self.scaling, int | float)
+            and math.isfinite(self.scaling)
+        ):
+            raise ValueError(
+                f"{name}: scaling must be a finite number or 'learned', got {self.scaling!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {self.dropout}")
 

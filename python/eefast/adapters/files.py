@@ -9,6 +9,7 @@ atomically.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,8 +121,10 @@ def _config_from_peft(data: dict, directory: Path) -> LoraConfig | IA3Config:
         ]
         if unsupported:
             raise ValueError(f"eefast: {directory} uses LoRA options eefast lacks: {unsupported}")
+        if not isinstance(data.get("r"), int) or isinstance(data.get("r"), bool):
+            raise ValueError(f"eefast: {directory}: r must be an integer, got {data.get('r')!r}")
         return LoraConfig(
-            r=int(data["r"]),
+            r=data["r"],
             alpha=float(data["lora_alpha"]),
             dropout=float(data.get("lora_dropout", 0.0)),
             target_modules=tuple(targets),
@@ -137,14 +140,35 @@ def _config_from_peft(data: dict, directory: Path) -> LoraConfig | IA3Config:
     )
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"eefast: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"eefast: {path} must hold a JSON object")
+    return data
+
+
+def _warn_other_base(directory: Path, base: str | None, model: nn.Module) -> None:
+    mine = getattr(model.config, "_name_or_path", None)
+    if base and mine and Path(str(base)).name != Path(str(mine)).name:
+        warnings.warn(
+            f"eefast: the adapter in {directory} was trained on {base!r}; loading it into {mine!r}",
+            stacklevel=3,
+        )
+
+
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Adapter:
     """Add the adapter saved in ``directory`` (by eefast or by PEFT) to ``model``."""
     directory = Path(directory)
     if (directory / PEFT_CONFIG).is_file():
-        config = _config_from_peft(json.loads((directory / PEFT_CONFIG).read_text()), directory)
+        data = _read_json(directory / PEFT_CONFIG)
+        config = _config_from_peft(data, directory)
+        _warn_other_base(directory, data.get("base_model_name_or_path"), model)
         peft = True
     elif (directory / EEFAST_CONFIG).is_file():
-        meta = json.loads((directory / EEFAST_CONFIG).read_text())
+        meta = _read_json(directory / EEFAST_CONFIG)
         if meta.get("model_type") != model.config.model_type:
             raise ValueError(
                 f"eefast: {directory} was saved from a {meta.get('model_type')} model, "
@@ -156,7 +180,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         raise FileNotFoundError(f"eefast: no {PEFT_CONFIG} or {EEFAST_CONFIG} in {directory}")
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"eefast: {directory / WEIGHTS} is missing")
-    tensors = load_file(directory / WEIGHTS)
+    try:
+        tensors = load_file(directory / WEIGHTS)
+    except Exception as e:  # safetensors raises its own error type for a corrupt file
+        raise ValueError(
+            f"eefast: {directory / WEIGHTS} is not a readable safetensors file ({e})"
+        ) from None
     adapter = add_adapters(model, config, name)
     try:
         own = _peft_tensors(adapter) if peft else adapter.state_dict()

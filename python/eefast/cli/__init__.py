@@ -13,14 +13,31 @@ import argparse
 
 from . import adapters, exits, generate, info
 
+# What a user's input can cause (a bad value, a missing or malformed file): one line on
+# stderr and exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="eefast",
         description="Fast early-exit and adapter tuning of pre-trained LLMs, with fused torch ops.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of a user error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (info, exits, generate, adapters):
         module.add_commands(sub)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        parser.exit(2, f"eefast {args.command}: error: {_one_line(e)}\n")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())

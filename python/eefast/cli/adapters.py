@@ -27,7 +27,7 @@ from ..hf import DEFAULT_MODEL, load_model, pad_id
 from ..io import write_json
 from ..ops import ADAPTER_ACTIVATIONS
 from ..train import FinetuneConfig, finetune
-from .common import say
+from .common import count, finite, positive, positive_int, probability, say
 
 METHODS = ("lora", "series", "parallel", "prefix", "ia3")
 # Peak learning rates that move SmolLM2 within a few hundred steps (docs/adapters.md).
@@ -38,19 +38,18 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
 
 
-def _rows(spec: str, split: str) -> list[dict]:
-    try:
-        return load_rows(spec, split)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+def _scaling(text: str) -> float | str:
+    return text if text == "learned" else finite(text)
 
 
 def adapter_config(args) -> object:
+    if args.feedforward and not args.targets:
+        raise ValueError("--feedforward names some of --targets; give --targets too")
     targets = _names(args.targets)
     bottleneck = {
         "bottleneck_size": args.bottleneck_size,
         "activation": args.activation,
-        "scaling": args.scaling if args.scaling == "learned" else float(args.scaling),
+        "scaling": args.scaling,
         "init": args.init,
         "dropout": args.adapter_dropout,
         "target_modules": targets,
@@ -67,7 +66,7 @@ def adapter_config(args) -> object:
 
 
 def _evaluate(model, tokenizer, args, out: Path | None) -> dict:
-    rows = _rows(args.eval_data, "test")[: args.limit or None]
+    rows = load_rows(args.eval_data, "test")[: args.limit or None]
     t0 = time.perf_counter()
     result = answer_accuracy(
         model, tokenizer, rows, args.eval_batch_size, args.max_new_tokens, not args.no_chat
@@ -88,6 +87,7 @@ def cmd_finetune(args) -> None:
     torch.set_num_threads(args.threads)
     config = adapter_config(args)
     model, tokenizer = load_model(args.model)
+    torch.manual_seed(args.seed)  # the adapter's initialisation: the same --seed, the same run
     adapter = add_adapters(model, config)
     trainable = mark_only_adapters_trainable(model)
     total = sum(p.numel() for p in model.parameters())
@@ -95,7 +95,7 @@ def cmd_finetune(args) -> None:
         f"{args.method} adapter on {model.config._name_or_path}: {trainable:,} trainable "
         f"parameters ({trainable / total:.3%} of {total:,}) at {len(adapter.targets)} places"
     )
-    examples = tokenize_rows(tokenizer, _rows(args.data, "train"), chat=not args.no_chat)
+    examples = tokenize_rows(tokenizer, load_rows(args.data, "train"), chat=not args.no_chat)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     ft = FinetuneConfig(
         steps=args.steps,
@@ -149,14 +149,14 @@ def cmd_eval(args) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=TASK, help=f"{TASK!r} (its test split) or a .jsonl")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=count, default=0, help="evaluate the first N rows only")
+    p.add_argument("--eval-batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
 
 
 def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-chat", action="store_true", help="Alpaca-style prompts, no chat template")
 
 
@@ -166,30 +166,30 @@ def add_commands(sub) -> None:
     ft.add_argument("--method", choices=METHODS, default="lora")
     ft.add_argument("--data", default=TASK, help=f"{TASK!r} (shipped), a .jsonl or a .txt")
     ft.add_argument("--out", required=True, help="adapter files, checkpoints and logs")
-    ft.add_argument("--steps", type=int, default=200)
-    ft.add_argument("--batch-size", type=int, default=8)
-    ft.add_argument("--grad-accum", type=int, default=1)
-    ft.add_argument("--lr", type=float, default=None, help=f"default per method: {DEFAULT_LR}")
-    ft.add_argument("--max-len", type=int, default=256)
+    ft.add_argument("--steps", type=positive_int, default=200)
+    ft.add_argument("--batch-size", type=positive_int, default=8)
+    ft.add_argument("--grad-accum", type=positive_int, default=1)
+    ft.add_argument("--lr", type=positive, default=None, help=f"default per method: {DEFAULT_LR}")
+    ft.add_argument("--max-len", type=positive_int, default=256)
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--save-every", type=int, default=50)
+    ft.add_argument("--save-every", type=positive_int, default=50)
     ft.add_argument("--no-mask-prompt", action="store_true", help="train on prompt tokens too")
     ft.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     ft.add_argument("--targets", help="comma-separated module names (default: per architecture)")
     lora = ft.add_argument_group("lora")
-    lora.add_argument("--r", type=int, default=8)
-    lora.add_argument("--alpha", type=float, default=16.0)
-    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument("--r", type=positive_int, default=8)
+    lora.add_argument("--alpha", type=finite, default=16.0)
+    lora.add_argument("--lora-dropout", type=probability, default=0.0)
     bn = ft.add_argument_group("series / parallel")
-    bn.add_argument("--bottleneck-size", type=int, default=64)
+    bn.add_argument("--bottleneck-size", type=positive_int, default=64)
     bn.add_argument("--placement", choices=("pfeiffer", "houlsby"), default="pfeiffer")
     bn.add_argument("--activation", choices=sorted(ADAPTER_ACTIVATIONS), default="relu")
-    bn.add_argument("--scaling", default="1.0", help="a number or 'learned'")
+    bn.add_argument("--scaling", type=_scaling, default=1.0, help="a number or 'learned'")
     bn.add_argument("--init", choices=("zero-up", "normal"), default="zero-up")
-    bn.add_argument("--adapter-dropout", type=float, default=0.0)
+    bn.add_argument("--adapter-dropout", type=probability, default=0.0)
     pre = ft.add_argument_group("prefix")
-    pre.add_argument("--virtual-tokens", type=int, default=16)
-    pre.add_argument("--projection-size", type=int, default=0, help="0: no reparameterisation")
+    pre.add_argument("--virtual-tokens", type=positive_int, default=16)
+    pre.add_argument("--projection-size", type=count, default=0, help="0: no reparameterisation")
     ia3 = ft.add_argument_group("ia3")
     ia3.add_argument("--feedforward", help="with --targets: which of them scale their input")
     ft.add_argument("--eval", action="store_true", help="evaluate on --eval-data afterwards")

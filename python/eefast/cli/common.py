@@ -1,12 +1,48 @@
-"""What every `eefast` command module shares: progress lines and comma-separated arguments."""
+"""What every `eefast` command module shares: progress lines and argument types that refuse a
+bad value at parse time, naming the argument (argparse prints one line and exits with 2)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def say(msg: str) -> None:
     print(f"[eefast] {msg}", flush=True)
+
+
+def _number(text: str, cast, what: str, ok) -> int | float:
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "an integer >= 1", lambda v: v >= 1)
+
+
+def count(text: str) -> int:
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def finite(text: str) -> float:
+    return _number(text, float, "a finite number", math.isfinite)
+
+
+def nonnegative(text: str) -> float:
+    return _number(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+def positive(text: str) -> float:
+    return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def probability(text: str) -> float:
+    return _number(text, float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def int_list(text: str) -> list[int]:
@@ -18,6 +54,9 @@ def int_list(text: str) -> list[int]:
 
 def float_list(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated floats, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values

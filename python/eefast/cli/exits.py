@@ -23,7 +23,7 @@ from ..hf import DEFAULT_MODEL, load_model
 from ..io import write_json
 from ..nn import EXIT_KINDS
 from ..train import TuneConfig, ee_tune
-from .common import float_list, int_list, say
+from .common import count, float_list, int_list, nonnegative, positive, positive_int, say
 
 
 def _load(args):
@@ -204,17 +204,17 @@ def _common(
         default=True,
         help="reuse the frozen LM head in every exit instead of copying it",
     )
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--seq-len", type=int, default=seq_len)
-    p.add_argument("--eval-blocks", type=int, default=eval_blocks)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=25)
-    p.add_argument("--kd-weight", type=float, default=0.0)
-    p.add_argument("--z-loss", type=float, default=0.0)
+    p.add_argument("--steps", type=positive_int, default=steps)
+    p.add_argument("--lr", type=positive, default=lr)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--seq-len", type=positive_int, default=seq_len)
+    p.add_argument("--eval-blocks", type=positive_int, default=eval_blocks)
+    p.add_argument("--eval-every", type=positive_int, default=50)
+    p.add_argument("--save-every", type=positive_int, default=25)
+    p.add_argument("--kd-weight", type=nonnegative, default=0.0)
+    p.add_argument("--z-loss", type=nonnegative, default=0.0)
     p.add_argument("--exit-weights", type=float_list, default=None)
-    p.add_argument("--exit-weight-warmup", type=int, default=0)
+    p.add_argument("--exit-weight-warmup", type=count, default=0)
     p.add_argument(
         "--cache-hidden",
         action="store_true",
@@ -242,10 +242,10 @@ def add_commands(sub) -> None:
     )
     dd.add_argument("--model", default=DEFAULT_MODEL)
     dd.add_argument("--out", required=True, help="the .jsonl to write (a rerun resumes it)")
-    dd.add_argument("--prompts", type=int, default=240)
-    dd.add_argument("--max-new-tokens", type=int, default=128)
-    dd.add_argument("--batch-size", type=int, default=8)
-    dd.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    dd.add_argument("--prompts", type=positive_int, default=240)
+    dd.add_argument("--max-new-tokens", type=positive_int, default=128)
+    dd.add_argument("--batch-size", type=positive_int, default=8)
+    dd.add_argument("--threads", type=count, default=0, help="torch threads (default: torch's)")
     dd.set_defaults(func=cmd_distill_data)
 
     dv = sub.add_parser(
@@ -254,9 +254,9 @@ def add_commands(sub) -> None:
     dv.add_argument("--model", default=DEFAULT_MODEL)
     dv.add_argument("--exits", required=True, help="directory with exits.json")
     dv.add_argument("--data", default=DEFAULT_CORPUS, help="text like the model's replies")
-    dv.add_argument("--size", type=int, default=16384, help="most frequent tokens to keep")
-    dv.add_argument("--seq-len", type=int, default=128)
-    dv.add_argument("--eval-blocks", type=int, default=16)
+    dv.add_argument("--size", type=positive_int, default=16384, help="most frequent tokens to keep")
+    dv.add_argument("--seq-len", type=positive_int, default=128)
+    dv.add_argument("--eval-blocks", type=positive_int, default=16)
     dv.set_defaults(func=cmd_draft_vocab)
 
     tc = sub.add_parser(
@@ -265,20 +265,22 @@ def add_commands(sub) -> None:
     tc.add_argument("--model", default=DEFAULT_MODEL)
     tc.add_argument("--exits", required=True, help="directory with exits.json")
     tc.add_argument("--data", default=DEFAULT_CORPUS)
-    tc.add_argument("--seq-len", type=int, default=128)
-    tc.add_argument("--eval-blocks", type=int, default=16)
-    tc.add_argument("--blocks", type=int, default=128, help="training blocks (labels cost a pass)")
-    tc.add_argument("--steps", type=int, default=300)
-    tc.add_argument("--batch-size", type=int, default=4)
+    tc.add_argument("--seq-len", type=positive_int, default=128)
+    tc.add_argument("--eval-blocks", type=positive_int, default=16)
+    tc.add_argument(
+        "--blocks", type=positive_int, default=128, help="training blocks (labels cost a pass)"
+    )
+    tc.add_argument("--steps", type=positive_int, default=300)
+    tc.add_argument("--batch-size", type=positive_int, default=4)
     tc.set_defaults(func=cmd_train_classifier)
 
     ev = sub.add_parser("eval-exits", help="per-exit perplexity, agreement and confidence")
     ev.add_argument("--model", default=DEFAULT_MODEL)
     ev.add_argument("--exits", required=True, help="directory with exits.json")
     ev.add_argument("--data", default=DEFAULT_CORPUS)
-    ev.add_argument("--seq-len", type=int, default=128)
-    ev.add_argument("--eval-blocks", type=int, default=16)
-    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--seq-len", type=positive_int, default=128)
+    ev.add_argument("--eval-blocks", type=positive_int, default=16)
+    ev.add_argument("--batch-size", type=positive_int, default=4)
     ev.add_argument(
         "--out", default=None, help="where to write the JSON and PNG (default: --exits)"
     )

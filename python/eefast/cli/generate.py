@@ -10,7 +10,7 @@ from ..exits import load_exits
 from ..generation import CONFIDENCE_MEASURES, DRAFT_THRESHOLD, KV_MODES, MODES, generate
 from ..hf import DEFAULT_MODEL, load_model, prompt_ids
 from ..io import write_json
-from .common import float_list, int_list, say
+from .common import count, finite, float_list, int_list, nonnegative, positive_int, probability, say
 
 
 def _load(args):
@@ -95,7 +95,7 @@ def add_commands(sub) -> None:
     def common(p):
         p.add_argument("--model", default=DEFAULT_MODEL)
         p.add_argument("--exits", required=True, help="directory with exits.json (eefast tune)")
-        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--max-new-tokens", type=positive_int, default=128)
         p.add_argument(
             "--no-draft-vocab",
             action="store_true",
@@ -115,11 +115,13 @@ def add_commands(sub) -> None:
     g.add_argument(
         "--exit-layer", type=int, default=None, help="speculative: draft from this exit only"
     )
-    g.add_argument("--draft-k", type=int, default=4, help="speculative: most drafts a round")
+    g.add_argument(
+        "--draft-k", type=positive_int, default=4, help="speculative: most drafts a round"
+    )
     g.add_argument("--fixed-k", action="store_true", help="no adaptive draft length")
     g.add_argument(
         "--threshold",
-        type=float,
+        type=finite,
         default=None,
         help=f"exit confidence to stop at (default: threshold 0.9, speculative {DRAFT_THRESHOLD}"
         "; speculative with 0 drafts --draft-k tokens every round)",
@@ -132,9 +134,9 @@ def add_commands(sub) -> None:
         help="threshold mode: KV of skipped blocks recomputed later (exact) or copied up (CALM)",
     )
     g.add_argument("--min-exit", type=int, default=1)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=nonnegative, default=0.0)
+    g.add_argument("--top-k", type=count, default=0)
+    g.add_argument("--top-p", type=probability, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="prompts are raw text, no template")
     g.add_argument("--stop", action="append", help="a stop string (repeat for several)")
@@ -142,16 +144,16 @@ def add_commands(sub) -> None:
 
     c = sub.add_parser("calibrate", help="pick a threshold for a target agreement")
     common(c)
-    c.add_argument("--target", type=float, default=0.95)
+    c.add_argument("--target", type=probability, default=0.95)
     c.add_argument("--thresholds", type=float_list, default=CALIBRATION_THRESHOLDS)
     c.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
-    c.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
+    c.add_argument("--prompts", type=positive_int, default=4, help="how many built-in prompts")
     c.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bench-generate", help="eefast generation against HF generate")
     common(b)
     b.add_argument("--batch-sizes", type=int_list, default=[1, 4])
-    b.add_argument("--prompts", type=int, default=4, help="how many built-in prompts")
+    b.add_argument("--prompts", type=positive_int, default=4, help="how many built-in prompts")
     b.add_argument("--thresholds", type=float_list, default=[0.5, 0.8, 0.9, 0.99])
     b.add_argument(
         "--draft-thresholds",
@@ -171,6 +173,6 @@ def add_commands(sub) -> None:
         default=["propagate"],
         help="extra threshold-mode KV modes to time ('' for none)",
     )
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--threads", type=positive_int, default=2)
     b.add_argument("--out", default="benchmarks/results")
     b.set_defaults(func=cmd_bench_generate)

@@ -10,6 +10,7 @@ import torch
 from ..nn import LoRALinear
 from ..ops import exit_stats, lora_linear, reference
 from ..timing import time_median
+from .common import positive_int
 
 
 def registered_ops() -> list[str]:
@@ -138,8 +139,8 @@ def add_commands(sub) -> None:
     info = sub.add_parser("info", help="what this build provides")
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser("demo-ops", help="a short tour of the fused ops and their speed")
-    demo.add_argument("--tokens", type=int, default=512)
-    demo.add_argument("--dim", type=int, default=2048)
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--reps", type=int, default=3)
+    demo.add_argument("--tokens", type=positive_int, default=512)
+    demo.add_argument("--dim", type=positive_int, default=2048)
+    demo.add_argument("--threads", type=positive_int, default=2)
+    demo.add_argument("--reps", type=positive_int, default=3)
     demo.set_defaults(func=cmd_demo_ops)

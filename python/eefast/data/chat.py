@@ -109,29 +109,40 @@ def chat_prompts(n: int, seed: int = 0) -> list[str]:
     return prompts[:n]
 
 
-def _rows_done(path: Path) -> int:
-    """Complete rows in ``path``; a torn last line (a crash mid-write) is cut off."""
+def _rows_done(path: Path, prompts: list[str]) -> int:
+    """How many of ``prompts`` the file already answers. The file must be this command's own
+    output for this prompt list; anything else is refused and left exactly as it is. Only then
+    is a torn last row (a crash mid-write) cut off."""
     if not path.exists():
         return 0
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
-    return data.count(b"\n")
-
-
-def _check_resumable(path: Path, expected: list[str]) -> None:
-    """Refuse to append to a file whose rows answer other prompts (another eefast version's
-    prompt list or seed): the result would mix two prompt sets."""
-    if not expected:
-        return
-    with path.open() as f:
-        for i, (line, prompt) in enumerate(zip(f, expected, strict=True)):
-            if json.loads(line).get("prompt") != prompt:
-                raise ValueError(
-                    f"{path}: row {i} answers {json.loads(line).get('prompt')!r}, but this "
-                    f"prompt list has {prompt!r} there; write to a new file instead"
-                )
+    *lines, torn = data.split(b"\n")
+    if len(lines) > len(prompts):
+        raise ValueError(f"{path} has {len(lines)} rows, more than the {len(prompts)} asked for")
+    for i, (line, prompt) in enumerate(zip(lines, prompts, strict=False)):
+        try:
+            row = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict) or set(row) != {"prompt", "text"}:
+            raise ValueError(
+                f"{path}:{i + 1} is not a row of eefast distill-data, so the file is not its "
+                "output; "
+                "write to a new file (this one was not changed)"
+            )
+        if row["prompt"] != prompt:
+            raise ValueError(
+                f"{path}: row {i} answers {row['prompt']!r}, but this prompt list has {prompt!r} "
+                "there; write to a new file instead (this one was not changed)"
+            )
+    if torn:
+        if not torn.startswith(b'{"prompt": '):
+            raise ValueError(
+                f"{path} ends in a line that is not a row of eefast distill-data; write to a new "
+                "file (this one was not changed)"
+            )
+        path.write_bytes(data[: len(data) - len(torn)])
+    return len(lines)
 
 
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -149,10 +160,7 @@ def write_self_distilled(
     already there. Returns the number of rows in the file."""
     path = Path(path)
     prompts = chat_prompts(n_prompts)
-    done = _rows_done(path)
-    if done > len(prompts):
-        raise ValueError(f"{path} has {done} rows, more than the {len(prompts)} asked for")
-    _check_resumable(path, prompts[:done])
+    done = _rows_done(path, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(prompts), initial=done, desc="self-distill", unit="prompt")
     with path.open("a") as f:
@@ -172,4 +180,4 @@ def write_self_distilled(
             f.flush()
             bar.update(len(batch))
     bar.close()
-    return _rows_done(path)
+    return _rows_done(path, prompts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def _write_metrics(out: Path, metrics: list[dict]) -> None:
     write_text(out / "metrics.csv", buf.getvalue())
 
 
+def _checksum(blocks: torch.Tensor) -> str:
+    """Shape and CRC-32 of token blocks: equal data, equal string."""
+    data = blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return f"{list(blocks.shape)}:{zlib.crc32(data):08x}"
+
+
 def _hidden_cache(ee, blocks, cfg, need_final, progress) -> HiddenCache:
     path = Path(cfg.cache_path) if cfg.cache_path else None
     cache = path and HiddenCache.load(path, ee, blocks, cfg.batch_size, need_final)
@@ -175,13 +182,22 @@ def ee_tune(
         cfg.steps, cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps, cfg.grad_clip, cfg.save_every
     )
     params = {n: p for n, p in ee.exits.named_parameters() if p.requires_grad}
+    # What a resumed run must share with the checkpoint: the hyper-parameters that change its
+    # updates, and the training data itself (a checksum of the token blocks).
+    cadence = ("steps", "eval_every", "eval_batches", "save_every", "log_every", "cache_hidden",
+               "cache_path")  # fmt: skip
+    run = {
+        "config": {k: v for k, v in asdict(cfg).items() if k not in cadence},
+        "train_blocks": _checksum(train_blocks),
+    }
     loop = TrainLoop(
         "ee-tune",
         params,
         settings,
         ckpt_root,
-        info={"exits": exits_config(ee), "config": asdict(cfg)},
+        run,
         check=check,
+        info={"exits": exits_config(ee), "config": asdict(cfg)},
         resume=resume,
         progress=progress,
         on_checkpoint=(lambda log: _write_metrics(out, log)) if out else None,

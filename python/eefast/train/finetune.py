@@ -5,7 +5,6 @@ accumulation, and the shared loop's progress bar, atomic checkpoints and exact r
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,20 +80,13 @@ def finetune(
         raise ValueError("finetune: no trainable parameters; call mark_only_adapters_trainable")
     batch_index(len(examples), config.batch_size, 0, config.seed, "finetune")  # fail early
     ckpt_dir = Path(out) / "checkpoints" if out is not None else None
-    run_id = json.loads(json.dumps({"finetune": asdict(config) | {"steps": None},
-                                    "fingerprint": fingerprint}))  # fmt: skip
-
-    def check(saved: dict) -> None:
-        if saved != run_id:
-            raise ValueError(
-                f"finetune: the checkpoint in {ckpt_dir} is from another run "
-                f"({saved}); use a new --out or --no-resume"
-            )
-
+    # What a resumed run must share with the checkpoint: everything but the step count.
+    run = {"finetune": asdict(config) | {"steps": None, "save_every": None},
+           "fingerprint": fingerprint}  # fmt: skip
     settings = LoopSettings(
         config.steps, config.lr, config.weight_decay, config.warmup_steps, 0.0, config.save_every
     )
-    loop = TrainLoop("finetune", params, settings, ckpt_dir, run_id, check, resume, progress)
+    loop = TrainLoop("finetune", params, settings, ckpt_dir, run, resume=resume, progress=progress)
     was_training = model.training
     model.train()
     try:

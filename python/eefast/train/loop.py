@@ -14,6 +14,7 @@ a run that resumes makes the same updates, bit for bit, as one that never stoppe
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,9 +66,11 @@ class TrainLoop:
     """Optimises ``params`` (name -> parameter) for ``settings.steps`` steps, resuming from the
     latest checkpoint in ``ckpt_dir`` when there is one (and ``resume``).
 
-    ``info`` is saved with every checkpoint; ``check(saved_info)`` refuses a checkpoint from
-    another run before anything is loaded. ``on_checkpoint(log)`` runs after each checkpoint
-    (to write logs beside it) and ``on_interrupt()`` after the Ctrl-C checkpoint.
+    ``run`` says what makes two runs the same one (hyper-parameters, data, model): a
+    checkpoint saved under another ``run`` is refused, naming what differs, before anything is
+    loaded; so is one that ``check(saved_info)`` rejects. ``info`` is saved with every
+    checkpoint. ``on_checkpoint(log)`` runs after each checkpoint (to write logs beside it)
+    and ``on_interrupt()`` after the Ctrl-C checkpoint.
     """
 
     def __init__(
@@ -76,8 +79,9 @@ class TrainLoop:
         params: dict[str, nn.Parameter],
         settings: LoopSettings,
         ckpt_dir: Path | None = None,
-        info: dict | None = None,
+        run: dict | None = None,
         check: Callable[[dict], None] | None = None,
+        info: dict | None = None,
         resume: bool = True,
         progress: bool = True,
         on_checkpoint: Callable[[list[dict]], None] | None = None,
@@ -87,6 +91,7 @@ class TrainLoop:
             raise ValueError(f"{name}: no trainable parameters")
         self.name, self.params, self.settings = name, params, settings
         self.ckpt_dir, self.info = ckpt_dir, info or {}
+        self.run = json.loads(json.dumps(run or {}))  # as it reads back from the checkpoint
         self.on_checkpoint, self.on_interrupt = on_checkpoint, on_interrupt
         self.optimizer = torch.optim.AdamW(
             params.values(), lr=settings.lr, weight_decay=settings.weight_decay
@@ -98,6 +103,7 @@ class TrainLoop:
             tensors, opt_tensors, opt_meta, state = found
             if check is not None:
                 check(state["info"])
+            _refuse_another_run(name, ckpt_dir, state["run"], self.run)
             if set(tensors) != set(params):
                 raise ValueError(f"{name}: the checkpoint in {ckpt_dir} has other parameters")
             with torch.no_grad():
@@ -150,7 +156,11 @@ class TrainLoop:
             return
         state = {n: p.detach() for n, p in self.params.items()}
         save_checkpoint(
-            self.ckpt_dir, self.step, state, self.optimizer, {"info": self.info, "log": self.log}
+            self.ckpt_dir,
+            self.step,
+            state,
+            self.optimizer,
+            {"run": self.run, "info": self.info, "log": self.log},
         )
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.log)
@@ -166,3 +176,14 @@ class TrainLoop:
                 self.on_interrupt()
         elif exc_type is None:
             self.checkpoint()
+
+
+def _refuse_another_run(name: str, ckpt_dir, saved: dict, run: dict) -> None:
+    if saved == run:
+        return
+    differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+    changes = "; ".join(f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now" for k in differ[:4])
+    raise ValueError(
+        f"{name}: the checkpoint in {ckpt_dir} is from another run ({changes}); use a new "
+        "output directory, or --no-resume to start over"
+    )
