@@ -180,3 +180,45 @@ def test_bad_inputs(tmp_path):
         load_documents(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="eval_blocks"):
         split_blocks(blocks(4), 4)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"lr": 2e-2}, {"seed": 1}, {"batch_size": 2}, {"kd_weight": 0.5}, "data"],
+    ids=str,
+)
+def test_resume_refuses_another_run(tmp_path, change):
+    data = blocks()
+    ee_tune(add_exits(tiny_model("llama"), [1]), data, None, config(steps=2), tmp_path,
+            progress=False)  # fmt: skip
+    other_data = blocks(seed=5) if change == "data" else data
+    kw = {} if change == "data" else change
+    with pytest.raises(ValueError, match="from another run"):
+        ee_tune(add_exits(tiny_model("llama"), [1]), other_data, None, config(steps=4, **kw),
+                tmp_path, progress=False)  # fmt: skip
+    # more steps, another cadence: the same run, resumed
+    cadence = config(steps=4, save_every=1, eval_every=2)
+    metrics = ee_tune(add_exits(tiny_model("llama"), [1]), data, None, cadence, tmp_path,
+                      progress=False)  # fmt: skip
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("latest.json", "{oops", "latest.json is damaged"),
+        ("latest.json", '{"directory": "/etc", "step": 2}', "not a checkpoint of this run"),
+        ("latest.json", '{"directory": "step-0000002", "step": -1}', "latest.json is damaged"),
+        ("step-0000002/state.json", "[]", "state.json is damaged"),
+        ("step-0000002/optimizer.safetensors", "truncated", "optimizer.safetensors is damaged"),
+        ("step-0000002/model.safetensors", "", "model.safetensors is damaged"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named(tmp_path, file, content, message):
+    data = blocks()
+    ee_tune(add_exits(tiny_model("llama"), [1]), data, None, config(steps=2), tmp_path,
+            progress=False)  # fmt: skip
+    (tmp_path / "checkpoint" / file).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        ee_tune(add_exits(tiny_model("llama"), [1]), data, None, config(steps=4), tmp_path,
+                progress=False)  # fmt: skip

@@ -1,5 +1,7 @@
 """add_exits on tiny random models of every supported architecture."""
 
+import json
+
 import pytest
 import torch
 
@@ -141,3 +143,31 @@ def test_unknown_architecture_lists_module_lists():
 
     with pytest.raises(ValueError, match="unsupported architecture 'odd'.*blocks"):
         add_exits(Odd(), [1])
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("exits.json", "{truncated", "exits.json is damaged"),
+        ("exits.json", None, "fingerprint lacks"),
+        ("exits.safetensors", "not safetensors", "exits.safetensors is damaged"),
+    ],
+)
+def test_a_damaged_exits_file_is_named(tmp_path, file, content, message):
+    ee = add_exits(tiny_model("llama"), [1, 2], kind="norm")
+    save_exits(ee, tmp_path)
+    if content is None:  # an emptied fingerprint must not skip the model check
+        cfg = json.loads((tmp_path / "exits.json").read_text())
+        (tmp_path / "exits.json").write_text(json.dumps(cfg | {"fingerprint": {}}))
+    else:
+        (tmp_path / file).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_exits(tiny_model("llama"), tmp_path)
+
+
+def test_exits_of_another_structure_are_named(tmp_path):
+    save_exits(add_exits(tiny_model("llama"), [1, 2], kind="mlp"), tmp_path)
+    cfg = json.loads((tmp_path / "exits.json").read_text())
+    (tmp_path / "exits.json").write_text(json.dumps(cfg | {"kind": "norm"}))
+    with pytest.raises(ValueError, match="exits.safetensors is damaged"):
+        load_exits(tiny_model("llama"), tmp_path)

@@ -73,8 +73,11 @@ def test_tune_and_eval_exits_commands(smollm2, tmp_path, capsys):
     rows = json.loads((out / "eval_exits.json").read_text())
     assert [r["layer"] for r in rows] == [1, 1, 3, 3, 4]
     assert "final layer" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(SystemExit) as exit_:  # a user error: one line, no traceback
         main(["tune", *common, "--exits", "1,9", "--steps", "1", "--out", str(out / "x")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "eefast tune: error:" in err and "out of range" in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("eefast tune: error")
 
 
 def test_generation_on_smollm2(smollm2):

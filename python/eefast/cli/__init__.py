@@ -18,8 +18,15 @@ from . import adapters, exits, generate, info
 USER_ERRORS = (ValueError, OSError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (the usage is under --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eefast",
         description="Fast early-exit and adapter tuning of pre-trained LLMs, with fused torch ops.",
     )

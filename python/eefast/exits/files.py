@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..hf.arch import decoder_parts
-from ..io import write_json, write_safetensors
+from ..io import read_json, reading, write_json, write_safetensors
 from ..nn.exit_classifier import ExitClassifier
 from .model import EarlyExitModel, add_exits
 
@@ -65,12 +65,13 @@ def save_classifier(ee: EarlyExitModel, directory) -> None:
 
 
 def _load_classifier(ee: EarlyExitModel, path: Path) -> None:
-    with safe_open(path, "pt") as f:
+    with reading(path), safe_open(path, "pt") as f:
         layers = json.loads(f.metadata()["layers"])
     if layers != ee.exit_layers:
         raise ValueError(f"{path} is for exits {layers}, these are at {ee.exit_layers}")
     clf = ExitClassifier(layers, ee.parts.final_norm.weight.shape[0])
-    clf.load_state_dict(load_file(path), strict=True)
+    with reading(path):
+        clf.load_state_dict(load_file(path), strict=True)
     ee.classifier = clf.to(ee.model.device).requires_grad_(False)
 
 
@@ -82,7 +83,8 @@ def save_draft_vocab(directory, ids: torch.Tensor, coverage: float) -> None:
 
 
 def _load_draft_vocab(ee: EarlyExitModel, path: Path) -> None:
-    ids = load_file(path)["ids"]
+    with reading(path):
+        ids = load_file(path)["ids"]
     vocab = ee.parts.lm_head.weight.shape[0]
     if ids.dim() != 1 or not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"{path} holds token ids outside this model's vocabulary of {vocab}")
@@ -113,13 +115,20 @@ def load_exits(model: nn.Module, directory) -> EarlyExitModel:
     cfg_path = directory / "exits.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"load_exits: no exits.json in {directory}")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path)
     if cfg.get("format") != EXITS_FORMAT:
         raise ValueError(f"load_exits: {cfg_path} is not an {EXITS_FORMAT} file")
-    check_fingerprint(cfg["fingerprint"], model, f"exits checkpoint {directory}")
-    ee = add_exits(model, cfg["layers"], cfg["kind"], share_lm_head=cfg["share_lm_head"])
-    state = load_file(directory / "exits.safetensors", device=str(model.device))
-    ee.exits.load_state_dict(state, strict=True)
+    with reading(cfg_path):
+        layers, kind, share = cfg["layers"], cfg["kind"], cfg["share_lm_head"]
+        fingerprint = cfg["fingerprint"]
+        missing = sorted(set(model_fingerprint(model)) - set(fingerprint))
+        if missing:
+            raise KeyError(f"its fingerprint lacks {missing}")
+    check_fingerprint(fingerprint, model, f"exits checkpoint {directory}")
+    ee = add_exits(model, layers, kind, share_lm_head=share)
+    weights = directory / "exits.safetensors"
+    with reading(weights):
+        ee.exits.load_state_dict(load_file(weights, device=str(model.device)), strict=True)
     if (directory / CLASSIFIER_FILE).exists():
         _load_classifier(ee, directory / CLASSIFIER_FILE)
     if (directory / DRAFT_VOCAB_FILE).exists():

@@ -60,7 +60,10 @@ def _build_smollm2_cache(target: Path) -> None:
 def resolve_model_path(name: str | None) -> str:
     """A local path or hub id; ``smollm2``/None is the embedded default (cached on first use)."""
     if name not in (None, DEFAULT_MODEL):
-        return name
+        local = Path(name).expanduser()
+        if (local.is_absolute() or name.startswith((".", "~"))) and not local.is_dir():
+            raise FileNotFoundError(f"model {name!r}: no such directory")
+        return str(local) if local.is_dir() else name
     target = cache_dir() / "smollm2-135m-instruct"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,14 @@ else (step, metrics, param groups) to JSON.
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from ..io import write_json, write_safetensors
+from ..io import read_json, reading, write_json, write_safetensors
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -60,11 +60,19 @@ def load_checkpoint(root: Path) -> tuple[dict, dict, dict, dict] | None:
     pointer = Path(root) / "latest.json"
     if not pointer.is_file():
         return None
-    directory = Path(root) / json.loads(pointer.read_text())["directory"]
-    state = json.loads((directory / "state.json").read_text())
-    return (
-        load_file(directory / "model.safetensors"),
-        load_file(directory / "optimizer.safetensors"),
-        state.pop("optimizer"),
-        state,
-    )
+    latest = read_json(pointer)
+    with reading(pointer):
+        name, step = latest["directory"], latest["step"]
+        if not re.fullmatch(r"step-\d{7}", str(name)) or name != f"step-{step:07d}":
+            raise ValueError(f"it names {name!r} at step {step!r}, not a checkpoint of this run")
+    directory = Path(root) / name
+    state = read_json(directory / "state.json")
+    with reading(directory / "state.json"):
+        if state["step"] != step:
+            raise ValueError(f"step {state['step']} where latest.json says {step}")
+        meta = state.pop("optimizer")
+    tensors = []
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        with reading(directory / file):
+            tensors.append(load_file(directory / file))
+    return tensors[0], tensors[1], meta, state

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ..exits.files import check_fingerprint, exits_config, save_exits
 from ..exits.model import BackboneStates, EarlyExitModel
 from ..io import write_text
 from ..ops import multi_exit_cross_entropy
-from .hidden_cache import HiddenCache
+from .hidden_cache import HiddenCache, blocks_digest
 from .loop import LoopSettings, TrainLoop, batch_index
 
 
@@ -129,12 +128,6 @@ def _write_metrics(out: Path, metrics: list[dict]) -> None:
     write_text(out / "metrics.csv", buf.getvalue())
 
 
-def _checksum(blocks: torch.Tensor) -> str:
-    """Shape and CRC-32 of token blocks: equal data, equal string."""
-    data = blocks.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
-    return f"{list(blocks.shape)}:{zlib.crc32(data):08x}"
-
-
 def _hidden_cache(ee, blocks, cfg, need_final, progress) -> HiddenCache:
     path = Path(cfg.cache_path) if cfg.cache_path else None
     cache = path and HiddenCache.load(path, ee, blocks, cfg.batch_size, need_final)
@@ -188,7 +181,7 @@ def ee_tune(
                "cache_path")  # fmt: skip
     run = {
         "config": {k: v for k, v in asdict(cfg).items() if k not in cadence},
-        "train_blocks": _checksum(train_blocks),
+        "train_blocks": blocks_digest(train_blocks),
     }
     loop = TrainLoop(
         "ee-tune",

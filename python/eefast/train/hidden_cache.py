@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 
 from ..exits.files import check_fingerprint, model_fingerprint
 from ..exits.model import BackboneStates, EarlyExitModel
-from ..io import write_safetensors
+from ..io import reading, write_safetensors
 
 
-def _blocks_digest(blocks: torch.Tensor) -> str:
-    return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()[:16]
+def blocks_digest(blocks: torch.Tensor) -> str:
+    """A short digest of token blocks: equal data, equal string."""
+    return hashlib.sha256(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 class HiddenCache:
@@ -72,7 +73,7 @@ class HiddenCache:
                 first = states
         meta = {
             "layers": layers,
-            "blocks": _blocks_digest(blocks),
+            "blocks": blocks_digest(blocks),
             "need_final": need_final,
             "fingerprint": model_fingerprint(ee.model),
         }
@@ -98,12 +99,12 @@ class HiddenCache:
         """The cache at ``path`` if it was built for this model, these layers and blocks."""
         if not Path(path).is_file():
             return None
-        with safe_open(str(path), "pt") as f:
+        with reading(path), safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["eefast"])
             check_fingerprint(meta["fingerprint"], ee.model, f"hidden-state cache {path}")
             if (
                 meta["layers"] != ee.exit_layers
-                or meta["blocks"] != _blocks_digest(blocks)
+                or meta["blocks"] != blocks_digest(blocks)
                 or (need_final and not meta["need_final"])
             ):
                 return None

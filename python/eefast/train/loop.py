@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ..io import reading
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 
 MIN_LR_RATE = 0.1  # the cosine decays to this share of the peak learning rate
@@ -106,10 +107,10 @@ class TrainLoop:
             _refuse_another_run(name, ckpt_dir, state["run"], self.run)
             if set(tensors) != set(params):
                 raise ValueError(f"{name}: the checkpoint in {ckpt_dir} has other parameters")
-            with torch.no_grad():
+            with reading(ckpt_dir), torch.no_grad():
                 for key, p in params.items():
                     p.copy_(tensors[key])
-            restore_optimizer(self.optimizer, opt_tensors, opt_meta)
+                restore_optimizer(self.optimizer, opt_tensors, opt_meta)
             self.step, self.log = state["step"], state["log"]
         self._bar = tqdm(
             total=settings.steps, initial=self.step, desc=name, unit="step", disable=not progress
