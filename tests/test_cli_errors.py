@@ -72,3 +72,30 @@ def test_finetune_data_errors_name_the_file(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert f"{bad}:2" in out.stderr
     assert json.loads(bad.read_text().splitlines()[0])  # untouched
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe not utf-8\n", "not UTF-8 text"),
+        (b'{"text": "ok"}\n{oops\n', ":2: not JSON"),
+        (b'{"text": 3}\n', "field 'text' must be a string"),
+        (b'["a list"]\n', ":1: expected a JSON object"),
+    ],
+)
+def test_corpus_and_row_errors_name_the_file_and_line(tmp_path, content, message):
+    from eefast.data import load_documents, load_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    for load in (load_documents, lambda p: load_rows(p, "train")):
+        with pytest.raises(ValueError, match=message) as e:
+            load(str(path))
+        assert str(path) in str(e.value)
+
+
+def test_answer_accuracy_refuses_text_rows():
+    from eefast.eval import answer_accuracy
+
+    with pytest.raises(ValueError, match="row 0 has no 'instruction'"):
+        answer_accuracy(None, None, [{"text": "just prose"}])

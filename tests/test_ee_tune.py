@@ -222,3 +222,21 @@ def test_a_damaged_checkpoint_is_named(tmp_path, file, content, message):
     with pytest.raises(ValueError, match=message):
         ee_tune(add_exits(tiny_model("llama"), [1]), data, None, config(steps=4), tmp_path,
                 progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"eval_every": 0},
+        {"save_every": 0},
+        {"lr": float("nan")},
+        {"z_loss": float("inf")},
+        {"kd_weight": -1.0},
+        {"exit_weights": [float("nan")]},
+    ],  # fmt: skip
+    ids=str,
+)
+def test_bad_config_is_refused_before_any_step(kw):
+    ee = add_exits(tiny_model("llama"), [1])
+    with pytest.raises(ValueError, match="ee_tune"):
+        ee_tune(ee, blocks(), None, config(**kw), progress=False)

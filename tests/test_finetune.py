@@ -212,3 +212,8 @@ def test_shipped_task_files_match_the_generator():
 )
 def test_last_number(text, number):
     assert arith.last_number(text) == number
+
+
+def test_max_len_that_cuts_every_example_is_refused():
+    with pytest.raises(ValueError, match="cuts every example"):
+        finetune(adapted_model(), examples(), FinetuneConfig(steps=1, max_len=1), progress=False)

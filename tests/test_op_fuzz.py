@@ -194,3 +194,51 @@ def test_nan_in_an_ignored_row_contributes_nothing():
         assert torch.isfinite(poisoned.grad).all() and not poisoned.grad[[1, 3]].any()
         poisoned.grad = clean.grad = None
     assert not math.isnan(float(eefast.linear_cross_entropy(poisoned, weight, targets, z_loss=1.0)))
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 4, 2), (3, 5, 4, 0), (0, 5, 4, 2), (3, 5, 0, 2)])
+def test_lora_linear_with_an_empty_dimension_matches_the_reference(shape):
+    n, i, o, r = shape
+    leaves = [torch.randn(n, i), torch.randn(r, i), torch.randn(o, r)]
+    weight = torch.randn(o, i)
+    grads = []
+    for fn in (eefast.lora_linear, reference.lora_linear):
+        x, a, b = (t.clone().requires_grad_() for t in leaves)
+        y = fn(x, weight, None, a, b, 0.5)
+        y.sum().backward()
+        grads.append((y, x.grad, a.grad, b.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3), (0, 4, 3), (2, 4, 0)])
+def test_decode_linear_and_bottleneck_with_an_empty_dimension(shape):
+    n, i, o = shape
+    x, w = torch.randn(n, i, requires_grad=True), torch.randn(o, i, requires_grad=True)
+    eefast.decode_linear(x, w).sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and not w.grad.any()
+    h = torch.randn(n, i, requires_grad=True)
+    down, up = torch.randn(o, i, requires_grad=True), torch.randn(i, o, requires_grad=True)
+    eefast.bottleneck_adapter(h, down, None, up, None, 1.0).sum().backward()
+    assert h.grad.shape == h.shape and down.grad.shape == down.shape
+
+
+def test_exit_stats_reads_a_head_that_requires_grad_and_infinite_logits():
+    weight = torch.randn(40, 8, requires_grad=True)
+    hidden = torch.randn(20, 8)  # more rows than the few-row path
+    got, want = eefast.exit_stats(hidden, weight), reference.exit_stats(hidden, weight.detach())
+    torch.testing.assert_close(got.max_prob, want.max_prob)
+    weight = torch.randn(40, 8)
+    weight[3] = float("inf")
+    got = eefast.exit_stats(torch.ones(2, 8), weight)
+    assert torch.isinf(got.lse).all() and (got.argmax == 3).all()  # torch: lse inf, not NaN
+    assert torch.isinf(reference.exit_stats(torch.ones(2, 8), weight).lse).all()
+
+
+@pytest.mark.parametrize("kw", [{"temperature": float("nan")}, {"top_p": float("nan")},
+                                {"temperature": float("inf")}, {"top_k": -1}])  # fmt: skip
+def test_sampling_refuses_non_finite_settings(kw):
+    from eefast.generation import Sampling
+
+    with pytest.raises(ValueError):
+        Sampling(**kw)

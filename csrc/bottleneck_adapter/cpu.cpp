@@ -97,8 +97,8 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cpu(const Tensor& x,
   const auto act = parse_activation(activation);
   const double s = scale.item<double>();
   const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
-  const Tensor x2 = x.reshape({-1, in});
-  const Tensor res2 = residual ? residual->reshape({-1, out}) : x2;
+  const Tensor x2 = as_rows(x, in);
+  const Tensor res2 = residual ? as_rows(*residual, out) : x2;
   const int64_t rows = x2.size(0), chunk = row_chunk(x, rows);
   const bool fp32 = x.scalar_type() == at::kFloat;
   const Tensor d32 = f32(down_weight), u32t = f32(up_weight).t();
@@ -145,12 +145,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
   TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == in && up_weight.dim() == 2 &&
                   up_weight.size(1) == r,
               op, ": down_weight [r, in] and up_weight [out, r] do not match x");
-  TORCH_CHECK(z.scalar_type() == at::kFloat && z.size(-1) == r &&
-                  z.numel() / std::max<int64_t>(r, 1) == x.numel() / std::max<int64_t>(in, 1),
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.size(-1) == r && same_lead(z, x),
               op, ": z must be the float32 [..., r=", r, "] from the forward, got ", z.sizes());
-  TORCH_CHECK(grad_out.size(-1) == out &&
-                  grad_out.numel() / std::max<int64_t>(out, 1) ==
-                      x.numel() / std::max<int64_t>(in, 1),
+  TORCH_CHECK(grad_out.size(-1) == out && same_lead(grad_out, x),
               op, ": grad_out must be x's shape with out_features=", out, " last, got ",
               grad_out.sizes());
   const auto act = parse_activation(activation);
@@ -158,9 +155,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
   const auto dtype = x.scalar_type();
   const auto cast = [dtype](const Tensor& t) { return dtype == at::kFloat ? t : t.to(dtype); };
 
-  const Tensor g2 = grad_out.reshape({-1, out});
-  const Tensor x2 = x.reshape({-1, in});
-  const Tensor z2 = z.reshape({-1, r});
+  const Tensor g2 = as_rows(grad_out, out);
+  const Tensor x2 = as_rows(x, in);
+  const Tensor z2 = as_rows(z, r);
   const int64_t rows = x2.size(0), chunk = row_chunk(x, rows);
   const bool fp32 = dtype == at::kFloat;
   const Tensor d32 = f32(down_weight), u32 = f32(up_weight);

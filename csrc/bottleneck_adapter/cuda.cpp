@@ -48,7 +48,7 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cuda(const Tensor& x,
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
-  const Tensor x2 = x.reshape({-1, in}).contiguous();
+  const Tensor x2 = as_rows(x, in).contiguous();
   const int64_t rows = x2.size(0);
   const Tensor xd = at::mm(x2, down_weight.t());
   const Tensor bd = down_bias ? down_bias->contiguous() : Tensor();
@@ -57,7 +57,7 @@ std::tuple<Tensor, Tensor> bottleneck_adapter_cuda(const Tensor& x,
   check_launch(cuda::adapter_bias_act(dtype, xd.data_ptr(), down_bias ? bd.data_ptr() : nullptr,
                                       z.data_ptr<float>(), a.data_ptr(), rows, r, act, stream));
   Tensor y = at::mm(a, up_weight.t());
-  const Tensor res = residual ? residual->reshape({-1, out}).contiguous() : x2;
+  const Tensor res = residual ? as_rows(*residual, out).contiguous() : x2;
   const Tensor bu = up_bias ? up_bias->contiguous() : Tensor();
   const Tensor s = scale.contiguous();
   check_launch(cuda::adapter_scale_residual(dtype, y.data_ptr(), res.data_ptr(),
@@ -83,9 +83,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
   const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
   TORCH_CHECK(z.scalar_type() == at::kFloat && z.size(-1) == r, op,
               ": z must be the float32 [..., r] from the forward");
-  const Tensor g2 = grad_out.reshape({-1, out}).contiguous();
-  const Tensor x2 = x.reshape({-1, in}).contiguous();
-  const Tensor z2 = z.reshape({-1, r}).contiguous();
+  const Tensor g2 = as_rows(grad_out, out).contiguous();
+  const Tensor x2 = as_rows(x, in).contiguous();
+  const Tensor z2 = as_rows(z, r).contiguous();
   const int64_t rows = x2.size(0);
   TORCH_CHECK(g2.size(0) == rows && z2.size(0) == rows, op,
               ": grad_out and z must have x's rows");

@@ -38,6 +38,19 @@ inline void check_device(const char* op, const char* name, const at::Tensor& t,
               " but the inputs are on ", ref.device(), "; all inputs must be on one device");
 }
 
+// t as [rows, cols], rows the product of its leading dimensions: reshape({-1, cols}) cannot
+// infer rows when cols is 0.
+inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
+  return t.reshape({rows, cols});
+}
+
+// Whether a and b have the same leading dimensions (all but the last).
+inline bool same_lead(const at::Tensor& a, const at::Tensor& b) {
+  return a.dim() == b.dim() && a.sizes().slice(0, a.dim() - 1) == b.sizes().slice(0, b.dim() - 1);
+}
+
 // Shape of x with the last dimension replaced.
 inline std::vector<int64_t> with_last_dim(at::IntArrayRef shape, int64_t last) {
   std::vector<int64_t> s(shape.begin(), shape.end());

@@ -126,7 +126,7 @@ Tensor decode_block_composite(const Tensor& h, const Tensor& cos, const Tensor& 
                                                     cache_len, norm1, norm2, weights, biases);
   auto linear = [&](const Tensor& x, int i) { return linear_fn(x, weights[i], biases[i]); };
   auto heads = [&](const Tensor& x) {  // [B, q, n * hd] -> [B, n, q, hd]
-    return x.view({n.batch, n.q, -1, n.head_dim}).transpose(1, 2);
+    return x.view({n.batch, n.q, x.size(-1) / n.head_dim, n.head_dim}).transpose(1, 2);
   };
 
   Tensor x = rms_norm(h, norm1, eps);
@@ -142,7 +142,7 @@ Tensor decode_block_composite(const Tensor& h, const Tensor& cos, const Tensor& 
   // A query that sees no key (a hole's) gets zeros rather than softmax's NaN.
   const Tensor probs = at::softmax(scores, -1).masked_fill(hidden, 0.0);
   const Tensor attn = at::matmul(probs, values).to(h.scalar_type()).transpose(1, 2);
-  const Tensor h_mid = h + linear(attn.reshape({n.batch, n.q, -1}), kO);
+  const Tensor h_mid = h + linear(attn.reshape({n.batch, n.q, n.heads * n.head_dim}), kO);
 
   x = rms_norm(h_mid, norm2, eps);
   return h_mid + linear(at::silu(linear(x, kGate)) * linear(x, kUp), kDown);

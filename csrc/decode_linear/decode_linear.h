@@ -15,7 +15,9 @@ inline void check_decode_linear_args(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out, in], got ", weight.sizes());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim (",
               x.dim() ? x.size(-1) : 0, ") must equal weight's in features (", weight.size(1), ")");
-  check_float_dtype(op, x);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": x must be float32, bfloat16, float16 or float64, got ", dt);
   check_same_dtype_device(op, x, "weight", weight);
   if (bias) {
     check_same_dtype_device(op, x, "bias", *bias);

@@ -15,11 +15,13 @@
 #include "cpu/row_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -114,8 +116,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> exit_stats_cpu(
     const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
     double temperature) {
   check_exit_stats_args(hidden, weight, bias, temperature);
+  const at::NoGradGuard no_grad;  // forward only: a head that requires grad is just read
   const int64_t vocab = weight.size(0), d = weight.size(1);
-  const Tensor h32 = hidden.reshape({-1, d}).to(at::kFloat).contiguous();
+  const Tensor h32 = as_rows(hidden, d).to(at::kFloat).contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
   const float* bias_ptr = bias ? b32.data_ptr<float>() : nullptr;
@@ -142,6 +145,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> exit_stats_cpu(
         const float nan = std::numeric_limits<float>::quiet_NaN();
         lse_p[r] = mp_p[r] = ent_p[r] = mg_p[r] = nan;
         arg_p[r] = st.nan_at;
+        continue;
+      }
+      if (std::isinf(st.max1)) {  // as torch: logsumexp is that infinity, the softmax NaN
+        lse_p[r] = st.max1;
+        mp_p[r] = ent_p[r] = mg_p[r] = std::numeric_limits<float>::quiet_NaN();
+        arg_p[r] = st.arg1;
         continue;
       }
       const float log_sum = std::log(st.sum);

@@ -4,6 +4,7 @@
 #include "common/head_logits.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -49,8 +50,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> exit_stats_cuda(
     double temperature) {
   check_exit_stats_args(hidden, weight, bias, temperature);
   const c10::cuda::CUDAGuard guard(hidden.device());
+  const at::NoGradGuard no_grad;  // forward only: a head that requires grad is just read
   const int64_t vocab = weight.size(0), d = weight.size(1);
-  const Tensor h32 = hidden.reshape({-1, d}).to(at::kFloat).contiguous();
+  const Tensor h32 = as_rows(hidden, d).to(at::kFloat).contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : Tensor();
   const int64_t rows = h32.size(0);

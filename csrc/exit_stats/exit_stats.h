@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/checks.h"
+
 namespace eefast {
 
 inline void check_exit_stats_args(const at::Tensor& hidden, const at::Tensor& weight,

@@ -128,6 +128,12 @@ __device__ void write_stats(const ExitStatsPartial& s, int64_t r, float* lse, fl
     argmax[r] = s.nan_at;
     return;
   }
+  if (isinf(s.max1)) {  // as torch: logsumexp is that infinity, the softmax NaN
+    lse[r] = s.max1;
+    max_prob[r] = entropy[r] = margin[r] = __int_as_float(0x7fc00000);
+    argmax[r] = s.arg1;
+    return;
+  }
   const float log_sum = logf(s.sum);
   lse[r] = s.max1 + log_sum;
   max_prob[r] = 1.f / s.sum;

@@ -86,8 +86,8 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
                                            const std::optional<Tensor>& x_lora) {
   check_lora_linear_args(x, weight, bias, lora_a, lora_b, x_lora, scaling);
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
-  const Tensor x2 = x.reshape({-1, in});
-  const Tensor xl2 = x_lora ? x_lora->reshape({-1, in}) : x2;
+  const Tensor x2 = as_rows(x, in);
+  const Tensor xl2 = x_lora ? as_rows(*x_lora, in) : x2;
   Tensor y = at::empty({x2.size(0), out}, x.options());
   Tensor xa = at::empty({x2.size(0), r}, x.options());
 
@@ -114,9 +114,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
     const Tensor& x_lora, const Tensor& xa, double scaling, bool needs_grad_x, bool split_grad_x) {
   check_lora_linear_backward_args(grad_out, weight, lora_a, lora_b, x_lora, xa, scaling);
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
-  const Tensor g2 = grad_out.reshape({-1, out});
-  const Tensor xl2 = x_lora.reshape({-1, in});
-  const Tensor xa2 = xa.reshape({-1, r});
+  const Tensor g2 = as_rows(grad_out, out);
+  const Tensor xl2 = as_rows(x_lora, in);
+  const Tensor xa2 = as_rows(xa, r);
   const auto opts = x_lora.options();
   Tensor grad_x = at::empty({needs_grad_x ? xl2.size(0) : 0, in}, opts);
   Tensor grad_x_lora = at::empty({needs_grad_x && split_grad_x ? xl2.size(0) : 0, in}, opts);

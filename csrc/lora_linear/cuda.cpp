@@ -47,8 +47,8 @@ std::tuple<Tensor, Tensor> lora_linear_cuda(const Tensor& x, const Tensor& weigh
   const auto dtype = cuda_dtype(x, "lora_linear");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
-  const Tensor x2 = x.reshape({-1, in}).contiguous();
-  const Tensor xl2 = x_lora ? x_lora->reshape({-1, in}).contiguous() : x2;
+  const Tensor x2 = as_rows(x, in).contiguous();
+  const Tensor xl2 = x_lora ? as_rows(*x_lora, in).contiguous() : x2;
   const Tensor w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
   const Tensor bias_c = bias ? bias->contiguous() : Tensor();
   Tensor y = at::empty({x2.size(0), out}, x.options());
@@ -69,9 +69,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cuda(
   const auto dtype = cuda_dtype(x_lora, "lora_linear_backward");
   const c10::cuda::CUDAGuard guard(x_lora.device());
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
-  const Tensor g2 = grad_out.reshape({-1, out}).contiguous();
-  const Tensor xl2 = x_lora.reshape({-1, in}).contiguous();
-  const Tensor xa2 = xa.reshape({-1, r}).contiguous();
+  const Tensor g2 = as_rows(grad_out, out).contiguous();
+  const Tensor xl2 = as_rows(x_lora, in).contiguous();
+  const Tensor xa2 = as_rows(xa, r).contiguous();
   const Tensor w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
   const int64_t rows = xl2.size(0);
   const auto opts = x_lora.options();

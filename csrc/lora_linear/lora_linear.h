@@ -61,13 +61,11 @@ inline void check_lora_linear_backward_args(const at::Tensor& grad_out, const at
   const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
   TORCH_CHECK(x_lora.dim() >= 1 && x_lora.size(-1) == in, op, ": x must end in in_features=", in,
               ", got shape ", x_lora.sizes());
-  TORCH_CHECK(grad_out.dim() == x_lora.dim() && grad_out.size(-1) == out &&
-                  grad_out.numel() / std::max<int64_t>(out, 1) ==
-                      x_lora.numel() / std::max<int64_t>(in, 1),
+  TORCH_CHECK(grad_out.size(-1) == out && same_lead(grad_out, x_lora),
               op, ": grad_out must be x's shape with out_features=", out, " last, got ", grad_out.sizes());
   TORCH_CHECK(lora_a.size(1) == in && lora_b.size(0) == out && lora_b.size(1) == r, op,
               ": lora_a [r, in] and lora_b [out, r] do not match weight [out, in]");
-  TORCH_CHECK(xa.dim() == x_lora.dim() && xa.size(-1) == r, op, ": xa must end in r=", r,
+  TORCH_CHECK(xa.size(-1) == r && same_lead(xa, x_lora), op, ": xa must end in r=", r,
               ", got shape ", xa.sizes());
 }
 

@@ -27,20 +27,46 @@ def load_documents(spec: str | None = None) -> list[str]:
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"corpus {spec!r}: no such file (or use {DEFAULT_CORPUS!r})")
+        text = read_text(path)
         if path.suffix == ".jsonl":
-            docs = [
-                _jsonl_text(line, path, i) for i, line in enumerate(path.open(), 1) if line.strip()
-            ]
+            lines = enumerate(text.splitlines(), 1)
+            docs = [_jsonl_text(line, path, i) for i, line in lines if line.strip()]
         else:
-            docs = path.read_text().split("\n\n")
+            docs = text.split("\n\n")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"corpus {spec!r} is empty")
     return docs
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; an error naming the file and the byte otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def json_row(line: str, path: Path, lineno: int) -> dict:
+    """One .jsonl line as a JSON object; an error naming the file and line otherwise."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object")
+    return row
+
+
+def string_fields(row: dict, keys, where: str) -> None:
+    for key in keys:
+        if key in row and not isinstance(row[key], str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {row[key]!r}")
+
+
 def _jsonl_text(line: str, path: Path, lineno: int) -> str:
-    row = json.loads(line)
+    row = json_row(line, path, lineno)
+    string_fields(row, ("text", "instruction", "input", "output"), f"{path}:{lineno}")
     if "text" in row:
         return row["text"]
     if "instruction" in row:

@@ -4,7 +4,6 @@ out of the loss."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from ..hf.tokens import format_prompt
 from .arith import load_split
-from .corpus import IGNORE
+from .corpus import IGNORE, json_row, read_text, string_fields
 
 TASK = "arith"  # the shipped task
 
@@ -24,16 +23,15 @@ def load_rows(spec: str, split: str) -> list[dict]:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"eefast: data {spec!r}: no such file (or use {TASK!r})")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"eefast: {path}:{n}: not JSON ({e})") from None
+                rows.append(json_row(line, path, n))
+                string_fields(rows[-1], ("instruction", "input", "output", "text"), f"{path}:{n}")
     else:
-        rows = [{"text": t} for t in path.read_text().split("\n\n") if t.strip()]
+        rows = [{"text": t} for t in text.split("\n\n") if t.strip()]
     if not rows:
         raise ValueError(f"eefast: data {spec!r} is empty")
     return rows

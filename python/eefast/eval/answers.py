@@ -25,6 +25,12 @@ def answer_accuracy(
 
     if not rows:
         raise ValueError("answer_accuracy: no rows")
+    for i, row in enumerate(rows):
+        if "instruction" not in row or ("answer" not in row and "output" not in row):
+            raise ValueError(
+                f"answer_accuracy: row {i} has no 'instruction' and 'answer' (or 'output'); "
+                "answer accuracy needs question rows, not plain text"
+            )
     pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()

@@ -45,3 +45,8 @@ def check_dtype(op: str, name: str, t: torch.Tensor, dtypes) -> None:
 
 def check_finite(op: str, name: str, value: float) -> None:
     torch._check(math.isfinite(value), lambda: f"{op}: {name} must be finite, got {value}")
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, last]``; ``reshape(-1, last)`` cannot infer rows when last is 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._checks import HEAD_DTYPES, check, check_device, check_dtype
+from ._checks import HEAD_DTYPES, as_rows, check, check_device, check_dtype
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -22,7 +22,7 @@ def _teacher_inputs(teacher):
     if teacher is None:
         return None, None
     teacher_hidden, teacher_weight = teacher
-    return teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach()
+    return as_rows(teacher_hidden.detach()), teacher_weight.detach()
 
 
 def _head_needs_grad(weight, bias) -> bool:
@@ -55,7 +55,7 @@ def linear_cross_entropy(
     teacher_hidden, teacher_weight = _teacher_inputs(teacher)
     weight_grad = _head_needs_grad(weight, bias)
     loss, *_ = torch.ops.eefast.linear_cross_entropy.default(
-        hidden.reshape(-1, hidden.shape[-1]),
+        as_rows(hidden),
         weight,
         targets.reshape(-1),
         bias,
@@ -108,7 +108,7 @@ def multi_exit_cross_entropy(
         teacher_hidden, teacher_weight = _teacher_inputs(teacher)
         weight_grad = _head_needs_grad(weights, bias)
         total, losses, *_ = torch.ops.eefast.linear_cross_entropy_multi.default(
-            [h.reshape(-1, h.shape[-1]) for h in hiddens],
+            [as_rows(h) for h in hiddens],
             weights,
             targets.reshape(-1),
             bias,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check, check_device, check_dtype, check_same
+from ._checks import FLOAT_DTYPES, as_rows, check, check_device, check_dtype, check_same
 
 
 def decode_linear(
@@ -33,7 +33,7 @@ def _decode_linear_fake(x, weight, bias=None):
         x.dim() >= 1 and x.shape[-1] == weight.shape[1],
         lambda: f"decode_linear: x's last dim must equal weight's in ({weight.shape[1]})",
     )
-    check_dtype(op, "x", x, FLOAT_DTYPES)
+    check_dtype(op, "x", x, (*FLOAT_DTYPES, torch.float64))
     check_same("weight", weight, x, op)
     if bias is not None:
         check_same("bias", bias, x, op)
@@ -53,9 +53,9 @@ def _decode_linear_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_x = grad @ weight
     if ctx.needs_input_grad[1]:
-        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        grad_w = as_rows(grad).t() @ as_rows(x)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        grad_b = as_rows(grad).sum(0)
     return grad_x, grad_w, grad_b
 
 

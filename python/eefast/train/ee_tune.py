@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,8 +48,19 @@ class TuneConfig:
     log_every: int = 1
 
     def validate(self, n_exits: int) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("ee_tune: need steps >= 0, batch_size >= 1 and lr > 0")
+        if self.steps < 0 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError("ee_tune: need steps >= 0, batch_size >= 1 and a finite lr > 0")
+        for name in ("eval_every", "eval_batches", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ee_tune: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "kd_weight", "z_loss", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"ee_tune: {name} must be a finite number >= 0, got {value}")
+        if self.exit_weights is not None and not all(
+            math.isfinite(w) and w >= 0 for w in self.exit_weights
+        ):
+            raise ValueError(f"ee_tune: exit_weights must be finite and >= 0: {self.exit_weights}")
         if self.exit_weights is not None and len(self.exit_weights) != n_exits:
             raise ValueError(f"ee_tune: {n_exits} exits but {len(self.exit_weights)} exit_weights")
 

@@ -5,6 +5,7 @@ accumulation, and the shared loop's progress bar, atomic checkpoints and exact r
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,8 +51,12 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"finetune: {name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"finetune: lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"finetune: lr must be positive and finite, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                f"finetune: weight_decay must be finite and >= 0, got {self.weight_decay}"
+            )
 
 
 def finetune(
@@ -75,6 +80,12 @@ def finetune(
         raise ValueError("finetune: no training examples")
     if all(not e.response for e in examples):
         raise ValueError("finetune: every example has an empty response; nothing to learn")
+    first = (lambda e: max(1, len(e.prompt))) if config.mask_prompt else (lambda e: 1)
+    if not any(min(len(e.prompt) + len(e.response), config.max_len) > first(e) for e in examples):
+        raise ValueError(
+            f"finetune: max_len={config.max_len} cuts every example before its first trained "
+            "token; nothing to learn"
+        )
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("finetune: no trainable parameters; call mark_only_adapters_trainable")
