@@ -2,6 +2,7 @@
 merge/unmerge, save/load, PEFT interop both ways, prefix + KV cache, switching, bad configs."""
 
 import json
+import warnings
 
 import peft
 import pytest
@@ -303,3 +304,29 @@ def test_load_refuses_files_from_another_model(tmp_path):
         load_adapter(tiny_model("llama"), tmp_path / "lora")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_adapter(tiny_model(), tmp_path)
+
+
+def test_loading_an_adapter_trained_on_another_base_model_warns(tmp_path):
+    model = tiny_model("llama")
+    model.config._name_or_path = "org/base-a"
+    add_adapters(model, LoraConfig(r=4))
+    save_adapter(model, tmp_path)
+    other = tiny_model("llama")
+    other.config._name_or_path = "org/base-b"
+    with pytest.warns(UserWarning, match="trained on 'org/base-a'"):
+        load_adapter(other, tmp_path)
+    same = tiny_model("llama")
+    same.config._name_or_path = "/models/base-a"  # the same model from a local copy: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(same, tmp_path)
+
+
+def test_peft_config_with_a_fractional_rank_is_refused(tmp_path):
+    model = tiny_model("llama")
+    add_adapters(model, LoraConfig(r=4))
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg | {"r": 4.7}))
+    with pytest.raises(ValueError, match="r must be an integer"):
+        load_adapter(tiny_model("llama"), tmp_path)

@@ -249,3 +249,16 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     assert all(r["same_as_hf_greedy"] for r in rows if "speculative" in r["provider"])
     assert f"eefast speculative conf {DRAFT_THRESHOLD} full-vocab drafts" in names
     assert next(bench.glob("generate-*.png")).stat().st_size > 0
+
+
+def test_finetune_seed_makes_the_run_repeatable(smollm2, tmp_path):
+    """The same --seed gives the same adapter (its initialisation included); another does not."""
+    model_dir = tmp_path / "model"
+    _tiny_llama_with_smollm2_tokenizer(smollm2[1], model_dir)
+    files = {}
+    for run, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        main(["finetune", "--model", str(model_dir), "--out", str(tmp_path / run), "--steps", "1",
+              "--batch-size", "2", "--lora-dropout", "0.1", "--seed", seed])  # fmt: skip
+        files[run] = load_file(tmp_path / run / "adapter_model.safetensors")
+    assert all(torch.equal(files["a"][k], files["b"][k]) for k in files["a"])
+    assert any(not torch.equal(files["a"][k], files["c"][k]) for k in files["a"])
