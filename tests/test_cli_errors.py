@@ -99,3 +99,17 @@ def test_answer_accuracy_refuses_text_rows():
 
     with pytest.raises(ValueError, match="row 0 has no 'instruction'"):
         answer_accuracy(None, None, [{"text": "just prose"}])
+
+
+def _first_case_per_command():
+    seen = {}
+    for argv, name in BAD_ARGUMENTS:
+        seen.setdefault(argv[0], (argv, name))
+    return list(seen.values())
+
+
+@pytest.mark.parametrize(("argv", "name"), _first_case_per_command(), ids=lambda a: str(a[0]))
+def test_every_command_in_a_fresh_process(argv, name, tmp_path):
+    out = _run(*argv, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and name in out.stderr
