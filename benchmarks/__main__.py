@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ee.add_argument("--seq-len", type=int, default=128)
     ee.add_argument("--providers", default=",".join(bench_ee_tune.PROVIDERS))
     ee.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ee.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ee.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ee.add_argument("--budget", type=float, default=10.0, help="seconds of repeats per case")
     ee.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ee.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     ad.add_argument("--seq-len", type=int, default=256)
     ad.add_argument("--providers", default=",".join(bench_adapters.PROVIDERS))
     ad.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ad.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ad.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ad.add_argument("--budget", type=float, default=10.0, help="seconds of repeats per case")
     ad.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ad.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seq_len,
             _providers(args, bench_ee_tune),
             args.budget,
+            DTYPES[args.dtype],
         )
     elif args.suite == "adapters":
         rows = bench_adapters.run(
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seq_len,
             _providers(args, bench_adapters),
             args.budget,
+            DTYPES[args.dtype],
         )
     else:
         rows = _ops(args)

@@ -52,12 +52,20 @@ def _peft(model, method: str):
         return peft.get_peft_model(model, config)
 
 
-def run(methods, batch_size: int, seq_len: int, providers, budget_s: float = 10.0) -> list[Row]:
-    base, tokenizer = load_model()
-    ids = token_blocks(tokenizer, load_documents(), seq_len)[:batch_size]
+def run(
+    methods, batch_size: int, seq_len: int, providers, budget_s: float = 10.0, dtype=torch.float32
+) -> list[Row]:
+    base, tokenizer = load_model(dtype=dtype)
+    base.to(torch.get_default_device())
+    ids = token_blocks(tokenizer, load_documents(), seq_len)[:batch_size].to(base.device)
     rows = []
     for method in methods:
-        case = {"model": "SmolLM2-135M", "method": method, "tokens": ids.numel(), "dtype": "fp32"}
+        case = {
+            "model": "SmolLM2-135M",
+            "method": method,
+            "tokens": ids.numel(),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         for provider in providers:
             model = (_eefast if provider == "eefast" else _peft)(copy.deepcopy(base), method)
             model.train()

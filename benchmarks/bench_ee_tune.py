@@ -36,9 +36,13 @@ def naive_loss(ee, ids, targets):
     return total
 
 
-def run(layers, kind, batch_size, seq_len, providers, budget_s: float = 10.0) -> list[Row]:
-    model, tokenizer = load_model()
-    blocks = token_blocks(tokenizer, load_documents(), seq_len)[: 4 * batch_size]
+def run(
+    layers, kind, batch_size, seq_len, providers, budget_s: float = 10.0, dtype=torch.float32
+) -> list[Row]:
+    device = torch.get_default_device()
+    model, tokenizer = load_model(dtype=dtype)
+    model.to(device)
+    blocks = token_blocks(tokenizer, load_documents(), seq_len)[: 4 * batch_size].to(device)
     ids = blocks[:batch_size]
     targets = next_token_targets(ids)
     ones = [1.0] * len(layers)
@@ -47,7 +51,7 @@ def run(layers, kind, batch_size, seq_len, providers, budget_s: float = 10.0) ->
         "exits": ",".join(map(str, layers)),
         "kind": kind,
         "tokens": batch_size * seq_len,
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
     }
     rows = []
     for provider in providers:
@@ -65,7 +69,7 @@ def run(layers, kind, batch_size, seq_len, providers, budget_s: float = 10.0) ->
             cache = HiddenCache.build(ee, blocks, batch_size, progress=False)
 
             def loss(ee=ee, cache=cache):
-                states = cache.states(torch.arange(batch_size), "cpu")
+                states = cache.states(torch.arange(batch_size), device)
                 return exit_losses(ee, states, targets, ones)[0]
 
         def step(loss=loss, opt=opt):

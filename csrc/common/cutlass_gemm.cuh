@@ -38,21 +38,6 @@ cudaError_t run(int m, int n, int k, float alpha, const void* a, int64_t lda, co
   return cudaGetLastError();
 }
 
-// fp32: SIMT FMA, exact fp32 like torch's default (no TF32), any alignment.
-struct Float32 {
-  using Element = float;
-  template <typename LA, typename LB>
-  using Simt = cutlass::gemm::device::Gemm<float, LA, float, LB, float, RowMajor, float,
-                                           cutlass::arch::OpClassSimt, cutlass::arch::Sm80>;
-
-  template <typename LA, typename LB>
-  static cudaError_t gemm(int m, int n, int k, float alpha, const void* a, int64_t lda,
-                          const void* b, int64_t ldb, float beta, const void* c, int64_t ldc,
-                          void* d, int64_t ldd, cudaStream_t s) {
-    return run<Simt<LA, LB>>(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, d, ldd, s);
-  }
-};
-
 // bf16: tensor cores with fp32 accumulation when every operand is 16-byte aligned along its
 // contiguous dimension; otherwise an alignment-1 SIMT kernel (still fp32 accumulation).
 struct BFloat16 {

@@ -1,10 +1,8 @@
 // CPU kernels of lora_linear: y = x W^T + b + s * (x_lora A^T) B^T and its backward.
 //
-// fp32: every product is one BLAS call, and the low-rank term is accumulated into the output by
-// a beta=1 GEMM (addmm_). Unlike the unfused module (base linear, then lora_B(lora_A(x)),
-// then * scaling, then +=) no [tokens, out] temporary is ever allocated, in the forward or the
-// backward. On CPUs fresh large buffers cost page faults on first touch, so this matters as
-// much as the arithmetic.
+// fp32: BLAS calls with the low-rank terms accumulated by beta=1 GEMMs (blas.cpp, shared with
+// CUDA's fp32 path). On CPUs fresh large buffers cost page faults on first touch, so avoiding
+// [tokens, out] temporaries matters as much as the arithmetic.
 //
 // bf16/fp16: on CPUs without native bf16 dot products (AVX2 machines) ATen's reduced-precision
 // GEMM is 5x (forward) to 100x+ (backward layouts) slower than sgemm, even for one token. So
@@ -12,6 +10,7 @@
 // time, so the fp32 copy of W never exists whole. The result is rounded once, at the end.
 
 #include "lora_linear/lora_linear.h"
+#include "lora_linear/blas.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -97,14 +96,8 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x, const Tensor& weight
     xa.copy_(xa32);
     blocked_upcast_gemm(y, x32, weight, 0, bias ? to_float(*bias) : Tensor(), xa32,
                         to_float(lora_b), scaling);
-  } else {  // fp32
-    at::mm_out(xa, xl2, lora_a.t());
-    if (bias) {
-      at::addmm_out(y, *bias, x2, weight.t());
-    } else {
-      at::mm_out(y, x2, weight.t());
-    }
-    y.addmm_(xa, lora_b.t(), 1.0, scaling);  // the low-rank term, accumulated in place
+  } else {
+    lora_forward_blas(x2, xl2, weight, bias, lora_a, lora_b, scaling, y, xa);
   }
   return {y.view(with_last_dim(x.sizes(), out)), xa.view(with_last_dim(x.sizes(), r))};
 }
@@ -134,18 +127,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_linear_backward_cpu(
     }
     g32.reset();  // free before the token reduction below upcasts x
     grad_a = grad_a_upcast(gb32, xl2, scaling).to(opts.dtype());
-  } else {  // fp32
-    const Tensor gb = at::mm(g2, lora_b);  // [N, r]
-    grad_b = at::mm(g2.t(), xa2).mul_(scaling);
-    grad_a = at::mm(gb.t(), xl2).mul_(scaling);
-    if (needs_grad_x) {
-      at::mm_out(grad_x, g2, weight);
-      if (split_grad_x) {
-        at::mm_out(grad_x_lora, gb, lora_a).mul_(scaling);
-      } else {
-        grad_x.addmm_(gb, lora_a, 1.0, scaling);  // low-rank input grad, accumulated in place
-      }
-    }
+  } else {
+    std::tie(grad_a, grad_b) = lora_backward_blas(g2, weight, lora_a, lora_b, xl2, xa2, scaling,
+                                                  needs_grad_x, split_grad_x, grad_x, grad_x_lora);
   }
   if (needs_grad_x) grad_x = grad_x.view(x_lora.sizes());
   if (needs_grad_x && split_grad_x) grad_x_lora = grad_x_lora.view(x_lora.sizes());

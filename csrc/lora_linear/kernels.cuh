@@ -1,4 +1,5 @@
-// CUDA launch functions of lora_linear. Plain pointers, sizes and a stream: no torch headers.
+// CUDA launch functions of lora_linear (bf16; fp32 runs through cuBLAS in the glue). Plain
+// pointers, sizes and a stream: no torch headers.
 // All matrices are row-major and contiguous: x/x_lora [rows, in], weight [out, in],
 // lora_a [r, in], lora_b [out, r], y [rows, out], xa [rows, r].
 #pragma once

@@ -1,4 +1,5 @@
-// lora_linear on CUDA, templated on the element family (gemm::Float32 / gemm::BFloat16).
+// lora_linear on CUDA, templated on the element family (gemm::BFloat16; fp32 runs through
+// cuBLAS in the glue, see lora_linear/blas.h).
 //
 // Design: the frozen GEMM (x W^T, K = in_features) dominates, so it gets the full CUTLASS
 // mainloop, with the bias broadcast through a zero-stride C operand. The low-rank term is a

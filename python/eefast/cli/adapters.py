@@ -23,11 +23,20 @@ from ..adapters import (
 )
 from ..data import TASK, load_rows, tokenize_rows
 from ..eval import answer_accuracy
-from ..hf import DEFAULT_MODEL, load_model, pad_id
+from ..hf import DEFAULT_MODEL, pad_id
 from ..io import write_json
 from ..ops import ADAPTER_ACTIVATIONS
 from ..train import FinetuneConfig, finetune
-from .common import count, finite, positive, positive_int, probability, say
+from .common import (
+    add_model_arguments,
+    count,
+    finite,
+    load,
+    positive,
+    positive_int,
+    probability,
+    say,
+)
 
 METHODS = ("lora", "series", "parallel", "prefix", "ia3")
 # Peak learning rates that move SmolLM2 within a few hundred steps (docs/adapters.md).
@@ -86,7 +95,7 @@ def _evaluate(model, tokenizer, args, out: Path | None) -> dict:
 def cmd_finetune(args) -> None:
     torch.set_num_threads(args.threads)
     config = adapter_config(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     torch.manual_seed(args.seed)  # the adapter's initialisation: the same --seed, the same run
     adapter = add_adapters(model, config)
     trainable = mark_only_adapters_trainable(model)
@@ -136,7 +145,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_eval(args) -> None:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     out = None
     if args.adapter:
         adapter = load_adapter(model, args.adapter)
@@ -155,7 +164,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _shared(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-chat", action="store_true", help="Alpaca-style prompts, no chat template")
 

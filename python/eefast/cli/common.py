@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
 
 def say(msg: str) -> None:
     print(f"[eefast] {msg}", flush=True)
@@ -60,3 +62,20 @@ def float_list(text: str) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     return values
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """--model, and the device and dtype to run it in."""
+    p.add_argument("--model", default=default, help="HF id or path (default: SmolLM2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) as --model, --device and --dtype say."""
+    from ..hf import load_model
+
+    return load_model(args.model, DTYPES[args.dtype], args.device)

@@ -23,12 +23,22 @@ from ..hf import DEFAULT_MODEL, load_model
 from ..io import write_json
 from ..nn import EXIT_KINDS
 from ..train import TuneConfig, ee_tune
-from .common import count, float_list, int_list, nonnegative, positive, positive_int, say
+from .common import (
+    add_model_arguments,
+    count,
+    float_list,
+    int_list,
+    load,
+    nonnegative,
+    positive,
+    positive_int,
+    say,
+)
 
 
 def _load(args):
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     say(
         f"loaded {model.config._name_or_path} ({model.config.model_type}, "
         f"{model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s"
@@ -150,7 +160,7 @@ def cmd_train_classifier(args) -> None:
 def cmd_draft_vocab(args) -> None:
     from ..generation.draft_vocab import coverage, frequent_tokens
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     ee = load_exits(model, args.exits)  # checks the exits are this model's
     vocab = ee.parts.lm_head.weight.shape[0]
     if not 0 < args.size < vocab:  # before tokenizing the corpus
@@ -172,7 +182,7 @@ def cmd_distill_data(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     rows = write_self_distilled(
         model, tokenizer, Path(args.out), args.prompts, args.max_new_tokens, args.batch_size
     )
@@ -189,7 +199,7 @@ def _common(
     seq_len: int,
     eval_blocks: int,
 ) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF id or path (default: SmolLM2)")
+    add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--data", default=DEFAULT_CORPUS, help="pydoc_data, a .txt or a .jsonl")
     p.add_argument(
         "--exits",
@@ -240,7 +250,7 @@ def add_commands(sub) -> None:
     dd = sub.add_parser(
         "distill-data", help="chat data from the model's own greedy replies (for tuning exits)"
     )
-    dd.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_arguments(dd, DEFAULT_MODEL)
     dd.add_argument("--out", required=True, help="the .jsonl to write (a rerun resumes it)")
     dd.add_argument("--prompts", type=positive_int, default=240)
     dd.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -251,7 +261,7 @@ def add_commands(sub) -> None:
     dv = sub.add_parser(
         "draft-vocab", help="cut the exit heads to the tokens the data uses most (faster drafts)"
     )
-    dv.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_arguments(dv, DEFAULT_MODEL)
     dv.add_argument("--exits", required=True, help="directory with exits.json")
     dv.add_argument("--data", default=DEFAULT_CORPUS, help="text like the model's replies")
     dv.add_argument("--size", type=positive_int, default=16384, help="most frequent tokens to keep")
@@ -262,7 +272,7 @@ def add_commands(sub) -> None:
     tc = sub.add_parser(
         "train-classifier", help="fit the exit classifier (threshold mode's --measure classifier)"
     )
-    tc.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_arguments(tc, DEFAULT_MODEL)
     tc.add_argument("--exits", required=True, help="directory with exits.json")
     tc.add_argument("--data", default=DEFAULT_CORPUS)
     tc.add_argument("--seq-len", type=positive_int, default=128)
@@ -275,7 +285,7 @@ def add_commands(sub) -> None:
     tc.set_defaults(func=cmd_train_classifier)
 
     ev = sub.add_parser("eval-exits", help="per-exit perplexity, agreement and confidence")
-    ev.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_arguments(ev, DEFAULT_MODEL)
     ev.add_argument("--exits", required=True, help="directory with exits.json")
     ev.add_argument("--data", default=DEFAULT_CORPUS)
     ev.add_argument("--seq-len", type=positive_int, default=128)

@@ -8,13 +8,24 @@ from ..data import PROMPTS
 from ..eval.agreement import CALIBRATION_THRESHOLDS, calibrate
 from ..exits import load_exits
 from ..generation import CONFIDENCE_MEASURES, DRAFT_THRESHOLD, KV_MODES, MODES, generate
-from ..hf import DEFAULT_MODEL, load_model, prompt_ids
+from ..hf import DEFAULT_MODEL, prompt_ids
 from ..io import write_json
-from .common import count, finite, float_list, int_list, nonnegative, positive_int, probability, say
+from .common import (
+    add_model_arguments,
+    count,
+    finite,
+    float_list,
+    int_list,
+    load,
+    nonnegative,
+    positive_int,
+    probability,
+    say,
+)
 
 
 def _load(args):
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(args)
     ee = load_exits(model, args.exits)
     say(f"exits at {ee.exit_layers} of {ee.num_layers} blocks ({ee.kind}) from {args.exits}")
     if ee.draft_vocab is not None:
@@ -93,7 +104,7 @@ def cmd_bench_generate(args) -> None:
 
 def add_commands(sub) -> None:
     def common(p):
-        p.add_argument("--model", default=DEFAULT_MODEL)
+        add_model_arguments(p, DEFAULT_MODEL)
         p.add_argument("--exits", required=True, help="directory with exits.json (eefast tune)")
         p.add_argument("--max-new-tokens", type=positive_int, default=128)
         p.add_argument(

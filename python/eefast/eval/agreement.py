@@ -18,7 +18,7 @@ def agreement(ee, ids: list[list[int]], outputs: list[list[int]]) -> float:
         for prompt, toks in zip(ids, outputs, strict=True):
             if not toks:
                 continue
-            logits = ee.model(torch.tensor([prompt + toks])).logits[0]
+            logits = ee.model(torch.tensor([prompt + toks], device=ee.model.device)).logits[0]
             want = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
             same += sum(a == b for a, b in zip(toks, want, strict=True))
             total += len(toks)

@@ -71,11 +71,14 @@ def resolve_model_path(name: str | None) -> str:
     return str(target)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode; ``name`` defaults to the embedded SmolLM2."""
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device=None):
+    """(model, tokenizer) in eval mode, on ``device`` (default: the CPU); ``name`` defaults to
+    the embedded SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if device is not None:
+        model.to(device)
     return model, tokenizer

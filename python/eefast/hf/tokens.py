@@ -79,7 +79,7 @@ def left_pad(ids: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor,
 def hf_greedy(model, ids: list[list[int]], pad: int, max_new_tokens: int, **kwargs):
     """HF ``generate`` greedy on token-id lists, left-padded with ``pad``: the new tokens
     ``[B, new]`` (rows that ended early are padded). ``kwargs`` go to ``generate``."""
-    tokens, valid = left_pad(ids, pad)
+    tokens, valid = left_pad(ids, pad, model.device)
     out = model.generate(
         input_ids=tokens,
         attention_mask=valid.long(),
