@@ -242,3 +242,58 @@ def test_sampling_refuses_non_finite_settings(kw):
 
     with pytest.raises(ValueError):
         Sampling(**kw)
+
+
+def _decode_block_args(rng):
+    d, hd, kv, group, inner = 16, 4, rng.randint(1, 2), rng.randint(1, 2), rng.randint(4, 12)
+    heads = kv * group
+    batch, q, cache_len = rng.randint(1, 3), rng.randint(1, 3), rng.randint(0, 4)
+    slots = cache_len + q + rng.randint(0, 2)
+    shapes = [(heads * hd, d), (kv * hd, d), (kv * hd, d), (d, heads * hd), (inner, d),
+              (inner, d), (d, inner)]  # fmt: skip
+    allowed = torch.rand(batch, q, cache_len + q) < 0.8
+    return {
+        "h": torch.randn(batch, q, d), "cos": torch.randn(batch, q, hd),
+        "sin": torch.randn(batch, q, hd), "allowed": allowed,
+        "k_cache": torch.randn(batch, kv, slots, hd), "v_cache": torch.randn(batch, kv, slots, hd),
+        "cache_len": cache_len, "norms": (torch.rand(d) + 0.5, torch.rand(d) + 0.5),
+        "weights": [torch.randn(s) * s[1] ** -0.5 for s in shapes],
+        "biases": [torch.randn(s[0]) * 0.1 if i < 3 and rng.random() < 0.5 else None
+                   for i, s in enumerate(shapes)],
+        "eps": 1e-5, "scaling": hd**-0.5,
+    }  # fmt: skip
+
+
+def test_fuzz_decode_block():
+    """decode_block's kernel and fake refuse alike; an accepted call matches the reference,
+    caches included."""
+    rng = random.Random("eefast-decode_block")
+    names = ["h", "cos", "sin", "allowed", "k_cache", "v_cache"]
+    accepted = 0
+    for case in range(60):
+        args = make = _decode_block_args(rng)
+        faults = []
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            if rng.random() < 0.3:  # a projection or a norm
+                i = rng.randrange(7)
+                args["weights"][i] = args["weights"][i].to(rng.choice([torch.float64, "meta"]))
+                faults.append(f"weight {i}")
+            else:
+                faults.append(_fault(rng, args, names, ["cache_len"] if rng.random() < 0.2 else []))
+        if isinstance(args["cache_len"], float):
+            args["cache_len"] = -1  # the op takes an int: the float fault means "out of range"
+        what = f"decode_block case {case}: {', '.join(faults) or 'valid'}"
+        want_caches = (make["k_cache"].clone(), make["v_cache"].clone())
+
+        def op(**a):
+            return eefast.decode_block(**a)
+
+        ok, got = _run(op, {**args, "k_cache": args["k_cache"].clone(),
+                            "v_cache": args["v_cache"].clone()})  # fmt: skip
+        assert ok == _fake_accepts(op, args), f"{what}: kernel {'accepts' if ok else 'refuses'}"
+        accepted += ok
+        if ok and _finite_inputs({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}):
+            want = reference.decode_block(**{**args, "k_cache": want_caches[0],
+                                             "v_cache": want_caches[1]})  # fmt: skip
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=what)
+    assert 0 < accepted < 60
