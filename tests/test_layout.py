@@ -19,7 +19,7 @@ LAYERS = [
     {"hf"},
     {"data"},
     {"exits", "adapters"},
-    {"train", "generation", "eval"},
+    {"train", "generation", "eval", "integrations"},
     {"cli", "__main__"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

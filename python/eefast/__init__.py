@@ -53,6 +53,8 @@ _LAZY = {
     "ParallelConfig": "adapters",
     "PrefixConfig": "adapters",
     "IA3Config": "adapters",
+    "patch": "integrations",
+    "unpatch": "integrations",
 }
 
 __all__ = [
@@ -73,7 +75,8 @@ __all__ = [
 ]
 
 
-_SUBPACKAGES = {"adapters", "cli", "data", "eval", "exits", "generation", "hf", "train"}
+_SUBPACKAGES = {"adapters", "cli", "data", "eval", "exits", "generation", "hf", "integrations",
+                "train"}  # fmt: skip
 
 
 def __getattr__(name: str):
