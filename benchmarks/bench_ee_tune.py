@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from eefast import add_exits, load_model
 from eefast.data import load_documents, next_token_targets, token_blocks
 from eefast.timing import time_median
-from eefast.train.ee_tune import exit_losses
 from eefast.train.hidden_cache import HiddenCache
 
 from .common import Row, peak_extra_memory_mib
@@ -64,13 +63,13 @@ def run(
         elif provider == "eefast":
 
             def loss(ee=ee):
-                return exit_losses(ee, ee.backbone_states(ids), targets, ones)[0]
+                return ee.exit_losses(ee.backbone_states(ids), targets, ones)[0]
         else:
             cache = HiddenCache.build(ee, blocks, batch_size, progress=False)
 
             def loss(ee=ee, cache=cache):
                 states = cache.states(torch.arange(batch_size), device)
-                return exit_losses(ee, states, targets, ones)[0]
+                return ee.exit_losses(states, targets, ones)[0]
 
         def step(loss=loss, opt=opt):
             opt.zero_grad(set_to_none=True)

@@ -167,3 +167,44 @@ def test_hf_trainer_trains_a_patched_peft_model_along_the_same_curve(tmp_path):
     assert len(curves[0]) == 4
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
     assert files[0] == files[1] and "adapter_model.safetensors" in files[1]
+
+
+def test_early_exit_model_loss_under_labels_equals_ee_tune_s():
+    from eefast.data import next_token_targets
+
+    ee = eefast.add_exits(tiny_model("llama"), [1, 2], kind="mlp").set_loss([1.0, 0.5], 0.5, 1e-3)
+    ids = token_batch(2, 10)
+    got = ee(input_ids=ids, labels=ids)
+    states = ee.backbone_states(ids, need_final=True)
+    want, per_exit = ee.exit_losses(states, next_token_targets(ids), [1.0, 0.5], 0.5, 1e-3)
+    torch.testing.assert_close(got.loss, want)
+    torch.testing.assert_close(got.exit_losses, per_exit)
+    summed = ee(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(7))
+    torch.testing.assert_close(summed.loss * 7, want * 18)  # 2 rows x 9 next-token targets
+    torch.testing.assert_close(ee(input_ids=ids).logits, ee.model(input_ids=ids).logits)
+
+
+def test_hf_trainer_trains_only_the_exits(tmp_path):
+    model = tiny_model("llama")
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    ee = eefast.add_exits(model, [1, 2], kind="norm")
+    start = {k: v.clone() for k, v in ee.exits.state_dict().items()}
+    ids = token_batch(8, 10)
+    rows = [{"input_ids": i, "labels": i} for i in ids]
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=6,
+        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = T.Trainer(model=ee, args=args, train_dataset=rows)
+        trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, backbone[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(v, start[k]) for k, v in ee.exits.state_dict().items())
+    assert not ee.model.training  # the frozen backbone never ran with dropout
+    ee.save_pretrained(tmp_path / "exits")
+    loaded = eefast.load_exits(tiny_model("llama"), tmp_path / "exits")
+    for k, v in ee.exits.state_dict().items():
+        assert torch.equal(loaded.exits.state_dict()[k], v)

@@ -9,20 +9,39 @@ outputs through forward hooks and stops after the deepest exit.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import ModelOutput
 
+from ..data.corpus import IGNORE
 from ..hf.arch import DecoderParts, decoder_parts
 from ..nn.exit_classifier import ExitClassifier
 from ..nn.exit_head import EXIT_KINDS, ExitHead, ResidualMLP, block_output
+from ..ops import multi_exit_cross_entropy
 
 # The confidence thresholds every per-exit report shows (share of tokens whose exit max-prob
 # reaches each).
 CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9)
+
+
+@dataclass
+class ExitLoss:
+    exit_weights: list[float] | None = None  # per exit; None: all 1
+    kd_weight: float = 0.0
+    z_loss: float = 0.0
+
+
+@dataclass
+class ExitsOutput(ModelOutput):
+    """What ``EarlyExitModel.forward`` returns with labels."""
+
+    loss: torch.Tensor | None = None
+    exit_losses: torch.Tensor | None = None  # per exit, detached
 
 
 class _StopBackbone(Exception):
@@ -54,6 +73,7 @@ class EarlyExitModel(nn.Module):
         self.exits = nn.ModuleDict({str(layer): exits[layer] for layer in sorted(exits)})
         self.classifier: ExitClassifier | None = None  # eefast train-classifier fits one
         self.draft_vocab: torch.Tensor | None = None  # token ids; eefast draft-vocab picks them
+        self.loss = ExitLoss()  # what forward(labels=...) computes; see set_loss
 
     @property
     def exit_layers(self) -> list[int]:
@@ -85,9 +105,76 @@ class EarlyExitModel(nn.Module):
     def exit_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.exits.parameters() if p.requires_grad)
 
-    def forward(self, *args, **kwargs):
-        """The unchanged model."""
-        return self.model(*args, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """Without ``labels``: the unchanged model. With ``labels`` (HF's convention: the next
+        token is the target, ``-100`` ignored): an output whose ``loss`` is the weighted
+        multi-exit loss set by ``set_loss`` (per-exit losses in ``exit_losses``), computed as
+        ``ee_tune`` does, so HF Trainer trains only the exits. ``num_items_in_batch`` (HF
+        Trainer's gradient accumulation) makes it a sum over the batch divided by that count."""
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        cfg = self.loss
+        states = self.backbone_states(input_ids, attention_mask, need_final=cfg.kd_weight > 0)
+        targets = torch.full_like(labels, IGNORE)
+        targets[:, :-1] = labels[:, 1:]
+        weights = cfg.exit_weights or [1.0] * len(self.exits)
+        reduction = "mean" if num_items is None else "sum"
+        total, losses = self.exit_losses(states, targets.reshape(-1), weights, cfg.kd_weight,
+                                         cfg.z_loss, reduction)  # fmt: skip
+        if num_items is not None:
+            total = total / torch.as_tensor(num_items, device=total.device, dtype=total.dtype)
+        return ExitsOutput(loss=total, exit_losses=losses)
+
+    def set_loss(
+        self, exit_weights: list[float] | None = None, kd_weight: float = 0.0, z_loss: float = 0.0
+    ) -> EarlyExitModel:
+        """The loss ``forward(..., labels=...)`` computes: per-exit weights (default all 1), KD
+        to the final layer and z-loss, as in ``TuneConfig``."""
+        if exit_weights is not None and len(exit_weights) != len(self.exits):
+            raise ValueError(f"set_loss: {len(self.exits)} exits but {len(exit_weights)} weights")
+        for name, value in (("kd_weight", kd_weight), ("z_loss", z_loss),
+                            *(("exit weight", w) for w in exit_weights or ())):  # fmt: skip
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"set_loss: {name} must be a finite number >= 0, got {value}")
+        self.loss = ExitLoss(exit_weights, kd_weight, z_loss)
+        return self
+
+    def train(self, mode: bool = True) -> EarlyExitModel:
+        """Train mode for the exits; the frozen backbone stays in eval (no dropout there)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def save_pretrained(self, directory, **_ignored) -> None:
+        """Write the exits only (``save_exits``): what ``load_exits`` reads."""
+        from .files import save_exits
+
+        save_exits(self, directory)
+
+    def exit_losses(
+        self,
+        states: BackboneStates,
+        targets: torch.Tensor,
+        exit_weights: list[float],
+        kd_weight: float = 0.0,
+        z_loss: float = 0.0,
+        reduction: str = "mean",
+    ):
+        """(weighted total, per-exit losses) of the exits on one backbone pass, through the
+        fused LM-head + CE ops; ``targets`` are flat, one per position."""
+        layers = self.exit_layers
+        hiddens = [self.exit_hidden(layer, states).flatten(0, -2) for layer in layers]
+        teacher = None
+        if kd_weight > 0:
+            teacher = (states.final.flatten(0, -2), self.final_head()[0])
+        if self.shares_lm_head:
+            weight, bias = self.final_head()
+        else:
+            weight, bias = (list(h) for h in zip(*(self.head(la) for la in layers), strict=True))
+        return multi_exit_cross_entropy(hiddens, weight, targets, exit_weights, bias=bias,
+                                        reduction=reduction, z_loss=z_loss, teacher=teacher,
+                                        kd_weight=kd_weight)  # fmt: skip
 
     @contextmanager
     def _hooks(self, layers: Iterable[int], stop: bool, states: BackboneStates):

@@ -22,7 +22,6 @@ from ..data.corpus import next_token_targets
 from ..exits.files import check_fingerprint, exits_config, save_exits
 from ..exits.model import BackboneStates, EarlyExitModel
 from ..io import write_text
-from ..ops import multi_exit_cross_entropy
 from .hidden_cache import HiddenCache, blocks_digest
 from .loop import LoopSettings, TrainLoop, batch_index
 
@@ -73,36 +72,6 @@ def exit_weights_at(cfg: TuneConfig, n_exits: int, step: int) -> list[float]:
     return [w * ramp for w in base]
 
 
-def exit_losses(
-    ee: EarlyExitModel,
-    states: BackboneStates,
-    targets: torch.Tensor,
-    exit_weights: list[float],
-    kd_weight: float = 0.0,
-    z_loss: float = 0.0,
-):
-    """(weighted total, per-exit losses) through the fused LM-head + CE ops."""
-    layers = ee.exit_layers
-    hiddens = [ee.exit_hidden(layer, states).flatten(0, -2) for layer in layers]
-    teacher = None
-    if kd_weight > 0:
-        teacher = (states.final.flatten(0, -2), ee.final_head()[0])
-    if ee.shares_lm_head:
-        weight, bias = ee.final_head()
-    else:
-        weight, bias = (list(h) for h in zip(*(ee.head(layer) for layer in layers), strict=True))
-    return multi_exit_cross_entropy(
-        hiddens,
-        weight,
-        targets,
-        exit_weights,
-        bias=bias,
-        z_loss=z_loss,
-        teacher=teacher,
-        kd_weight=kd_weight,
-    )
-
-
 class _Data:
     """Backbone states for a set of block indices: from the cache, or by running the backbone."""
 
@@ -126,7 +95,7 @@ def eval_loss(ee: EarlyExitModel, data: _Data, batch_size: int, batches: int) ->
     totals = torch.zeros(len(ee.exit_layers))
     for b in range(n):
         states, targets = data.states(torch.arange(b * batch_size, (b + 1) * batch_size))
-        totals += exit_losses(ee, states, targets, [1.0] * len(totals))[1].cpu()
+        totals += ee.exit_losses(states, targets, [1.0] * len(totals))[1].cpu()
     return (totals / max(n, 1)).tolist()
 
 
@@ -225,8 +194,7 @@ def ee_tune(
                 states, targets = train.states(
                     batch_index(len(train_blocks), cfg.batch_size, step, cfg.seed)
                 )
-                total, losses = exit_losses(
-                    ee,
+                total, losses = ee.exit_losses(
                     states,
                     targets,
                     exit_weights_at(cfg, len(layers), step),
