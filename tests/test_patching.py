@@ -208,3 +208,46 @@ def test_hf_trainer_trains_only_the_exits(tmp_path):
     loaded = eefast.load_exits(tiny_model("llama"), tmp_path / "exits")
     for k, v in ee.exits.state_dict().items():
         assert torch.equal(loaded.exits.state_dict()[k], v)
+
+
+def test_trl_sft_trainer_trains_a_patched_model_along_the_same_curve(tmp_path):
+    trl = pytest.importorskip("trl")
+    import datasets
+    import tokenizers
+
+    from tiny_models import VOCAB
+
+    words = tokenizers.models.WordLevel({str(i): i for i in range(VOCAB)}, unk_token="0")
+    tokenizer = T.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(words), pad_token="0", eos_token="1"
+    )
+    data = datasets.Dataset.from_list([{"input_ids": i.tolist()} for i in token_batch(8, 10)])
+    curves = []
+    for patched in (False, True):
+        model = peft_model(seed=0)
+        if patched:
+            eefast.patch(model)
+        config = trl.SFTConfig(
+            output_dir=str(tmp_path / str(patched)), max_steps=3, per_device_train_batch_size=4,
+            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-2,
+            seed=0,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data,
+                                     processing_class=tokenizer)  # fmt: skip
+            trainer.train()
+        curves.append([r["loss"] for r in trainer.state.log_history if "loss" in r])
+    assert len(curves[0]) == 3
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_patched_model_under_torch_compile_and_gradient_checkpointing():
+    model = tiny_model("llama")
+    want = loss_and_grads(model)
+    eefast.patch(model)
+    model.gradient_checkpointing_enable()
+    assert_same(loss_and_grads(model), want)
+    model.gradient_checkpointing_disable()
+    compiled = torch.compile(model, backend="aot_eager")
+    assert_same(loss_and_grads(compiled), want)
