@@ -1,4 +1,5 @@
-"""`python -m benchmarks ops|ee-tune|adapters [...]`: time eefast against its peers in one run."""
+"""`python -m benchmarks ops|ee-tune|adapters|trainer [...]`: time eefast against its peers in
+one run."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from . import (
     bench_exit_stats,
     bench_linear_cross_entropy,
     bench_lora_linear,
+    bench_trainer,
 )
 from .common import machine_info, plot_speedups, print_table, write_json
 
@@ -97,6 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     ad.add_argument("--budget", type=float, default=10.0, help="seconds of repeats per case")
     ad.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ad.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
+    tr = sub.add_parser("trainer", help="HF Trainer LoRA SFT on SmolLM2: eefast.patch vs unpatched")
+    tr.add_argument("--steps", type=int, default=20)
+    tr.add_argument("--batch-size", type=int, default=4)
+    tr.add_argument("--seq-len", type=int, default=128)
+    tr.add_argument("--providers", default=",".join(bench_trainer.PROVIDERS))
+    tr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    tr.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    tr.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -111,6 +121,14 @@ def main(argv: list[str] | None = None) -> None:
             _providers(args, bench_ee_tune),
             args.budget,
             DTYPES[args.dtype],
+        )
+    elif args.suite == "trainer":
+        rows = bench_trainer.run(
+            args.steps,
+            args.batch_size,
+            args.seq_len,
+            _providers(args, bench_trainer),
+            str(args.out),
         )
     elif args.suite == "adapters":
         rows = bench_adapters.run(
