@@ -59,27 +59,31 @@ TORCH_LIBRARY(eefast, m) {
       "exit_stats(Tensor hidden, Tensor weight, Tensor? bias=None, float temperature=1.0) "
       "-> (Tensor lse, Tensor max_prob, Tensor argmax, Tensor entropy, Tensor margin)");
   // Fused LM head + cross-entropy of one exit: loss of (hidden W^T + b) against targets, plus
-  // z_loss * lse^2 and kd_weight * KL(teacher || student) when a teacher head is given, never
-  // holding [tokens, vocab]. reduction: 0 none, 1 mean over non-ignored rows, 2 sum. For mean
+  // z_loss * lse^2 and kd_weight * KL(teacher || student) when a teacher head is given, with
+  // torch's label smoothing and class weights and Gemma-2's logit softcap (0: none), never
+  // holding [tokens, vocab]; lse is each row's logsumexp (of the capped logits). reduction: 0 none, 1 mean over non-ignored rows, 2 sum. For mean
   // and sum it also returns the gradients of the loss (hidden; weight and bias when
   // weight_grad); for none those are empty and linear_cross_entropy_backward computes them.
   m.def(
       "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
       "Tensor? teacher_hidden, Tensor? teacher_weight, int ignore_index, int reduction, "
-      "float z_loss, float kd_weight, bool weight_grad) "
-      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "float z_loss, float kd_weight, float label_smoothing, float softcap, "
+      "Tensor? class_weight, bool weight_grad) "
+      "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor lse)");
   // Several exits sharing one LM head (mean or sum): total = sum_e exit_weights[e] * loss_e, the
   // per-exit losses, and the gradients of total, the weight's accumulated in one buffer.
   m.def(
       "linear_cross_entropy_multi(Tensor[] hiddens, Tensor weight, Tensor targets, Tensor? bias, "
       "float[] exit_weights, Tensor? teacher_hidden, Tensor? teacher_weight, int ignore_index, "
-      "int reduction, float z_loss, float kd_weight, bool weight_grad) "
+      "int reduction, float z_loss, float kd_weight, float label_smoothing, float softcap, "
+      "Tensor? class_weight, bool weight_grad) "
       "-> (Tensor total, Tensor losses, Tensor[] grad_hiddens, Tensor grad_weight, "
       "Tensor grad_bias)");
   // Gradients of sum_i grad_rows[i] * loss_i (reduction none), recomputing the logits by chunk.
   m.def(
       "linear_cross_entropy_backward(Tensor grad_rows, Tensor hidden, Tensor weight, "
       "Tensor targets, Tensor? bias, Tensor? teacher_hidden, Tensor? teacher_weight, "
-      "int ignore_index, float z_loss, float kd_weight, bool weight_grad) "
+      "int ignore_index, float z_loss, float kd_weight, float label_smoothing, float softcap, "
+      "Tensor? class_weight, bool weight_grad) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -113,7 +113,12 @@ def test_multi_exit_shared_weight(device):
 @pytest.mark.parametrize("reduction", [0, 1])
 def test_opcheck(device, reduction):
     hidden, weight, bias, targets = make(10, 8, 700, device, bias=True)
-    args = (hidden, weight, targets, bias, None, None, -100, reduction, 1e-4, 0.0, True)
+    args = (hidden, weight, targets, bias, None, None, -100, reduction, 1e-4, 0.0, 0.0, 0.0, None,
+            True)  # fmt: skip
+    torch.library.opcheck(torch.ops.eefast.linear_cross_entropy.default, args)
+    class_weight = torch.rand(700, device=device) + 0.5
+    args = (hidden, weight, targets, bias, None, None, -100, reduction, 1e-4, 0.0, 0.1, 30.0,
+            class_weight, True)  # fmt: skip
     torch.library.opcheck(torch.ops.eefast.linear_cross_entropy.default, args)
 
 
@@ -176,6 +181,9 @@ def test_bad_input(over, message):
             1,
             args["z_loss"],
             args["kd_weight"],
+            0.0,
+            0.0,
+            None,
             False,
         )
 
@@ -246,6 +254,9 @@ def test_multi_exit_opcheck(device):
         1,
         0.0,
         0.0,
+        0.1,
+        0.0,
+        None,
         True,
     )
     torch.library.opcheck(torch.ops.eefast.linear_cross_entropy_multi.default, args)
@@ -288,3 +299,42 @@ def test_multi_exit_per_exit_biases():
     ]
     torch.testing.assert_close(losses, torch.stack(want), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total, 0.5 * want[0] + 2.0 * want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "terms",
+    [
+        {"label_smoothing": 0.1},
+        {"softcap": 3.0},
+        {"class_weight": True},
+        {"label_smoothing": 0.2, "softcap": 2.0, "class_weight": True, "z_loss": 1e-3},
+    ],  # fmt: skip
+    ids=lambda t: ",".join(t),
+)
+def test_label_smoothing_softcap_and_class_weights_match_torch(dtype, reduction, terms):
+    hidden, weight, bias, targets = make(37, 16, 300, "cpu", bias=True)
+    hidden, weight = hidden.detach().to(dtype), weight.detach().to(dtype)
+    bias = bias.detach().to(dtype)
+    kw = dict(terms)
+    if kw.pop("class_weight", False):
+        kw["class_weight"] = torch.rand(300, generator=torch.Generator().manual_seed(3)) + 0.2
+    results = []
+    for fn in (eefast.linear_cross_entropy, linear_cross_entropy_reference):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        loss, lse = fn(h, w, targets, b, reduction=reduction, return_lse=True, **kw)
+        loss.sum().backward()
+        results.append((loss.float(), lse.float(), h.grad.float(), w.grad.float(), b.grad.float()))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_softcap_gemma2_matches_hf_gemma2_loss():
+    """A softcapped head computes what HF's Gemma-2 computes (logits soft-capped at 30)."""
+    hidden, weight, _, targets = make(20, 16, 200, "cpu")
+    capped = 30.0 * torch.tanh(torch.nn.functional.linear(hidden, weight) / 30.0)
+    want = torch.nn.functional.cross_entropy(capped, targets, ignore_index=-100)
+    got = eefast.linear_cross_entropy(hidden, weight, targets, softcap=30.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -125,6 +125,7 @@ def _lce_args(rng):
         "hidden": torch.randn(n, d), "weight": torch.randn(v, d), "targets": targets,
         "bias": torch.randn(v) if rng.random() < 0.5 else None,
         "z_loss": rng.choice([0.0, 1e-3]), "reduction": rng.choice(["mean", "sum", "none"]),
+        "label_smoothing": rng.choice([0.0, 0.1]), "softcap": rng.choice([0.0, 5.0]),
     }  # fmt: skip
 
 
@@ -152,7 +153,8 @@ OPS = {
     "exit_stats": (eefast.exit_stats, reference.exit_stats, _exit_stats_args,
                    ["hidden", "weight", "bias"], ["temperature"]),
     "linear_cross_entropy": (eefast.linear_cross_entropy, reference.linear_cross_entropy,
-                             _lce_args, ["hidden", "weight", "targets", "bias"], ["z_loss"]),
+                             _lce_args, ["hidden", "weight", "targets", "bias"],
+                             ["z_loss", "label_smoothing", "softcap"]),
     "decode_linear": (eefast.decode_linear, _decode_linear_ref, _decode_linear_args,
                       ["x", "weight", "bias"], []),
 }  # fmt: skip

@@ -251,3 +251,15 @@ def test_patched_model_under_torch_compile_and_gradient_checkpointing():
     model.gradient_checkpointing_disable()
     compiled = torch.compile(model, backend="aot_eager")
     assert_same(loss_and_grads(compiled), want)
+
+
+def test_gemma2_softcapped_loss_equals_hf():
+    config = T.Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, max_position_embeddings=64, final_logit_softcapping=5.0,
+                            use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    want = loss_and_grads(model)
+    eefast.patch(model)
+    assert_same(loss_and_grads(model), want)

@@ -28,6 +28,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/full_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
@@ -59,9 +60,20 @@ bool bf16_gemms(const Tensor& hidden, const Tensor& weight) {
          weight.scalar_type() == at::kBFloat16;
 }
 
+// The loss beyond the plain cross-entropy: z-loss, distillation, label smoothing, a logit
+// softcap and per-class weights (the last three as torch's cross_entropy and Gemma-2 define
+// them).
+struct LossTerms {
+  int64_t ignore_index;
+  double z_loss, kd_weight, label_smoothing, softcap;
+  std::optional<Tensor> class_weight;  // [vocab]
+  bool plain() const { return label_smoothing == 0 && softcap == 0 && !class_weight; }
+};
+
 void check_args(const char* op, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                 const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
-                const std::optional<Tensor>& teacher_weight, double z_loss, double kd_weight) {
+                const std::optional<Tensor>& teacher_weight, const LossTerms& terms) {
+  const double z_loss = terms.z_loss, kd_weight = terms.kd_weight;
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [tokens, d], got shape ", hidden.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), op, ": hidden must be floating point");
   const auto wdt = weight.scalar_type();
@@ -95,8 +107,18 @@ void check_args(const char* op, const Tensor& hidden, const Tensor& weight, cons
               kd_weight);
   TORCH_CHECK(kd_weight == 0 || teacher_hidden.has_value(), op,
               ": kd_weight > 0 needs a teacher (teacher_hidden and teacher_weight)");
+  TORCH_CHECK(terms.label_smoothing >= 0 && terms.label_smoothing <= 1, op,
+              ": label_smoothing must be in [0, 1], got ", terms.label_smoothing);
+  TORCH_CHECK(std::isfinite(terms.softcap) && terms.softcap >= 0, op,
+              ": softcap must be finite and >= 0 (0: none), got ", terms.softcap);
+  if (terms.class_weight) {
+    const Tensor& cw = *terms.class_weight;
+    TORCH_CHECK(cw.dim() == 1 && cw.size(0) == weight.size(0) && at::isFloatingType(cw.scalar_type()),
+                op, ": class_weight must be a float [vocab=", weight.size(0), "], got ",
+                cw.scalar_type(), " ", cw.sizes());
+  }
   for (const auto& t : {std::optional<Tensor>(weight), std::optional<Tensor>(targets), bias,
-                        teacher_hidden, teacher_weight}) {
+                        teacher_hidden, teacher_weight, terms.class_weight}) {
     TORCH_CHECK(!t || t->device() == hidden.device(), op,
                 ": all inputs must be on hidden's device (", hidden.device(), "), got ",
                 t->device());
@@ -150,7 +172,7 @@ void rows_scaled_softmax(Tensor& z, const Tensor& lse, const Tensor& coef) {
 }
 
 struct Results {
-  Tensor loss_rows, grad_hidden, grad_weight, grad_bias;
+  Tensor loss_rows, lse_rows, grad_hidden, grad_weight, grad_bias;
 };
 
 // Per-row losses, and when row_scale is given the gradients of sum_i row_scale[i] * loss_i.
@@ -158,9 +180,12 @@ struct Results {
 // when those are defined, so several exits can share one buffer.
 Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                  const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
-                 const std::optional<Tensor>& teacher_weight, int64_t ignore_index,
-                 double z_loss, double kd_weight, const std::optional<Tensor>& row_scale,
-                 bool weight_grad, Tensor grad_weight = Tensor(), Tensor grad_bias = Tensor()) {
+                 const std::optional<Tensor>& teacher_weight, const LossTerms& terms,
+                 const std::optional<Tensor>& row_scale, bool weight_grad,
+                 Tensor grad_weight = Tensor(), Tensor grad_bias = Tensor()) {
+  const int64_t ignore_index = terms.ignore_index;
+  const double z_loss = terms.z_loss, kd_weight = terms.kd_weight;
+  const double eps = terms.label_smoothing, cap = terms.softcap;
   const int64_t rows = hidden.size(0), vocab = weight.size(0), d = weight.size(1);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const bool lowp = bf16_gemms(hidden, weight);
@@ -186,10 +211,14 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
               "linear_cross_entropy: targets must be in [0, vocab=", vocab, ") or ignore_index=",
               ignore_index);
   const Tensor safe_targets = targets.masked_fill(valid.logical_not(), 0);
+  const Tensor cw = terms.class_weight ? terms.class_weight->to(at::kFloat).contiguous() : Tensor();
+  const Tensor row_w = cw.defined() ? cw.index_select(0, safe_targets) : Tensor();  // w_target
+  const double wsum = cw.defined() ? cw.sum().item<double>() : static_cast<double>(vocab);
 
   const bool grads = row_scale.has_value();
   Results res;
   res.loss_rows = at::empty({rows}, f32);
+  res.lse_rows = at::empty({rows}, f32);
   res.grad_hidden = at::empty({grads ? rows : 0, d}, f32);
   res.grad_weight =
       grad_weight.defined() ? grad_weight : at::zeros({grads && weight_grad ? vocab : 0, d}, f32);
@@ -209,11 +238,21 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
     Tensor z = z_buf.narrow(0, 0, n);
     const Tensor h = h32.narrow(0, r0, n);
     logits_into(z, h, w, bias32, w_buf);
+    Tensor cap_grad;  // d capped / d logit = 1 - tanh^2
+    if (cap > 0) {  // Gemma-2's softcap: cap * tanh(z / cap)
+      z.div_(cap).tanh_();
+      if (grads) cap_grad = 1.0 - z.square();
+      z.mul_(cap);
+    }
     const Tensor tgt = safe_targets.narrow(0, r0, n).unsqueeze(1);
     const Tensor ok = valid.narrow(0, r0, n).to(at::kFloat);
     const Tensor z_target = z.gather(1, tgt).squeeze(1);  // before dz may overwrite z
-    const bool cpu_rows = z.is_cpu() && !teach;  // fused row passes (cpu/row_kernels.h)
-    const bool cuda_rows = kCudaRowPass && z.is_cuda() && !teach;  // fused (linear_cross_entropy/kernels.cu)
+    const Tensor wt = row_w.defined() ? row_w.narrow(0, r0, n) : Tensor();
+    Tensor z_smooth;  // sum_j w_j z_j, the label-smoothing term, also before dz overwrites z
+    if (eps > 0) z_smooth = cw.defined() ? at::mv(z, cw) : z.sum(1);
+    const bool fused_rows = !teach && terms.plain();
+    const bool cpu_rows = z.is_cpu() && fused_rows;  // fused row passes (cpu/row_kernels.h)
+    const bool cuda_rows = kCudaRowPass && z.is_cuda() && fused_rows;  // (kernels.cu)
     // dz = scale * [(1 + 2 z_loss lse) p - onehot + kd_weight (p - p_t)], p = softmax(z)
     const Tensor scale = grads ? (ok * row_scale->narrow(0, r0, n)).unsqueeze(1) : Tensor();
     Tensor dz = grads && lowp ? dz_lowp.narrow(0, 0, n) : z;  // fp32 dz: in place over z
@@ -225,7 +264,12 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
     } else {
       lse = cpu_rows ? row_logsumexp(z) : z.logsumexp({1}, /*keepdim=*/true);
     }
+    // torch's cross_entropy with weight w and label smoothing e:
+    // (1 - e) w_t (lse - z_t) + (e / V) sum_j w_j (lse - z_j)
     Tensor loss = lse.squeeze(1) - z_target;
+    if (wt.defined()) loss = loss * wt;
+    if (eps > 0) loss = loss * (1.0 - eps) + (eps / vocab) * (wsum * lse.squeeze(1) - z_smooth);
+    res.lse_rows.narrow(0, r0, n).copy_(lse.squeeze(1) * ok);  // 0 where ignored
     if (z_loss > 0) loss = loss + z_loss * lse.squeeze(1).square();
     Tensor log_pt;
     if (teach) {
@@ -242,9 +286,19 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
       rows_scaled_softmax(z, lse, (1.0 + 2.0 * z_loss * lse) * scale);
       z.scatter_add_(1, tgt, -scale);
     } else if (!cuda_rows) {
-      z.sub_(lse).exp_().mul_(1.0 + 2.0 * z_loss * lse + kd_weight);
+      // dz = p (a + e W / V + 2 z_loss lse + kd) - a onehot - (e / V) w - kd p_t, a = (1-e) w_t
+      const Tensor a = wt.defined() ? wt.unsqueeze(1) * (1.0 - eps) : at::full({n, 1}, 1.0 - eps, f32);
+      z.sub_(lse).exp_().mul_(a + (eps / vocab * wsum + kd_weight) + 2.0 * z_loss * lse);
       if (teach) z.sub_(log_pt.exp_().mul_(kd_weight));
-      z.scatter_add_(1, tgt, at::full_like(tgt, -1.0, f32));
+      z.scatter_add_(1, tgt, -a);
+      if (eps > 0) {
+        if (cw.defined()) {
+          z.sub_(cw.unsqueeze(0) * (eps / vocab));
+        } else {
+          z.sub_(eps / vocab);
+        }
+      }
+      if (cap_grad.defined()) z.mul_(cap_grad);
       z.mul_(scale);
     }
     if (lowp && !cuda_rows) dz.copy_(z);
@@ -262,9 +316,17 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
   return res;
 }
 
-// What the mean divides by: the non-ignored rows, at least 1 (no valid row gives 0, not NaN).
-double mean_divisor(const Tensor& targets, int64_t ignore_index) {
-  return static_cast<double>(std::max<int64_t>(1, targets.ne(ignore_index).sum().item<int64_t>()));
+// What the mean divides by: the non-ignored rows (their targets' class weights, as torch's
+// weighted mean), at least 1 (no valid row gives 0, not NaN).
+double mean_divisor(const Tensor& targets, const LossTerms& terms) {
+  const Tensor valid = targets.ne(terms.ignore_index);
+  if (!terms.class_weight) {
+    return static_cast<double>(std::max<int64_t>(1, valid.sum().item<int64_t>()));
+  }
+  const Tensor safe = targets.masked_fill(valid.logical_not(), 0);
+  const double total =
+      (terms.class_weight->to(at::kFloat).index_select(0, safe) * valid).sum().item<double>();
+  return total > 0 ? total : 1.0;
 }
 
 // The head's fp32 gradients in the dtypes of weight and bias.
@@ -274,38 +336,42 @@ std::tuple<Tensor, Tensor> head_grads(const Tensor& grad_weight, const Tensor& g
           bias ? grad_bias.to(bias->scalar_type()) : grad_bias};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_impl(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_impl(
     const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
     const std::optional<Tensor>& teacher_weight, int64_t ignore_index, int64_t reduction,
-    double z_loss, double kd_weight, bool weight_grad) {
+    double z_loss, double kd_weight, double label_smoothing, double softcap,
+    const std::optional<Tensor>& class_weight, bool weight_grad) {
+  const LossTerms terms{ignore_index, z_loss, kd_weight, label_smoothing, softcap, class_weight};
   check_args("linear_cross_entropy", hidden, weight, targets, bias, teacher_hidden,
-             teacher_weight, z_loss, kd_weight);
+             teacher_weight, terms);
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
               "linear_cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum)");
   std::optional<Tensor> scale;
-  const double divisor = reduction == 1 ? mean_divisor(targets, ignore_index) : 1.0;
+  const double divisor = reduction == 1 ? mean_divisor(targets, terms) : 1.0;
   if (reduction != 0) {
     scale = at::full({hidden.size(0)}, 1.0 / divisor, hidden.options().dtype(at::kFloat));
   }
-  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
-                       ignore_index, z_loss, kd_weight, scale, weight_grad);
+  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight, terms,
+                       scale, weight_grad);
   const Tensor loss = reduction == 0 ? r.loss_rows : r.loss_rows.sum().div_(divisor);
   auto [grad_weight, grad_bias] = head_grads(r.grad_weight, r.grad_bias, weight, bias);
-  return {loss, r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
+  return {loss, r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias, r.lse_rows};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_backward_impl(
     const Tensor& grad_rows, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& teacher_hidden,
     const std::optional<Tensor>& teacher_weight, int64_t ignore_index, double z_loss,
-    double kd_weight, bool weight_grad) {
+    double kd_weight, double label_smoothing, double softcap,
+    const std::optional<Tensor>& class_weight, bool weight_grad) {
+  const LossTerms terms{ignore_index, z_loss, kd_weight, label_smoothing, softcap, class_weight};
   check_args("linear_cross_entropy_backward", hidden, weight, targets, bias, teacher_hidden,
-             teacher_weight, z_loss, kd_weight);
+             teacher_weight, terms);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == hidden.size(0),
               "linear_cross_entropy_backward: grad_rows must be [tokens]");
-  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
-                       ignore_index, z_loss, kd_weight, grad_rows.to(at::kFloat), weight_grad);
+  Results r = lce_core(hidden, weight, targets, bias, teacher_hidden, teacher_weight, terms,
+                       grad_rows.to(at::kFloat), weight_grad);
   auto [grad_weight, grad_bias] = head_grads(r.grad_weight, r.grad_bias, weight, bias);
   return {r.grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
 }
@@ -314,7 +380,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
     at::TensorList hiddens, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, at::ArrayRef<double> exit_weights,
     const std::optional<Tensor>& teacher_hidden, const std::optional<Tensor>& teacher_weight,
-    int64_t ignore_index, int64_t reduction, double z_loss, double kd_weight, bool weight_grad) {
+    int64_t ignore_index, int64_t reduction, double z_loss, double kd_weight,
+    double label_smoothing, double softcap, const std::optional<Tensor>& class_weight,
+    bool weight_grad) {
+  const LossTerms terms{ignore_index, z_loss, kd_weight, label_smoothing, softcap, class_weight};
   TORCH_CHECK(!hiddens.empty(), "linear_cross_entropy_multi: no exits");
   TORCH_CHECK(exit_weights.size() == hiddens.size(), "linear_cross_entropy_multi: ",
               hiddens.size(), " exits but ", exit_weights.size(), " exit weights");
@@ -326,10 +395,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
   }
   for (const Tensor& h : hiddens) {
     check_args("linear_cross_entropy_multi", h, weight, targets, bias, teacher_hidden,
-               teacher_weight, z_loss, kd_weight);
+               teacher_weight, terms);
   }
   const auto f32 = hiddens[0].options().dtype(at::kFloat);
-  const double divisor = reduction == 1 ? mean_divisor(targets, ignore_index) : 1.0;
+  const double divisor = reduction == 1 ? mean_divisor(targets, terms) : 1.0;
   const int64_t vocab = weight.size(0), d = weight.size(1);
   // One weight-gradient buffer for every exit sharing the head.
   Tensor grad_weight = at::zeros({weight_grad ? vocab : 0, d}, f32);
@@ -338,9 +407,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor> linear_cross_ent
   std::vector<Tensor> grad_hiddens;
   for (size_t e = 0; e < hiddens.size(); ++e) {
     const Tensor scale = at::full({hiddens[e].size(0)}, exit_weights[e] / divisor, f32);
-    Results r = lce_core(hiddens[e], weight, targets, bias, teacher_hidden, teacher_weight,
-                         ignore_index, z_loss, kd_weight, scale, weight_grad, grad_weight,
-                         grad_bias);
+    Results r = lce_core(hiddens[e], weight, targets, bias, teacher_hidden, teacher_weight, terms,
+                         scale, weight_grad, grad_weight, grad_bias);
     losses[e].copy_(r.loss_rows.sum().div_(divisor));
     grad_hiddens.push_back(r.grad_hidden.to(hiddens[e].scalar_type()));
   }

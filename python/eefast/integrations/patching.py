@@ -4,7 +4,8 @@ or wrapped by PEFT, so that other trainers (HF Trainer, TRL) get them without co
 - The causal LM's forward: with ``labels`` in training, the loss goes through the fused
   ``linear_cross_entropy`` on the decoder stack's last hidden states, so ``[tokens, vocab]``
   logits are never built (HF's label shift and ``ignore_index``; ``num_items_in_batch`` as HF
-  Trainer passes it for gradient accumulation). Without labels, or in eval, it is HF's.
+  Trainer passes it for gradient accumulation; Gemma-2's final logit softcap). Without
+  labels, or in eval, it is HF's.
 - PEFT's LoRA ``Linear`` layers: one active plain-LoRA adapter on an ``nn.Linear`` runs as
   ``lora_linear`` with PEFT's own parameters (names, files, merge and loading unchanged);
   anything else (merged, disabled, several adapters, DoRA, another dtype for the adapter, a
@@ -29,6 +30,9 @@ from ..hf.arch import ARCHS, arch_spec, decoder_stack, model_type
 from ..ops import linear_cross_entropy, lora_linear
 
 _MARK = "_eefast_patch"
+# Patched beyond eefast's architecture table: causal LMs whose loss the fused op computes as HF
+# does, with a final logit softcap (Gemma-2).
+_PATCH_ONLY = ("gemma2",)
 
 
 @dataclass
@@ -61,10 +65,12 @@ def _fused_causal_lm_forward(self, input_ids=None, attention_mask=None, labels=N
     head = self.get_output_embeddings()
     targets = labels[:, 1:].to(hidden.device)
     h = hidden[:, :-1]
-    if num_items is None:
-        loss = linear_cross_entropy(h, head.weight, targets, head.bias, ignore_index=IGNORE)
-    else:  # HF Trainer's gradient accumulation: a sum over the batch / tokens of all micro-batches
-        loss = linear_cross_entropy(h, head.weight, targets, head.bias, IGNORE, "sum")
+    softcap = float(getattr(self.config, "final_logit_softcapping", None) or 0.0)
+    # HF Trainer's gradient accumulation: a sum over the batch / the tokens of all micro-batches
+    reduction = "mean" if num_items is None else "sum"
+    loss = linear_cross_entropy(h, head.weight, targets, head.bias, IGNORE, reduction,
+                                softcap=softcap)  # fmt: skip
+    if num_items is not None:
         loss = loss / torch.as_tensor(num_items, device=loss.device, dtype=loss.dtype)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
@@ -118,10 +124,11 @@ def patch(model: nn.Module) -> PatchReport:
     if getattr(lm, _MARK, None) is not None:
         warnings.warn("eefast.patch: this model is already patched", stacklevel=2)
         return getattr(lm, _MARK)
-    if arch_spec(lm) is None or not isinstance(lm.get_output_embeddings(), nn.Linear):
+    supported = arch_spec(lm) is not None or model_type(lm) in _PATCH_ONLY
+    if not supported or not isinstance(lm.get_output_embeddings(), nn.Linear):
         raise ValueError(
             f"eefast.patch: {model_type(lm)!r} models are not supported; eefast patches "
-            f"{sorted(ARCHS)}"
+            f"{sorted([*ARCHS, *_PATCH_ONLY])}"
         )
     report = PatchReport(model_type(lm), fused_loss=True)
     lm.forward = types.MethodType(_fused_causal_lm_forward, lm)

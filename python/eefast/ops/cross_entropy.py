@@ -39,13 +39,21 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     kd_weight: float = 0.0,
-) -> torch.Tensor:
+    label_smoothing: float = 0.0,
+    softcap: float = 0.0,
+    class_weight: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused LM head + cross-entropy: ``CE(hidden Wᵀ + b, targets)`` without ``[tokens, vocab]``.
 
     Optional terms per non-ignored row: ``z_loss · lse²`` and ``kd_weight · KL(p_teacher ‖ p)``
     where the teacher is ``(teacher_hidden, teacher_weight)``, whose logits are never
-    materialised either (it gets no gradient). ``reduction`` is ``"mean"`` (over non-ignored
-    rows; 0 when there are none, where ``F.cross_entropy`` gives NaN), ``"sum"`` or ``"none"``.
+    materialised either (it gets no gradient). ``label_smoothing`` and ``class_weight``
+    (``[vocab]``) are torch's ``cross_entropy``'s (a weighted mean divides by the targets'
+    weights); ``softcap > 0`` caps the logits at ``softcap · tanh(z / softcap)`` first
+    (Gemma-2). ``reduction`` is ``"mean"`` (over non-ignored rows; 0 when there are none,
+    where ``F.cross_entropy`` gives NaN), ``"sum"`` or ``"none"``. With ``return_lse`` it
+    returns ``(loss, lse)``, each row's fp32 logsumexp (0 where ignored; no gradient).
     Gradients reach ``hidden`` and, when they require grad, ``weight`` and ``bias``. For mean
     and sum they are computed during the forward (no logits recompute).
     """
@@ -54,7 +62,7 @@ def linear_cross_entropy(
     lead = hidden.shape[:-1]
     teacher_hidden, teacher_weight = _teacher_inputs(teacher)
     weight_grad = _head_needs_grad(weight, bias)
-    loss, *_ = torch.ops.eefast.linear_cross_entropy.default(
+    loss, _, _, _, lse = torch.ops.eefast.linear_cross_entropy.default(
         as_rows(hidden),
         weight,
         targets.reshape(-1),
@@ -65,9 +73,17 @@ def linear_cross_entropy(
         _REDUCTIONS[reduction],
         float(z_loss),
         float(kd_weight),
+        float(label_smoothing),
+        float(softcap),
+        _detached(class_weight),
         weight_grad,
     )
-    return loss.reshape(lead) if reduction == "none" else loss
+    loss = loss.reshape(lead) if reduction == "none" else loss
+    return (loss, lse.reshape(lead)) if return_lse else loss
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def multi_exit_cross_entropy(
@@ -81,6 +97,9 @@ def multi_exit_cross_entropy(
     z_loss: float = 0.0,
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     kd_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Several exits in one call: ``(sum_e exit_weights[e] · loss_e, losses [exits])``.
 
@@ -102,6 +121,9 @@ def multi_exit_cross_entropy(
         "z_loss": z_loss,
         "teacher": teacher,
         "kd_weight": kd_weight,
+        "label_smoothing": label_smoothing,
+        "softcap": softcap,
+        "class_weight": class_weight,
     }
     shared = isinstance(weights, torch.Tensor) and not isinstance(bias, list)
     if shared and reduction in ("mean", "sum"):
@@ -119,6 +141,9 @@ def multi_exit_cross_entropy(
             _REDUCTIONS[reduction],
             float(z_loss),
             float(kd_weight),
+            float(label_smoothing),
+            float(softcap),
+            _detached(class_weight),
             weight_grad,
         )
         return total, losses
@@ -139,7 +164,7 @@ def multi_exit_cross_entropy(
 
 
 def _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
-                    kd_weight):  # fmt: skip
+                    kd_weight, label_smoothing, softcap, class_weight):  # fmt: skip
     """The fake kernels' form of csrc/linear_cross_entropy's check_args."""
     check(hidden.dim() == 2, op, "hidden must be [tokens, d]")
     check(hidden.dtype.is_floating_point, op, "hidden must be floating point")
@@ -169,8 +194,19 @@ def _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_w
         "z_loss and kd_weight must be finite and >= 0",
     )
     check(kd_weight == 0 or teacher_hidden is not None, op, "kd_weight > 0 needs a teacher")
+    check(0 <= label_smoothing <= 1, op, "label_smoothing must be in [0, 1]")
+    check(math.isfinite(softcap) and softcap >= 0, op, "softcap must be finite and >= 0")
+    if class_weight is not None:
+        check(
+            class_weight.dim() == 1
+            and class_weight.shape[0] == weight.shape[0]
+            and class_weight.dtype.is_floating_point,
+            op,
+            "class_weight must be a float [vocab]",
+        )
     others = {"weight": weight, "targets": targets, "bias": bias,
-              "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}  # fmt: skip
+              "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight,
+              "class_weight": class_weight}  # fmt: skip
     for name, t in others.items():
         check_device(op, name, t, hidden)
 
@@ -198,14 +234,18 @@ def _lce_fake(
     reduction,
     z_loss,
     kd_weight,
+    label_smoothing,
+    softcap,
+    class_weight,
     weight_grad,
 ):
     op = "linear_cross_entropy"
     _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
-                    kd_weight)  # fmt: skip
+                    kd_weight, label_smoothing, softcap, class_weight)  # fmt: skip
     check(0 <= reduction <= 2, op, "reduction must be 0 (none), 1 (mean) or 2 (sum)")
     loss = hidden.new_empty((hidden.shape[0],) if reduction == 0 else (), dtype=torch.float32)
-    return (loss, *_lce_grad_shapes(hidden, weight, bias, reduction != 0, weight_grad))
+    lse = hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
+    return (loss, *_lce_grad_shapes(hidden, weight, bias, reduction != 0, weight_grad), lse)
 
 
 @torch.library.register_fake("eefast::linear_cross_entropy_backward")
@@ -220,11 +260,14 @@ def _lce_backward_fake(
     ignore_index,
     z_loss,
     kd_weight,
+    label_smoothing,
+    softcap,
+    class_weight,
     weight_grad,
 ):
     op = "linear_cross_entropy_backward"
     _check_lce_args(op, hidden, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
-                    kd_weight)  # fmt: skip
+                    kd_weight, label_smoothing, softcap, class_weight)  # fmt: skip
     check(grad_rows.dim() == 1 and grad_rows.shape[0] == hidden.shape[0], op, "grad_rows: [tokens]")
     return _lce_grad_shapes(hidden, weight, bias, True, weight_grad)
 
@@ -241,16 +284,21 @@ def _lce_setup_context(ctx, inputs, output):
         reduction,
         z_loss,
         kd_weight,
+        label_smoothing,
+        softcap,
+        class_weight,
         weight_grad,
     ) = inputs
-    _, grad_hidden, grad_weight, grad_bias = output
-    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    _, grad_hidden, grad_weight, grad_bias, lse = output
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, lse)
     ctx.reduction = reduction
-    ctx.args = (ignore_index, z_loss, kd_weight, weight_grad)
+    ctx.args = (ignore_index, z_loss, kd_weight, label_smoothing, softcap)
+    ctx.weight_grad = weight_grad
     if reduction != 0:  # mean/sum: the forward already computed the gradients
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     else:  # none: recompute with the per-row upstream gradient
-        ctx.save_for_backward(hidden, weight, targets, bias, teacher_hidden, teacher_weight)
+        ctx.save_for_backward(hidden, weight, targets, bias, teacher_hidden, teacher_weight,
+                              class_weight)  # fmt: skip
 
 
 def _lce_backward(ctx, grad_loss, *_unused):
@@ -260,8 +308,9 @@ def _lce_backward(ctx, grad_loss, *_unused):
             g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)
         )
     else:
-        hidden, weight, targets, bias, teacher_hidden, teacher_weight = ctx.saved_tensors
-        ignore_index, z_loss, kd_weight, weight_grad = ctx.args
+        hidden, weight, targets, bias, teacher_hidden, teacher_weight, class_weight = (
+            ctx.saved_tensors
+        )
         grad_hidden, grad_weight, grad_bias = (
             torch.ops.eefast.linear_cross_entropy_backward.default(
                 grad_loss.contiguous(),
@@ -271,10 +320,9 @@ def _lce_backward(ctx, grad_loss, *_unused):
                 bias,
                 teacher_hidden,
                 teacher_weight,
-                ignore_index,
-                z_loss,
-                kd_weight,
-                weight_grad,
+                *ctx.args,
+                class_weight,
+                ctx.weight_grad,
             )
         )
     needs = ctx.needs_input_grad
@@ -283,7 +331,7 @@ def _lce_backward(ctx, grad_loss, *_unused):
         grad_weight if needs[1] else None,
         None,
         grad_bias if len(needs) > 3 and needs[3] else None,
-        *([None] * 7),
+        *([None] * 10),
     )[: len(needs)]
 
 
@@ -305,6 +353,9 @@ def _lce_multi_fake(
     reduction,
     z_loss,
     kd_weight,
+    label_smoothing,
+    softcap,
+    class_weight,
     weight_grad,
 ):
     op = "linear_cross_entropy_multi"
@@ -314,7 +365,7 @@ def _lce_multi_fake(
     check(all(math.isfinite(c) for c in exit_weights), op, "exit weights must be finite")
     for h in hiddens:
         _check_lce_args(op, h, weight, targets, bias, teacher_hidden, teacher_weight, z_loss,
-                        kd_weight)  # fmt: skip
+                        kd_weight, label_smoothing, softcap, class_weight)  # fmt: skip
     f32 = hiddens[0].new_empty((), dtype=torch.float32)
     _, grad_weight, grad_bias = _lce_grad_shapes(hiddens[0], weight, bias, True, weight_grad)
     return (
@@ -341,7 +392,7 @@ def _lce_multi_backward(ctx, grad_total, *_unused):
         grad_weight * grad_total.to(grad_weight.dtype) if needs[1] else None,
         None,
         grad_bias * grad_total.to(grad_bias.dtype) if len(needs) > 3 and needs[3] else None,
-        *([None] * 8),
+        *([None] * 11),
     )[: len(needs)]
 
 

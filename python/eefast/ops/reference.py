@@ -69,24 +69,40 @@ def linear_cross_entropy(
     z_loss=0.0,
     teacher=None,
     kd_weight=0.0,
+    label_smoothing=0.0,
+    softcap=0.0,
+    class_weight=None,
+    return_lse=False,
 ):
-    """Pure-torch ``linear_cross_entropy`` through full fp32 logits (the test oracle)."""
+    """Pure-torch ``linear_cross_entropy`` through full fp32 logits (the test oracle): torch's
+    ``cross_entropy`` (weights, label smoothing) on the (soft-capped) logits, plus the z-loss
+    and KD terms; a weighted mean divides by the valid targets' weights, as torch's does."""
     logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     logits = logits.reshape(-1, logits.shape[-1])
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
     targets = targets.reshape(-1)
     valid = targets != ignore_index
-    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
-    loss = loss + z_loss * logits.logsumexp(-1).square()
+    w = None if class_weight is None else class_weight.float()
+    loss = F.cross_entropy(logits, targets, weight=w, ignore_index=ignore_index,
+                           reduction="none", label_smoothing=label_smoothing)  # fmt: skip
+    lse = logits.logsumexp(-1)
+    loss = loss + z_loss * lse.square()
     if teacher is not None:
         t_logits = F.linear(teacher[0].float(), teacher[1].float()).reshape(logits.shape)
         log_pt = t_logits.log_softmax(-1)
         loss = loss + kd_weight * (log_pt.exp() * (log_pt - logits.log_softmax(-1))).sum(-1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
-        return loss.reshape(hidden.shape[:-1])
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
+        out = loss.reshape(hidden.shape[:-1])
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        weights = valid.float() if w is None else w[targets.clamp(min=0)] * valid
+        total = weights.sum()
+        out = loss.sum() / torch.where(total > 0, total, torch.ones_like(total))
+    lse = torch.where(valid, lse, torch.zeros_like(lse))  # 0 where ignored, as the op
+    return (out, lse.reshape(hidden.shape[:-1])) if return_lse else out
 
 
 def decode_block(h, cos, sin, allowed, k_cache, v_cache, cache_len, norms, weights,
