@@ -8,6 +8,7 @@ import peft
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file
 
 import eefast
 from eefast.data import IGNORE
@@ -185,7 +186,7 @@ def test_early_exit_model_loss_under_labels_equals_ee_tune_s():
 
 
 def test_hf_trainer_trains_only_the_exits(tmp_path):
-    model = tiny_model("llama")
+    model = tiny_model("llama", tie_word_embeddings=True)  # shared tensors, as in SmolLM2
     backbone = {k: v.clone() for k, v in model.state_dict().items()}
     ee = eefast.add_exits(model, [1, 2], kind="norm")
     start = {k: v.clone() for k, v in ee.exits.state_dict().items()}
@@ -204,8 +205,11 @@ def test_hf_trainer_trains_only_the_exits(tmp_path):
     assert all(torch.equal(v, backbone[k]) for k, v in model.state_dict().items())
     assert any(not torch.equal(v, start[k]) for k, v in ee.exits.state_dict().items())
     assert not ee.model.training  # the frozen backbone never ran with dropout
+    trainer.save_model(str(tmp_path / "trainer"))  # HF's own save: the exits' state only
+    saved = load_file(tmp_path / "trainer" / "model.safetensors")
+    assert set(saved) == {f"exits.{k}" for k in ee.exits.state_dict()}
     ee.save_pretrained(tmp_path / "exits")
-    loaded = eefast.load_exits(tiny_model("llama"), tmp_path / "exits")
+    loaded = eefast.load_exits(tiny_model("llama", tie_word_embeddings=True), tmp_path / "exits")
     for k, v in ee.exits.state_dict().items():
         assert torch.equal(loaded.exits.state_dict()[k], v)
 

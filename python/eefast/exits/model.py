@@ -146,6 +146,23 @@ class EarlyExitModel(nn.Module):
         self.model.eval()
         return self
 
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The exits only (``exits.*``): the frozen base model is not this module's state and is
+        saved (once) by its own ``save_pretrained``. So a trainer that saves ``state_dict()``
+        (HF Trainer does for a model that is not a ``PreTrainedModel``) writes the exits alone,
+        and tied embeddings never meet safetensors' shared-memory check."""
+        return self.exits.state_dict(*args, destination=destination, prefix=prefix + "exits.",
+                                     keep_vars=keep_vars)  # fmt: skip
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load what ``state_dict`` gives (``exits.*`` keys); other keys are refused when
+        ``strict``."""
+        other = sorted(k for k in state_dict if not k.startswith("exits."))
+        if strict and other:
+            raise ValueError(f"EarlyExitModel.load_state_dict: not exits: {other[:3]}")
+        exits = {k.removeprefix("exits."): v for k, v in state_dict.items() if k not in other}
+        return self.exits.load_state_dict(exits, strict=strict, assign=assign)
+
     def save_pretrained(self, directory, **_ignored) -> None:
         """Write the exits only (``save_exits``): what ``load_exits`` reads."""
         from .files import save_exits
