@@ -64,7 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated: fp32,bf16 (default both; fp32 only for linear_cross_entropy, "
         "whose bf16 peers spend minutes per step in ATen's bf16 GEMM on AVX2 CPUs)",
     )
-    ops.add_argument("--providers", default=",".join(bench_lora_linear.PROVIDERS))
+    ops.add_argument(
+        "--providers",
+        default="eefast,peft,eager,compile,base,cce",
+        help="each op's benchmark runs those it has",
+    )
+    ops.add_argument("--lce-exits", type=int, default=None, help="linear_cross_entropy: exits")
+    ops.add_argument(
+        "--lce-heads", default="trainable", help="linear_cross_entropy: trainable,frozen"
+    )
     ops.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ops.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ops.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per case")
@@ -193,10 +201,11 @@ def _ops(args: argparse.Namespace) -> list:
             tokens=args.tokens or lce["tokens"],
             d=lce["d"],
             vocab=lce["vocab"],
-            exits=lce["exits"],
+            exits=args.lce_exits or lce["exits"],
             dtypes=dtypes if args.dtypes else [torch.float32],
             providers=_providers(args, bench_linear_cross_entropy),
             budget_s=args.budget,
+            heads=args.lce_heads.split(","),
         )
     if args.op in ("all", "decode_linear"):
         dl = bench_decode_linear.QUICK

@@ -272,6 +272,13 @@ def _lce_backward_fake(
     return _lce_grad_shapes(hidden, weight, bias, True, weight_grad)
 
 
+def _is_one(grad: torch.Tensor) -> bool:
+    """Whether an upstream gradient is the scalar 1 (``loss.backward()``), checked on the CPU
+    only (a device tensor would cost a sync): then the forward's gradients are returned without
+    a scaled copy of the [vocab, d] weight gradient."""
+    return grad.device.type == "cpu" and grad.numel() == 1 and bool(grad == 1)
+
+
 def _lce_setup_context(ctx, inputs, output):
     (
         hidden,
@@ -304,9 +311,10 @@ def _lce_setup_context(ctx, inputs, output):
 def _lce_backward(ctx, grad_loss, *_unused):
     if ctx.reduction != 0:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = (
-            g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)
-        )
+        if not _is_one(grad_loss):  # backward of loss itself: the forward's gradients as they are
+            grad_hidden, grad_weight, grad_bias = (
+                g * grad_loss.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)
+            )
     else:
         hidden, weight, targets, bias, teacher_hidden, teacher_weight, class_weight = (
             ctx.saved_tensors
@@ -387,11 +395,14 @@ def _lce_multi_setup_context(ctx, inputs, output):
 def _lce_multi_backward(ctx, grad_total, *_unused):
     grad_weight, grad_bias, *grad_hiddens = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if not _is_one(grad_total):
+        grad_weight, grad_bias = (g * grad_total.to(g.dtype) for g in (grad_weight, grad_bias))
+        grad_hiddens = [g * grad_total.to(g.dtype) for g in grad_hiddens]
     return (
-        [g * grad_total.to(g.dtype) for g in grad_hiddens],
-        grad_weight * grad_total.to(grad_weight.dtype) if needs[1] else None,
+        grad_hiddens,
+        grad_weight if needs[1] else None,
         None,
-        grad_bias * grad_total.to(grad_bias.dtype) if len(needs) > 3 and needs[3] else None,
+        grad_bias if len(needs) > 3 and needs[3] else None,
         *([None] * 11),
     )[: len(needs)]
 
