@@ -273,9 +273,11 @@ def _lce_backward_fake(
 
 
 def _is_one(grad: torch.Tensor) -> bool:
-    """Whether an upstream gradient is the scalar 1 (``loss.backward()``), checked on the CPU
-    only (a device tensor would cost a sync): then the forward's gradients are returned without
-    a scaled copy of the [vocab, d] weight gradient."""
+    """Whether an upstream gradient is the scalar 1 (``loss.backward()``), checked eagerly on
+    the CPU only (a device tensor would cost a sync): then the forward's gradients are returned
+    without a scaled copy of the [vocab, d] weight gradient."""
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        return False  # traced (fake or functional tensors): no data-dependent branch
     return grad.device.type == "cpu" and grad.numel() == 1 and bool(grad == 1)
 
 
