@@ -74,4 +74,28 @@ inline void check_bottleneck_adapter_args(const at::Tensor& x,
   }
 }
 
+inline void check_bottleneck_adapter_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                                   const at::Tensor& down_weight,
+                                                   const at::Tensor& up_weight,
+                                                   const std::optional<at::Tensor>& up_bias,
+                                                   const at::Tensor& z, const at::Tensor& scale) {
+  constexpr const char* op = "bottleneck_adapter_backward";
+  check_float_dtype(op, x);
+  check_same_dtype_device(op, x, "grad_out", grad_out);
+  check_same_dtype_device(op, x, "down_weight", down_weight);
+  check_same_dtype_device(op, x, "up_weight", up_weight);
+  if (up_bias) check_same_dtype_device(op, x, "up_bias", *up_bias);
+  check_scale(op, scale, x);
+  check_device(op, "z", z, x);
+  const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
+  TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == in && up_weight.dim() == 2 &&
+                  up_weight.size(1) == r,
+              op, ": down_weight [r, in] and up_weight [out, r] do not match x");
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.size(-1) == r && same_lead(z, x),
+              op, ": z must be the float32 [..., r=", r, "] from the forward, got ", z.sizes());
+  TORCH_CHECK(grad_out.size(-1) == out && same_lead(grad_out, x),
+              op, ": grad_out must be x's shape with out_features=", out, " last, got ",
+              grad_out.sizes());
+}
+
 }  // namespace eefast

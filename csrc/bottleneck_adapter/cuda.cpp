@@ -71,18 +71,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bottleneck_adapter_ba
     const std::optional<Tensor>& up_bias, const Tensor& z, const Tensor& scale,
     c10::string_view activation, bool residual_is_x, bool needs_grad_x, bool needs_grad_scale) {
   constexpr const char* op = "bottleneck_adapter_backward";
-  check_same_dtype_device(op, x, "grad_out", grad_out);
-  check_same_dtype_device(op, x, "down_weight", down_weight);
-  check_same_dtype_device(op, x, "up_weight", up_weight);
-  check_scale(op, scale, x);
-  check_device(op, "z", z, x);
+  check_bottleneck_adapter_backward_args(grad_out, x, down_weight, up_weight, up_bias, z, scale);
   const auto dtype = adapter_dtype(x);
   const auto act = cuda_act(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t in = x.size(-1), r = down_weight.size(0), out = up_weight.size(0);
-  TORCH_CHECK(z.scalar_type() == at::kFloat && z.size(-1) == r, op,
-              ": z must be the float32 [..., r] from the forward");
   const Tensor g2 = as_rows(grad_out, out).contiguous();
   const Tensor x2 = as_rows(x, in).contiguous();
   const Tensor z2 = as_rows(z, r).contiguous();
