@@ -79,3 +79,19 @@ def test_resume_never_touches_a_file_it_did_not_write(tmp_path, monkeypatch, con
     with pytest.raises(ValueError, match="was not changed"):
         chat.write_self_distilled(None, TemplateTokenizer(), path, 4, 40, batch_size=2)
     assert path.read_text() == content
+
+
+def test_user_prompt_files(tmp_path):
+    from eefast.data.prompts import load_prompts
+
+    txt = tmp_path / "p.txt"
+    txt.write_text("First prompt\n\n  Second prompt  \n")
+    assert load_prompts(txt) == ["First prompt", "Second prompt"]
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "A"}\n{"instruction": "B", "input": "C"}\n{"instruction": "D"}\n')
+    assert load_prompts(rows) == ["A", "B\n\nC", "D"]
+    rows.write_text('{"prompt": "A"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: expected a 'prompt'"):
+        load_prompts(rows)
+    with pytest.raises(FileNotFoundError):
+        load_prompts(tmp_path / "missing.txt")

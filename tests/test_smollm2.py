@@ -232,11 +232,16 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     demo_generation(str(model_dir), out)  # the demo's last step
     assert "speculative output is identical to full-depth greedy" in capsys.readouterr().out
     bench = tmp_path / "bench"
+    mine = tmp_path / "mine.jsonl"  # the user's own prompts
+    mine.write_text('{"prompt": "Name a colour."}\n\n{"instruction": "Add 2 and 3."}\n')
     main(
-        ["bench-generate", *short, "--prompts", "2", "--batch-sizes", "1,2", "--out", str(bench)]
-        + ["--thresholds", "0.5", "--variant-thresholds", "0.5", "--draft-thresholds", "0.5"]
+        ["bench-generate", *short, "--prompts-file", str(mine), "--batch-sizes", "1,2"]
+        + ["--out", str(bench), "--thresholds", "0.5", "--variant-thresholds", "0.5"]
+        + ["--draft-thresholds", "0.5"]
     )
     rows = json.loads(next(bench.glob("generate-*.json")).read_text())
+    hf_tokens = [r["tokens"] for r in rows if r["provider"] == "hf greedy"]
+    assert all(0 < n <= 2 * 6 for n in hf_tokens)  # the file's 2 prompts, 6 new tokens each
     names = {r["provider"] for r in rows}
     assert {
         "hf greedy",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import PROMPTS
+from ..data.prompts import PROMPTS, load_prompts
 from ..eval.agreement import CALIBRATION_THRESHOLDS, calibrate
 from ..exits import load_exits
 from ..generation import CONFIDENCE_MEASURES, DRAFT_THRESHOLD, KV_MODES, MODES, generate
@@ -34,6 +34,14 @@ def _load(args):
         else:
             say(f"exit heads cut to a draft vocabulary of {len(ee.draft_vocab):,} tokens")
     return ee, tokenizer
+
+
+def _prompts(args) -> list[str]:
+    """--prompts-file's prompts, else the built-in ones: the first --prompts of them (default:
+    all of the file's, 4 built-in)."""
+    if args.prompts_file:
+        return load_prompts(args.prompts_file)[: args.prompts]
+    return PROMPTS[: args.prompts or 4]
 
 
 def cmd_generate(args) -> None:
@@ -68,7 +76,7 @@ def cmd_generate(args) -> None:
 
 def cmd_calibrate(args) -> None:
     ee, tokenizer = _load(args)
-    ids = prompt_ids(tokenizer, PROMPTS[: args.prompts], chat=True)
+    ids = prompt_ids(tokenizer, _prompts(args), chat=True)
     rows, best = calibrate(
         ee, tokenizer, ids, args.thresholds, args.target, args.max_new_tokens, args.measure, say
     )
@@ -90,7 +98,7 @@ def cmd_bench_generate(args) -> None:
         ee,
         tokenizer,
         batch_sizes=args.batch_sizes,
-        prompts=args.prompts,
+        prompts=_prompts(args),
         max_new_tokens=args.max_new_tokens,
         thresholds=args.thresholds,
         draft_thresholds=args.draft_thresholds,
@@ -158,13 +166,15 @@ def add_commands(sub) -> None:
     c.add_argument("--target", type=probability, default=0.95)
     c.add_argument("--thresholds", type=float_list, default=CALIBRATION_THRESHOLDS)
     c.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
-    c.add_argument("--prompts", type=positive_int, default=4, help="how many built-in prompts")
+    c.add_argument("--prompts", type=positive_int, default=None, help="how many (default 4)")
+    c.add_argument("--prompts-file", help="your own prompts: one per line, or a .jsonl")
     c.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bench-generate", help="eefast generation against HF generate")
     common(b)
     b.add_argument("--batch-sizes", type=int_list, default=[1, 4])
-    b.add_argument("--prompts", type=positive_int, default=4, help="how many built-in prompts")
+    b.add_argument("--prompts", type=positive_int, default=None, help="how many (default 4)")
+    b.add_argument("--prompts-file", help="your own prompts: one per line, or a .jsonl")
     b.add_argument("--thresholds", type=float_list, default=[0.5, 0.8, 0.9, 0.99])
     b.add_argument(
         "--draft-thresholds",

@@ -35,7 +35,7 @@ def run_bench(
     tokenizer,
     *,
     batch_sizes: list[int],
-    prompts: int,
+    prompts: int | list[str],
     max_new_tokens: int,
     thresholds: list[float],
     draft_thresholds: list[float],
@@ -45,11 +45,13 @@ def run_bench(
     out: str | Path,
     report=print,
 ) -> list[dict]:
-    """Every case at every batch size over the first ``prompts`` built-in chat prompts; one
+    """Every case at every batch size over ``prompts`` (a list of chat prompts, or how many of
+    the built-in ones); one
     row each (tokens/s, same output as HF greedy, acceptance, agreement, blocks and heads per
     token), reported line by line and written to ``out`` as JSON and PNG."""
     torch.set_num_threads(threads)
-    ids = prompt_ids(tokenizer, PROMPTS[:prompts], chat=True)
+    ids = prompt_ids(tokenizer, PROMPTS[:prompts] if isinstance(prompts, int) else prompts,
+                     chat=True)  # fmt: skip
     max_new = max_new_tokens
     rows = []
     for bs in batch_sizes:
