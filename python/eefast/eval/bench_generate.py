@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..data.prompts import PROMPTS
 from ..generation import DRAFT_THRESHOLD, generate
 from ..hf.tokens import hf_greedy, pad_id, prompt_ids
 from ..io import write_json
@@ -35,7 +34,7 @@ def run_bench(
     tokenizer,
     *,
     batch_sizes: list[int],
-    prompts: int | list[str],
+    prompts: list[str],
     max_new_tokens: int,
     thresholds: list[float],
     draft_thresholds: list[float],
@@ -45,13 +44,11 @@ def run_bench(
     out: str | Path,
     report=print,
 ) -> list[dict]:
-    """Every case at every batch size over ``prompts`` (a list of chat prompts, or how many of
-    the built-in ones); one
+    """Every case at every batch size over the chat ``prompts``; one
     row each (tokens/s, same output as HF greedy, acceptance, agreement, blocks and heads per
     token), reported line by line and written to ``out`` as JSON and PNG."""
     torch.set_num_threads(threads)
-    ids = prompt_ids(tokenizer, PROMPTS[:prompts] if isinstance(prompts, int) else prompts,
-                     chat=True)  # fmt: skip
+    ids = prompt_ids(tokenizer, prompts, chat=True)
     max_new = max_new_tokens
     rows = []
     for bs in batch_sizes:

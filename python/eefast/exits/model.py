@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
-from ..data.corpus import IGNORE
+from ..data.corpus import next_token_targets
 from ..hf.arch import DecoderParts, decoder_parts
 from ..nn.exit_classifier import ExitClassifier
 from ..nn.exit_head import EXIT_KINDS, ExitHead, ResidualMLP, block_output
@@ -116,12 +116,10 @@ class EarlyExitModel(nn.Module):
         num_items = kwargs.pop("num_items_in_batch", None)
         cfg = self.loss
         states = self.backbone_states(input_ids, attention_mask, need_final=cfg.kd_weight > 0)
-        targets = torch.full_like(labels, IGNORE)
-        targets[:, :-1] = labels[:, 1:]
         weights = cfg.exit_weights or [1.0] * len(self.exits)
         reduction = "mean" if num_items is None else "sum"
-        total, losses = self.exit_losses(states, targets.reshape(-1), weights, cfg.kd_weight,
-                                         cfg.z_loss, reduction)  # fmt: skip
+        total, losses = self.exit_losses(states, next_token_targets(labels), weights,
+                                         cfg.kd_weight, cfg.z_loss, reduction)  # fmt: skip
         if num_items is not None:
             total = total / torch.as_tensor(num_items, device=total.device, dtype=total.dtype)
         return ExitsOutput(loss=total, exit_losses=losses)

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..data.corpus import IGNORE
-from ..hf.arch import ARCHS, arch_spec, decoder_stack, model_type
-from ..ops import linear_cross_entropy, lora_linear
+from ..hf.arch import ARCHS, arch_spec, model_type
+from ..hf.loss import fused_causal_lm_loss
+from ..ops import lora_linear
 
 _MARK = "_eefast_patch"
 # Patched beyond eefast's architecture table: causal LMs whose loss the fused op computes as HF
@@ -56,22 +56,9 @@ def _fused_causal_lm_forward(self, input_ids=None, attention_mask=None, labels=N
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
         )
-    num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("return_dict", None)
     kwargs.pop("logits_to_keep", None)
-    kwargs["use_cache"] = False
-    out = decoder_stack(self)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    head = self.get_output_embeddings()
-    targets = labels[:, 1:].to(hidden.device)
-    h = hidden[:, :-1]
-    softcap = float(getattr(self.config, "final_logit_softcapping", None) or 0.0)
-    # HF Trainer's gradient accumulation: a sum over the batch / the tokens of all micro-batches
-    reduction = "mean" if num_items is None else "sum"
-    loss = linear_cross_entropy(h, head.weight, targets, head.bias, IGNORE, reduction,
-                                softcap=softcap)  # fmt: skip
-    if num_items is not None:
-        loss = loss / torch.as_tensor(num_items, device=loss.device, dtype=loss.dtype)
+    loss = fused_causal_lm_loss(self, input_ids, attention_mask, labels, **kwargs)
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 

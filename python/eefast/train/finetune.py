@@ -14,24 +14,19 @@ from torch import nn
 
 from ..data.corpus import IGNORE
 from ..data.rows import Example, collate
-from ..hf.arch import ARCHS, decoder_stack
-from ..ops import linear_cross_entropy
+from ..hf.arch import ARCHS
+from ..hf.loss import fused_causal_lm_loss
 from .loop import LoopSettings, TrainLoop, batch_index
 
 
 def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
-    """HF's causal-LM loss (mean next-token cross-entropy over labelled tokens), with the LM
-    head fused into the loss: the decoder stack runs, then ``linear_cross_entropy`` on its
-    last hidden states, so ``[tokens, vocab]`` logits (and their gradient) never exist. Other
+    """HF's causal-LM loss with the LM head fused (``hf.loss.fused_causal_lm_loss``). Other
     architectures than eefast's known ones fall back to ``model(..., labels=labels).loss``.
     """
     head = model.get_output_embeddings()
     if model.config.model_type not in ARCHS or not isinstance(head, nn.Linear):
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    hidden = decoder_stack(model)(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
-    return linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], head.bias)
+    return fused_causal_lm_loss(model, input_ids, attention_mask, labels)
 
 
 @dataclass
