@@ -71,7 +71,7 @@ def test_drafts_come_from_the_cut_head_only(ee_with_vocab):
     assert torch.allclose(st.max_prob, masked.softmax(-1).amax(-1), atol=1e-5)
     assert runner.exit_vocab_size(2) == len(ids)
     h = torch.randn(5, 64)
-    logits = runner.exit_logits(2, h)
+    logits = runner.exit_logits(2, runner.exit_hidden(2, h))
     outside = torch.ones(VOCAB, dtype=torch.bool)
     outside[ids] = False
     assert logits.shape == (5, VOCAB) and torch.isinf(logits[:, outside]).all()

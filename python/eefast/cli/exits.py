@@ -177,6 +177,14 @@ def cmd_draft_vocab(args) -> None:
     )
 
 
+def _full_depth_replies(model, tokenizer, prompts, max_new_tokens) -> list[str]:
+    """Greedy chat replies by eefast's full-depth decoding (2x HF generate here; the exit
+    attached to reach the runner is never used)."""
+    ee = add_exits(model, [1], "norm", share_lm_head=True)
+    res = generate(ee, tokenizer, prompts, "full", max_new_tokens, chat=True)
+    return [t.strip() for t in res.texts]
+
+
 def cmd_distill_data(args) -> None:
     from ..data.chat import write_self_distilled
 
@@ -184,7 +192,13 @@ def cmd_distill_data(args) -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args)
     rows = write_self_distilled(
-        model, tokenizer, Path(args.out), args.prompts, args.max_new_tokens, args.batch_size
+        model,
+        tokenizer,
+        Path(args.out),
+        args.prompts,
+        args.max_new_tokens,
+        args.batch_size,
+        replies=_full_depth_replies,
     )
     say(f"{args.out}: {rows} chat rows; tune on them with --data {args.out}")
 

@@ -153,12 +153,21 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 
 
 def write_self_distilled(
-    model, tokenizer, path: Path, n_prompts: int, max_new_tokens: int, batch_size: int = 8
+    model,
+    tokenizer,
+    path: Path,
+    n_prompts: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    replies=None,
 ) -> int:
     """Append the model's greedy replies to ``n_prompts`` chat prompts to ``path`` (jsonl:
     ``prompt`` and the chat-formatted conversation as ``text``); resumes after the rows
-    already there. Returns the number of rows in the file."""
+    already there. ``replies(model, tokenizer, prompts, max_new_tokens)`` writes them (the
+    CLI passes eefast's own full-depth decoding, HF greedy by default). Returns the number
+    of rows in the file."""
     path = Path(path)
+    replies = replies or greedy_replies
     prompts = chat_prompts(n_prompts)
     done = _rows_done(path, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +177,7 @@ def write_self_distilled(
             batch = prompts[start : start + batch_size]
             lines = []
             for prompt, reply in zip(
-                batch, greedy_replies(model, tokenizer, batch, max_new_tokens), strict=True
+                batch, replies(model, tokenizer, batch, max_new_tokens), strict=True
             ):
                 convo = [
                     {"role": "user", "content": prompt},

@@ -53,8 +53,11 @@ def evaluate_exits(
     baseline: bool = True,
     progress: bool = True,
 ) -> list[dict]:
-    """One row per exit (and per untuned baseline), plus the final layer's row."""
+    """One row per exit (and per untuned baseline), plus the final layer's row. A draft exit
+    (which sees the previous position's top feature and this token) has no untuned
+    baseline; its agreement is the share of first drafts the full model would accept."""
     layers = ee.exit_layers
+    baseline = baseline and ee.kind != "draft"
     tuned = {layer: _Tally(thresholds) for layer in layers}
     base = {layer: _Tally(thresholds) for layer in layers} if baseline else {}
     final = _Tally(thresholds)

@@ -15,18 +15,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from ..data.corpus import next_token_targets
 from ..hf.arch import DecoderParts, decoder_parts
 from ..nn.exit_classifier import ExitClassifier
-from ..nn.exit_head import EXIT_KINDS, ExitHead, ResidualMLP, block_output
+from ..nn.exit_head import EXIT_KINDS, ExitHead, FeatureDraft, ResidualMLP, block_output
 from ..ops import multi_exit_cross_entropy
 
 # The confidence thresholds every per-exit report shows (share of tokens whose exit max-prob
 # reaches each).
 CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9)
+# A draft exit's loss adds this weight times the smooth-L1 distance of its predicted top
+# feature to the real one (EAGLE's regression term), so feeding its output back as the next
+# step's feature stays close to what the model would have computed.
+DRAFT_FEATURE_WEIGHT = 1.0
 
 
 @dataclass
@@ -56,6 +61,7 @@ class BackboneStates:
     final: torch.Tensor | None = None  # final-normed hidden states, when asked for
     block_args: tuple = ()  # what the blocks were called with besides hidden states
     block_kwargs: dict = field(default_factory=dict)
+    input_ids: torch.Tensor | None = None  # what a draft exit embeds
 
 
 def _without_cache(value):
@@ -88,6 +94,11 @@ class EarlyExitModel(nn.Module):
         return next(iter(self.exits.values())).kind
 
     @property
+    def needs_final(self) -> bool:
+        """Whether the exits read the final-normed top features (a draft exit does)."""
+        return self.kind == "draft"
+
+    @property
     def shares_lm_head(self) -> bool:
         return next(iter(self.exits.values())).lm_head is None
 
@@ -116,6 +127,8 @@ class EarlyExitModel(nn.Module):
         num_items = kwargs.pop("num_items_in_batch", None)
         cfg = self.loss
         states = self.backbone_states(input_ids, attention_mask, need_final=cfg.kd_weight > 0)
+        if self.kind == "draft" and attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("a draft exit trains on unpadded blocks; drop the attention mask")
         weights = cfg.exit_weights or [1.0] * len(self.exits)
         reduction = "mean" if num_items is None else "sum"
         total, losses = self.exit_losses(states, next_token_targets(labels), weights,
@@ -187,9 +200,13 @@ class EarlyExitModel(nn.Module):
             weight, bias = self.final_head()
         else:
             weight, bias = (list(h) for h in zip(*(self.head(la) for la in layers), strict=True))
-        return multi_exit_cross_entropy(hiddens, weight, targets, exit_weights, bias=bias,
-                                        reduction=reduction, z_loss=z_loss, teacher=teacher,
-                                        kd_weight=kd_weight)  # fmt: skip
+        total, losses = multi_exit_cross_entropy(hiddens, weight, targets, exit_weights,
+                                                 bias=bias, reduction=reduction, z_loss=z_loss,
+                                                 teacher=teacher, kd_weight=kd_weight)  # fmt: skip
+        if self.kind == "draft":
+            reg = F.smooth_l1_loss(hiddens[0], states.final.flatten(0, -2), reduction=reduction)
+            total = total + DRAFT_FEATURE_WEIGHT * exit_weights[0] * reg
+        return total, losses
 
     @contextmanager
     def _hooks(self, layers: Iterable[int], stop: bool, states: BackboneStates):
@@ -213,7 +230,7 @@ class EarlyExitModel(nn.Module):
         try:
             for layer in layers:
                 handles.append(self.parts.layers[layer - 1].register_forward_hook(record(layer)))
-            if self.kind == "layer":
+            if self.kind in ("layer", "draft"):
                 handles.append(
                     self.parts.layers[0].register_forward_pre_hook(record_args, with_kwargs=True)
                 )
@@ -233,7 +250,8 @@ class EarlyExitModel(nn.Module):
         """Run the frozen backbone without grad up to the deepest exit (or to the end when
         ``need_final``) and return the exit layers' hidden states."""
         layers = list(self.exit_layers if layers is None else layers)
-        states = BackboneStates(hiddens={})
+        need_final = need_final or self.needs_final
+        states = BackboneStates(hiddens={}, input_ids=input_ids)
         stop = not need_final
         with self._hooks(layers, stop, states):
             try:
@@ -248,7 +266,14 @@ class EarlyExitModel(nn.Module):
 
     def exit_hidden(self, layer: int, states: BackboneStates) -> torch.Tensor:
         """The exit's hidden state just before its LM head (with grad through the exit)."""
-        return self.exit(layer)(states.hiddens[layer], states.block_args, states.block_kwargs)
+        h = self.draft_inputs(states) if self.kind == "draft" else states.hiddens[layer]
+        return self.exit(layer)(h, states.block_args, states.block_kwargs)
+
+    def draft_inputs(self, states: BackboneStates) -> torch.Tensor:
+        """A draft exit's input at each position s: [embed(x_s), f_{s-1}] (zeros at s = 0)."""
+        feats = states.final
+        prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
+        return torch.cat([self.model.get_input_embeddings()(states.input_ids), prev], -1)
 
     def baseline_hidden(self, layer: int, states: BackboneStates) -> torch.Tensor:
         """The untuned baseline exit: the model's final norm applied at ``layer``."""
@@ -265,7 +290,7 @@ def _reinit(module: nn.Module) -> None:
                 nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
 
 
-def _check_layers(layers, num_layers: int) -> list[int]:
+def _check_layers(layers, num_layers: int, kind: str) -> list[int]:
     if isinstance(layers, int):
         layers = [layers]
     layers = list(layers)
@@ -274,6 +299,13 @@ def _check_layers(layers, num_layers: int) -> list[int]:
     for layer in layers:
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise TypeError(f"add_exits: exit layers must be ints, got {layer!r}")
+        if kind == "draft" and layer != num_layers:
+            raise ValueError(
+                f"add_exits: a 'draft' exit sits on top of the last block; give layer "
+                f"{num_layers} (this model's number of blocks), got {layer}"
+            )
+        if kind == "draft":
+            continue
         if not 1 <= layer < num_layers:
             raise ValueError(
                 f"add_exits: exit layer {layer} out of range; this model has {num_layers} "
@@ -283,6 +315,21 @@ def _check_layers(layers, num_layers: int) -> list[int]:
     if dupes:
         raise ValueError(f"add_exits: duplicate exit layers {dupes}")
     return sorted(layers)
+
+
+def _feature_draft(parts: DecoderParts) -> FeatureDraft:
+    """A draft exit's body: the last block's copy (its own KV-cache slot, after the model's
+    blocks) behind fc([embedding, feature]) -> d, which starts as their sum."""
+    block = copy.deepcopy(parts.layers[-1])
+    attn = getattr(block, "self_attn", None)
+    if attn is not None and hasattr(attn, "layer_idx"):
+        attn.layer_idx = len(parts.layers)
+    d = parts.lm_head.weight.shape[1]
+    ref = parts.lm_head.weight
+    fc = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        fc.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], 1))
+    return FeatureDraft(fc, block)
 
 
 def add_exits(
@@ -308,7 +355,7 @@ def add_exits(
     if isinstance(model, EarlyExitModel):
         raise ValueError("add_exits: the model already has exits; add them all in one call")
     parts = decoder_parts(model)
-    layers = _check_layers(layers, len(parts.layers))
+    layers = _check_layers(layers, len(parts.layers), kind)
     model.requires_grad_(False)
     model.eval()
     spec = parts.spec
@@ -324,6 +371,8 @@ def add_exits(
             )
         elif kind == "layer":
             block = copy.deepcopy(parts.layers[-1])
+        elif kind == "draft":
+            block = _feature_draft(parts)
         norm = None if kind == "embed" else copy.deepcopy(parts.final_norm)
         lm_head = None if share_lm_head else copy.deepcopy(parts.lm_head)
         head = ExitHead(kind, norm, lm_head, block)

@@ -29,6 +29,7 @@ from .decode import (
     decode_threshold,
     prefill,
 )
+from .feature_draft import decode_feature_draft, prefill_with_draft
 from .runner import LlamaRunner
 from .sampling import Sampling
 from .stopping import cut_at_stop, eos_ids, stop_checker
@@ -36,6 +37,8 @@ from .stopping import cut_at_stop, eos_ids, stop_checker
 MODES = ("full", "speculative", "threshold")
 # speculative: the exit confidence a draft needs (the best of 0.4-0.8 at batch 1, three runs)
 DRAFT_THRESHOLD = 0.6
+# speculative with a draft exit: the confidence a draft after the first needs to be made
+FEATURE_DRAFT_THRESHOLD = 0.3
 
 
 @dataclass
@@ -140,8 +143,22 @@ def generate(
     if mode != "full" and not active and not named:
         raise ValueError(f"eefast.generate: no exit at or above min_exit={min_exit}")
     drafting = named or active
+    feature_draft = ee.kind == "draft"
+    if feature_draft and mode == "threshold":
+        raise ValueError(
+            "eefast.generate: a draft exit sits on top of the model, so it only drafts for "
+            "speculative mode; threshold mode needs exits inside the model (norm, mlp, embed)"
+        )
+    if feature_draft and (exit_layer is not None or exits or measure != "max_prob"):
+        raise ValueError(
+            "eefast.generate: exit_layer, exits and measure choose among exits inside the "
+            "model; a draft exit has one head and drafts by its max probability"
+        )
     if threshold is None:
-        threshold = DRAFT_THRESHOLD if mode == "speculative" else 0.9
+        if mode == "speculative":
+            threshold = FEATURE_DRAFT_THRESHOLD if feature_draft else DRAFT_THRESHOLD
+        else:
+            threshold = 0.9
     if draft_vocab and ee.draft_vocab is None:
         raise ValueError(
             "eefast.generate: draft_vocab=True but these exits have no draft vocabulary "
@@ -164,13 +181,21 @@ def generate(
     out = Outputs(
         len(ids), max_new_tokens, eos_ids(tokenizer, stop_at_eos), stop_checker(tokenizer, stop)
     )
-    state = DecodeState(runner.num_layers, len(ids), device)
+    state = DecodeState(runner.cache_layers, len(ids), device)
 
     t0 = time.perf_counter()
     with runner.decode_linears():
-        logits = prefill(runner, state, tokens, valid)
+        if feature_draft and mode == "speculative":
+            logits, feats = prefill_with_draft(runner, state, tokens, valid)
+        else:
+            logits = prefill(runner, state, tokens, valid)
         runner.block_calls, runner.head_calls = 0, 0.0
-        if mode == "full":
+        if feature_draft and mode == "speculative":
+            stats = decode_feature_draft(
+                runner, state, logits, feats, out, sampling, gen, DraftLength(draft_k, adaptive),
+                threshold,
+            )
+        elif mode == "full":
             stats = decode_full(runner, state, logits, out, sampling, gen)
         elif mode == "speculative":
             draft = DraftLength(draft_k, adaptive)

@@ -368,7 +368,7 @@ def _sampling_decider(runner, sampling: Sampling, gen, threshold):
     threshold, a token sampled from it, the distribution)."""
 
     def decide(layer, h):
-        q = sampling.probs(runner.exit_logits(layer, h))
+        q = sampling.probs(runner.exit_logits(layer, runner.exit_hidden(layer, h)))
         tok = torch.multinomial(q, 1, generator=gen).squeeze(-1)
         return q.amax(-1) >= threshold, tok, q
 

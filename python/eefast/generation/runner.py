@@ -20,7 +20,10 @@ class LlamaRunner:
 
     With ``draft_vocab`` (sorted token ids), the exit heads read only those rows: exit logits
     are -inf elsewhere and exit argmaxes lie inside it (see ``draft_vocab.py``). The final
-    head always covers the whole vocabulary."""
+    head always covers the whole vocabulary.
+
+    A ``draft`` exit's block is one more layer here, index ``num_layers``, with its own
+    slots in the KV cache (``cache_layers`` counts it)."""
 
     def __init__(self, ee: EarlyExitModel, draft_vocab: torch.Tensor | None = None):
         if ee.parts.model_type not in GENERATION_ARCHS:
@@ -37,6 +40,9 @@ class LlamaRunner:
         self.base = ee.model.get_decoder()
         self.layers: nn.ModuleList = ee.parts.layers
         self.num_layers = len(self.layers)
+        self.draft = ee.exit(self.num_layers) if ee.kind == "draft" else None
+        blocks = [*self.layers, *([self.draft.block.block] if self.draft else [])]
+        self.cache_layers = len(blocks)
         self.dtype = next(ee.model.parameters()).dtype
         # Weight passes, the cost that bounds decoding here: one per block per call (however
         # many tokens it carries) and one per LM-head evaluation (exit or final; an exit head
@@ -46,9 +52,10 @@ class LlamaRunner:
         self.vocab_ids = draft_vocab
         # Per block, the attention function lean_block calls, or None: run the module; and
         # decode_block's arguments where the block qualifies for it (decode steps only).
-        self.lean = [lean_attention(layer) for layer in self.layers]
-        self.fused = [fused_block(layer, ee.parts.spec) for layer in self.layers]
-        self.windows = [_sliding_window(layer, ee.model.config) for layer in self.layers]
+        self.blocks = blocks
+        self.lean = [lean_attention(layer) for layer in blocks]
+        self.fused = [fused_block(layer, ee.parts.spec) for layer in blocks]
+        self.windows = [_sliding_window(layer, ee.model.config) for layer in blocks]
         self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextmanager
@@ -105,7 +112,7 @@ class LlamaRunner:
         self.block_calls += end - start
         first, q = state.cache.lengths[start], h.shape[1]
         pos = state.pos[:, first : first + q]
-        fused_blocks = self.fused if fused else [None] * self.num_layers
+        fused_blocks = self.fused if fused else [None] * self.cache_layers
         allowed: dict[int | None, torch.Tensor] = {}  # per attention window
         masks: dict[int | None, torch.Tensor] = {}
         rotary = self.base.rotary_emb(h, position_ids=pos)
@@ -121,9 +128,9 @@ class LlamaRunner:
                 masks[window] = self._mask(allowed[window])
             mask = masks[window]
             if self.lean[i] is not None:
-                h = lean_block(self.layers[i], self.lean[i], h, rotary, mask, state.cache)
+                h = lean_block(self.blocks[i], self.lean[i], h, rotary, mask, state.cache)
                 continue
-            h = self.layers[i](
+            h = self.blocks[i](
                 h,
                 attention_mask=mask,
                 position_ids=pos,
@@ -152,9 +159,20 @@ class LlamaRunner:
             state.cache.update(k, v, i)
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.ee.parts.final_norm(h))
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed features."""
         head = self.ee.parts.lm_head
         self.head_calls += 1
-        return decode_linear(self.ee.parts.final_norm(h), head.weight, head.bias).float()
+        return decode_linear(feats, head.weight, head.bias).float()
+
+    def draft_features(self, x: torch.Tensor, state: DecodeState, fused: bool = True):
+        """The draft exit on x [batch, q, 2d] = [embedding, previous top feature] for the
+        draft layer's next q slots: its predicted top features [batch, q, d]."""
+        draft = self.draft
+        h = self.run(draft.block.fc(x), self.num_layers, self.cache_layers, state, fused)
+        return draft.norm(h)
 
     def exit_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.ee.exit(layer)(h)
@@ -175,10 +193,11 @@ class LlamaRunner:
         full = self.ee.parts.lm_head.weight.shape[0]
         self.head_calls += 1.0 if self.vocab_ids is None else len(self.vocab_ids) / full
 
-    def exit_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits of exit ``layer`` (-inf outside the draft vocabulary)."""
+    def exit_logits(self, layer: int, feat: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits of exit ``layer``'s head on its pre-head hidden state
+        ``feat`` (-inf outside the draft vocabulary)."""
         self._count_exit_head()
-        logits = decode_linear(self.exit_hidden(layer, h), *self.exit_head(layer)).float()
+        logits = decode_linear(feat, *self.exit_head(layer)).float()
         if self.vocab_ids is None:
             return logits
         vocab = self.ee.head(layer)[0].shape[0]

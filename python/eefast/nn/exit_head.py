@@ -1,7 +1,9 @@
 """ExitHead: an early-exit head, i.e. an optional block, an optional norm and an LM head.
 
 The kinds follow EE-Tuning: ``embed`` (LM head only), ``norm`` (norm + LM head), ``mlp`` (a
-residual MLP + norm + LM head) and ``layer`` (a whole decoder block + norm + LM head). The head
+residual MLP + norm + LM head) and ``layer`` (a whole decoder block + norm + LM head). A
+``draft`` exit (EAGLE-style, see ``FeatureDraft``) sits on top of the last block instead: from
+the top feature of one token and the embedding of the next, it predicts the next top feature. The head
 returns the normed hidden state; the LM-head product lives in the fused ops
 (`linear_cross_entropy`, `exit_stats`), so `[tokens, vocab]` logits are never built.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-EXIT_KINDS = ("embed", "norm", "mlp", "layer")
+EXIT_KINDS = ("embed", "norm", "mlp", "layer", "draft")
 
 
 def block_output(out) -> torch.Tensor:
@@ -32,6 +34,21 @@ class ResidualMLP(nn.Module):
         if self.adds_residual:
             return self.mlp[0](self.norm(h), h)
         return h + self.mlp(self.norm(h))
+
+
+class FeatureDraft(nn.Module):
+    """The body of a ``draft`` exit: ``block(fc([embed(x_s), f_{s-1}]))``, where f is the
+    model's final-normed top feature. After the exit's norm it stands in for f_s: the LM head
+    reads it and the next draft step feeds it back. One block per drafted token,
+    instead of climbing through the lower blocks of the model."""
+
+    def __init__(self, fc: nn.Linear, block: nn.Module):
+        super().__init__()
+        self.fc = fc
+        self.block = block
+
+    def forward(self, x: torch.Tensor, block_args: tuple = (), block_kwargs=None) -> torch.Tensor:
+        return block_output(self.block(self.fc(x), *block_args, **(block_kwargs or {})))
 
 
 class ExitHead(nn.Module):
@@ -60,6 +77,8 @@ class ExitHead(nn.Module):
         """
         if self.kind == "layer":
             h = block_output(self.block(h, *block_args, **(block_kwargs or {})))
+        elif self.kind == "draft":  # h: [embed(x_s), f_{s-1}], see EarlyExitModel.exit_hidden
+            h = self.block(h, block_args, block_kwargs)
         elif self.kind == "mlp":
             h = self.block(h)
         return h if self.norm is None else self.norm(h)

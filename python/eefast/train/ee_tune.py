@@ -83,6 +83,7 @@ class _Data:
         ids = self.blocks[index]
         if self.cache is not None:
             states = self.cache.states(index, device)
+            states.input_ids = ids.to(device)
         else:
             states = self.ee.backbone_states(ids.to(device), need_final=self.need_final)
         return states, next_token_targets(ids).to(device)
@@ -140,7 +141,7 @@ def ee_tune(
     if train_blocks.dim() != 2 or len(train_blocks) == 0:
         raise ValueError("ee_tune: train_blocks must be a non-empty [n_blocks, seq_len] tensor")
     batch_index(len(train_blocks), cfg.batch_size, 0, cfg.seed, "ee_tune")  # fail early
-    need_final = cfg.kd_weight > 0
+    need_final = cfg.kd_weight > 0 or ee.needs_final
     out = Path(out_dir) if out_dir else None
     ckpt_root = out / "checkpoint" if out else None
 

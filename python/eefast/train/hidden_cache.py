@@ -52,9 +52,12 @@ class HiddenCache:
         progress: bool = True,
     ) -> HiddenCache:
         layers = ee.exit_layers
+        need_final = need_final or ee.needs_final
+        # A draft exit reads only the final features (and the token ids, which are the blocks).
+        stored = [] if ee.kind == "draft" else layers
         n, seq = blocks.shape
         d = ee.parts.lm_head.weight.shape[1]
-        hiddens = {layer: torch.empty(n, seq, d, dtype=dtype) for layer in layers}
+        hiddens = {layer: torch.empty(n, seq, d, dtype=dtype) for layer in stored}
         final = torch.empty(n, seq, d, dtype=dtype) if need_final else None
         first = None
         for start in tqdm(
@@ -65,7 +68,7 @@ class HiddenCache:
         ):
             ids = blocks[start : start + batch_size].to(ee.model.device)
             states = ee.backbone_states(ids, need_final=need_final)
-            for layer in layers:
+            for layer in stored:
                 hiddens[layer][start : start + len(ids)] = states.hiddens[layer].to(dtype)
             if need_final:
                 final[start : start + len(ids)] = states.final.to(dtype)
@@ -108,10 +111,14 @@ class HiddenCache:
                 or (need_final and not meta["need_final"])
             ):
                 return None
-            hiddens = {layer: f.get_tensor(f"layer.{layer}") for layer in meta["layers"]}
+            hiddens = {
+                int(k.removeprefix("layer.")): f.get_tensor(k)
+                for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+                if k.startswith("layer.")
+            }
             final = f.get_tensor("final") if meta["need_final"] else None
         block_args, block_kwargs = (), {}
-        if ee.kind == "layer":  # positions/masks depend only on the batch shape: rebuild them
+        if ee.kind in ("layer", "draft"):  # positions/masks depend on the batch shape only
             probe = ee.backbone_states(blocks[:batch_size].to(ee.model.device))
             block_args, block_kwargs = probe.block_args, probe.block_kwargs
         return cls(hiddens, final, block_args, block_kwargs, meta)

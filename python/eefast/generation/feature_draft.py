@@ -1,0 +1,145 @@
+"""Lossless speculative decoding with a ``draft`` exit (EAGLE-style top-feature drafting).
+
+The draft exit is one block on top of the model (``nn/exit_head.py``): from the model's top
+feature of one token and the embedding of the next it predicts the next top feature, which the
+shared LM head turns into a draft token, and which is fed back for the draft after it. So a
+draft costs one block and a draft-vocabulary head, not a climb through the lower blocks.
+
+A round, with the last emitted token x0 at slot S:
+
+* draft: the draft layer runs on x0 (with the verifier's feature of the token before it) and
+  then on its own drafts, one slot each, while the draft's confidence stays at or above the
+  threshold (the first draft is always made), up to ``draft.k`` drafts;
+* verify: x0 and the drafts run through every block at once; each row accepts its own longest
+  matching prefix (greedy) or follows speculative sampling, as in ``decode_speculative``;
+* repair: the draft layer's slots after S were computed from predicted features; they are
+  truncated and owed, and the next round's first draft call recomputes them from the
+  verifier's real features, in the same block call as the new x0.
+
+Rejected drafts become invalid slots, as in every mode, so rows accept different numbers of
+tokens and positions never shift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import DecodeState
+from .decode import DecodeStats, DraftLength, Outputs, _emit_each, accept_sampled
+from .runner import LlamaRunner
+from .sampling import Sampling
+
+
+def prefill_with_draft(runner: LlamaRunner, state: DecodeState, ids, valid):
+    """The model's blocks and the draft layer over the left-padded prompts: the final logits
+    of the last slot and the top features [B, d] of that slot."""
+    state.add_slots(valid)
+    h = runner.run(runner.embed(ids), 0, runner.num_layers, state, fused=False)
+    feats = runner.ee.parts.final_norm(h)
+    x = _draft_inputs(runner, ids, _previous(feats))
+    runner.draft_features(x, state, fused=False)
+    return runner.head_logits(feats[:, -1]), feats[:, -1]
+
+
+def _previous(feats: torch.Tensor) -> torch.Tensor:
+    """feats shifted one slot later (zeros first): each slot's previous feature."""
+    return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
+
+
+def _draft_inputs(runner, tokens: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    return torch.cat([runner.embed(tokens), prev], -1)
+
+
+def decode_feature_draft(
+    runner: LlamaRunner,
+    state: DecodeState,
+    logits: torch.Tensor,
+    feats: torch.Tensor,
+    out: Outputs,
+    sampling: Sampling,
+    gen,
+    draft: DraftLength,
+    threshold: float,
+) -> DecodeStats:
+    """Draft-exit speculative decoding after ``prefill_with_draft``; greedy output equals
+    full-depth greedy, sampled output follows the full model's distribution."""
+    stats = DecodeStats()
+    L = runner.num_layers
+    x0 = sampling.pick(logits, gen)
+    (x0, prev) = out.drop(_emit_each(out, stats, x0, [L] * len(x0)), state, x0, feats)
+    d = prev.shape[-1]
+    # The draft layer's owed slots (after its last true one): their tokens and the verifier's
+    # features before them.
+    owed_tok = x0.new_empty(len(x0), 0)
+    owed_prev = prev.new_empty(len(x0), 0, d)
+    while out.rows:
+        batch, device = x0.shape[0], x0.device
+        start = state.slots
+        one = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        state.add_slots(one)
+        toks = torch.cat([owed_tok, x0[:, None]], 1)
+        f = runner.draft_features(
+            _draft_inputs(runner, toks, torch.cat([owed_prev, prev[:, None]], 1)), state
+        )[:, -1]
+        drafts, q_probs = [], []
+        while True:
+            tok, conf, q = _draft_token(runner, f, sampling, gen)
+            if drafts and not bool((conf >= threshold).any()):
+                break
+            drafts.append(tok)
+            q_probs.append(q)
+            state.add_slots(one)  # the draft's slot
+            if len(drafts) == draft.k:
+                break
+            f = runner.draft_features(_draft_inputs(runner, tok[:, None], f[:, None]), state)[:, -1]
+        m = len(drafts)
+        dr = torch.stack(drafts, 1)
+        h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1)), 0, L, state)
+        ver_feats = runner.ee.parts.final_norm(h)  # [B, m + 1, d]
+        ver = runner.head_logits(ver_feats)
+        if sampling.greedy:
+            target = ver.argmax(-1)
+        else:
+            p = sampling.probs(ver)
+        new_x0 = torch.empty_like(x0)
+        n_acc_rows = torch.empty(batch, dtype=torch.long, device=device)
+        reject = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
+        finished, all_accepted = [], True
+        for row in range(batch):
+            if sampling.greedy:
+                n_acc = int((dr[row] == target[row, :m]).long().cumprod(0).sum())
+                nxt = int(target[row, n_acc])
+            else:
+                n_acc, nxt = accept_sampled(row, dr, p, q_probs, gen)
+            all_accepted &= n_acc == m
+            reject[row, 1 + n_acc :] = True
+            kept, done = out.emit(row, dr[row, :n_acc].tolist() + [nxt], [L] * (n_acc + 1))
+            stats.tokens += kept
+            stats.accepted += n_acc
+            stats.exit_layers[L] += kept
+            new_x0[row], n_acc_rows[row] = nxt, n_acc
+            finished.append(done)
+        stats.rounds += 1
+        stats.drafted += m * batch
+        state.invalidate(reject, start)
+        draft.update(all_accepted)
+        # The draft layer keeps slot `start` (x0 with a real feature); slots after it owe a
+        # recompute with the verifier's features.
+        state.cache.lengths[L] = start + 1
+        owed_tok, owed_prev = dr, ver_feats[:, :m]
+        prev = ver_feats[torch.arange(batch, device=device), n_acc_rows]
+        x0, owed_tok, owed_prev, prev = out.drop(finished, state, new_x0, owed_tok, owed_prev, prev)
+        state.trim()
+        owed = state.slots - (start + 1)
+        owed_tok, owed_prev = owed_tok[:, :owed], owed_prev[:, :owed]
+    return stats
+
+
+def _draft_token(runner: LlamaRunner, f: torch.Tensor, sampling: Sampling, gen):
+    """(token, confidence, q or None) of the draft exit's head on predicted features f [B, d]."""
+    layer = runner.num_layers
+    if sampling.greedy:
+        st = runner.exit_head_stats(layer, f)
+        return st.argmax, st.max_prob, None
+    q = sampling.probs(runner.exit_logits(layer, f))
+    return torch.multinomial(q, 1, generator=gen).squeeze(-1), q.amax(-1), q

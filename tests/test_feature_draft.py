@@ -1,0 +1,223 @@
+"""Draft exits (EAGLE-style top-feature drafting) on tiny random models: they train with the
+backbone frozen, speculative decoding with them is lossless at batch 1 and 3 (EOS and stop
+strings inside accepted blocks included), every cached K/V is the full forward's, and sampled
+output follows the full model's distribution."""
+
+import pytest
+import torch
+
+from eefast.eval import evaluate_exits
+from eefast.exits import add_exits, load_exits, save_exits
+from eefast.generation import generate
+from eefast.generation.cache import DecodeState
+from eefast.train import TuneConfig, ee_tune
+from test_generation import NEW, StubTokenizer, ragged_prompts
+from tiny_models import VOCAB, tiny_model, token_batch
+
+TOP = 4  # the tiny models' number of blocks
+SAMPLED_PROMPT = [5, 17, 42]
+
+
+SEQ = 40
+
+
+def greedy_blocks(model):
+    """[4, SEQ] blocks: the model's own greedy continuations of the test prompts. A random
+    tiny model's next token is a hash of its context that no draft can generalise, so the
+    draft learns these by heart, which is what exercising multi-token accepted blocks needs."""
+    rows = []
+    for prompt in [*ragged_prompts(), SAMPLED_PROMPT]:
+        with torch.no_grad():
+            n = SEQ - len(prompt)
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False)  # fmt: skip
+        rows.append(out[0])
+    return torch.stack(rows)
+
+
+def tuned_draft(arch="llama", steps=100):
+    model = tiny_model(arch)
+    ee = add_exits(model, [TOP], kind="draft")
+    data = greedy_blocks(model)
+    cfg = TuneConfig(steps=steps, batch_size=4, lr=1e-2, eval_every=steps, lr_warmup_steps=5)
+    ee_tune(ee, data, None, cfg, progress=False)
+    return ee
+
+
+@pytest.fixture(scope="module")
+def draft_ee():
+    return tuned_draft()
+
+
+def full_greedy(ee, prompts, tokenizer=None, **kw):
+    return generate(ee, tokenizer, prompts, "full", NEW, **kw)
+
+
+def test_a_draft_exit_sits_on_top_of_the_model():
+    with pytest.raises(ValueError, match="sits on top of the last block; give layer 4"):
+        add_exits(tiny_model("llama"), [2], kind="draft")
+    ee = add_exits(tiny_model("llama"), [TOP], kind="draft")
+    with pytest.raises(ValueError, match="only drafts for speculative mode"):
+        generate(ee, None, [[5, 6]], "threshold", 4)
+    with pytest.raises(ValueError, match="a draft exit has one head"):
+        generate(ee, None, [[5, 6]], "speculative", 4, exit_layer=TOP)
+
+
+def test_tuning_teaches_the_draft_what_the_model_says():
+    model = tiny_model("llama")
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    ee = add_exits(model, [TOP], kind="draft")
+    data = greedy_blocks(model)
+    before = evaluate_exits(ee, data, progress=False)[0]["agreement"]
+    tuned = tuned_draft()
+    after = evaluate_exits(tuned, data, progress=False)[0]["agreement"]
+    assert after > max(0.8, before + 0.3), (before, after)
+    assert all(torch.equal(v, backbone[k]) for k, v in tuned.model.state_dict().items())
+
+
+def test_hidden_cache_gives_the_same_training(tmp_path):
+    data = greedy_blocks(tiny_model("llama"))
+    results = []
+    for cache in (False, True, True):  # the third run reads the cache file the second wrote
+        ee = add_exits(tiny_model("llama"), [TOP], kind="draft")
+        cfg = TuneConfig(steps=6, batch_size=4, lr=3e-3, kd_weight=0.5, cache_hidden=cache,
+                         cache_path=str(tmp_path / "cache.safetensors"))  # fmt: skip
+        ee_tune(ee, data, None, cfg, progress=False)
+        results.append({k: v.clone() for k, v in ee.exits.state_dict().items()})
+    for other in results[1:]:
+        for k, v in results[0].items():
+            torch.testing.assert_close(other[k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,adaptive,threshold", [(1, False, 0.0), (3, False, 0.0),
+                                                  (6, True, 0.0), (4, True, 0.3)])  # fmt: skip
+def test_greedy_is_exact_at_batch_1_and_3(draft_ee, k, adaptive, threshold):
+    prompts = ragged_prompts()
+    want = full_greedy(draft_ee, prompts).tokens
+    kw = dict(draft_k=k, adaptive=adaptive, threshold=threshold)
+    for i, p in enumerate(prompts):
+        assert generate(draft_ee, None, [p], "speculative", NEW, **kw).tokens[0] == want[i]
+    got = generate(draft_ee, None, prompts, "speculative", NEW, **kw)
+    assert got.tokens == want
+    assert got.stats.accepted > 0 and got.stats.mean_accepted > 1.0
+
+
+def test_full_depth_with_a_draft_exit_matches_hf_generate(draft_ee):
+    prompt = ragged_prompts()[0]
+    want = draft_ee.model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False)
+    assert full_greedy(draft_ee, [prompt]).tokens[0] == want[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_exact_on_other_llama_family(arch):
+    ee = tuned_draft(arch, steps=20)
+    prompts = ragged_prompts()
+    assert generate(ee, None, prompts, "speculative", NEW).tokens == full_greedy(ee, prompts).tokens
+
+
+def accepted_blocks(ee, tokenizer, prompts, **kw):
+    return generate(ee, tokenizer, prompts, "speculative", NEW, draft_k=6, adaptive=False,
+                    threshold=0, **kw)  # fmt: skip
+
+
+def test_eos_and_stop_strings_inside_accepted_blocks(draft_ee):
+    prompts = ragged_prompts()
+    plain = full_greedy(draft_ee, prompts).tokens
+    spec = accepted_blocks(draft_ee, None, prompts)
+    assert spec.tokens == plain and spec.stats.mean_accepted > 2, "want multi-token blocks"
+    eos = plain[0][5]  # a token the first sequence emits mid-way
+    tok = StubTokenizer(eos)
+    want = full_greedy(draft_ee, prompts, tok).tokens
+    assert want[0] == plain[0][: plain[0].index(eos) + 1]
+    assert accepted_blocks(draft_ee, tok, prompts).tokens == want
+    tok = StubTokenizer(eos=-1)
+    stop = f"{plain[1][4]} {plain[1][5]}"
+    want = full_greedy(draft_ee, prompts, tok, stop=[stop])
+    got = accepted_blocks(draft_ee, tok, prompts, stop=[stop])
+    assert got.tokens == want.tokens and got.texts == want.texts
+    assert len(want.tokens[1]) < NEW
+
+
+def test_cached_kv_is_the_full_forwards(draft_ee, monkeypatch):
+    """After a speculative run, every block's cached K/V over the valid slots is one full
+    forward's, and the draft layer's is the draft exit's over the real top features (the
+    slots it filled from its own predictions were recomputed; those of the last round are
+    still owed)."""
+    snapshots = []
+    real_select = DecodeState.select
+
+    def select(self, rows):  # the sequence finished: keep its cache before it is dropped
+        c = self.cache
+        snapshots.append((self.valid[0].clone(), list(c.lengths), c.keys[:], c.values[:]))
+        real_select(self, rows)
+
+    monkeypatch.setattr(DecodeState, "select", select)
+    for prompt in ragged_prompts():
+        got = generate(draft_ee, None, [prompt], "speculative", NEW, draft_k=5, threshold=0)
+        assert got.stats.accepted > 0
+        valid, lengths, keys, values = snapshots[-1]
+        ids = torch.tensor([prompt + got.tokens[0][:-1]])  # the last token was never fed
+        ref = draft_ee.model(ids, use_cache=True).past_key_values
+        states = draft_ee.backbone_states(ids)
+        draft_kv = _draft_layer_kv(draft_ee, states)
+        for i, n in enumerate(lengths):
+            slots = valid[:n].nonzero().squeeze(1)[: ids.shape[1]]
+            want_k, want_v = (ref.layers[i].keys, ref.layers[i].values) if i < TOP else draft_kv
+            # The draft layer owes the last round's drafts (recomputed when a round follows).
+            owed = 6 if i == TOP else 0
+            assert len(slots) >= ids.shape[1] - owed, f"layer {i} misses fed tokens"
+            for mine, want in ((keys[i], want_k), (values[i], want_v)):
+                torch.testing.assert_close(
+                    mine[0][:, slots], want[0, :, : len(slots)], atol=1e-4, rtol=0
+                )
+
+
+def _draft_layer_kv(ee, states):
+    """The draft block's keys and values over a whole sequence, from the real features."""
+    from eefast.generation.cache import SlotCache
+
+    block = ee.exit(TOP).block
+    cache = SlotCache(TOP + 1)
+    x = block.fc(ee.draft_inputs(states))
+    kwargs = dict(states.block_kwargs, use_cache=True, past_key_values=cache)
+    block.block(x, *states.block_args, **kwargs)
+    return cache.keys[TOP][:, :, : x.shape[1]], cache.values[TOP][:, :, : x.shape[1]]
+
+
+def test_sampling_is_reproducible_and_seeded(draft_ee):
+    prompts = ragged_prompts()
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, draft_k=3)
+    a = generate(draft_ee, None, prompts, "speculative", NEW, seed=7, **kw)
+    b = generate(draft_ee, None, prompts, "speculative", NEW, seed=7, **kw)
+    c = generate(draft_ee, None, prompts, "speculative", NEW, seed=8, **kw)
+    assert a.tokens == b.tokens and a.tokens != c.tokens and a.stats.accepted > 0
+
+
+def test_sampled_tokens_follow_the_full_models_distribution(draft_ee):
+    """The second new token (drafted, then accepted or resampled) of many sampled sequences is
+    distributed as the full model's marginal: sum over t1 of p(t1) p(t2 | t1). The tiny
+    model's logits are flat, so a low temperature makes its drafts often accepted."""
+    prompt, temp, n = SAMPLED_PROMPT, 0.1, 3000
+    with torch.no_grad():
+        p1 = (draft_ee.model(torch.tensor([prompt])).logits[0, -1] / temp).softmax(-1)
+        pairs = torch.tensor([prompt + [t] for t in range(VOCAB)])
+        p2 = (draft_ee.model(pairs).logits[:, -1] / temp).softmax(-1)
+    marginal = (p1 @ p2).double()
+    got = generate(draft_ee, None, [prompt] * n, "speculative", 2, temperature=temp, seed=3,
+                   draft_k=2, adaptive=False, threshold=0, stop_at_eos=False)  # fmt: skip
+    assert got.stats.accepted > 0.2 * n, "want many accepted drafts"
+    second = torch.tensor([t[1] for t in got.tokens])
+    freq = torch.bincount(second, minlength=VOCAB).double() / n
+    tv = 0.5 * (freq - marginal).abs().sum()
+    noise = 0.5 * (2 * marginal * (1 - marginal) / (torch.pi * n)).sqrt().sum()  # E[TV], exact
+    assert tv < 1.4 * noise, f"total variation {tv:.3f}, sampling noise alone {noise:.3f}"
+
+
+def test_save_load_round_trip_generates_the_same(draft_ee, tmp_path):
+    save_exits(draft_ee, tmp_path)
+    loaded = load_exits(draft_ee.model, tmp_path)
+    assert loaded.kind == "draft" and loaded.exit_layers == [TOP]
+    prompts = ragged_prompts()
+    a = generate(draft_ee, None, prompts, "speculative", NEW)
+    b = generate(loaded, None, prompts, "speculative", NEW)
+    assert a.tokens == b.tokens and a.stats.accepted == b.stats.accepted
