@@ -12,7 +12,7 @@ from eefast.generation import generate
 from eefast.generation.cache import DecodeState
 from eefast.train import TuneConfig, ee_tune
 from test_generation import NEW, StubTokenizer, ragged_prompts
-from tiny_models import VOCAB, tiny_model, token_batch
+from tiny_models import VOCAB, tiny_model
 
 TOP = 4  # the tiny models' number of blocks
 SAMPLED_PROMPT = [5, 17, 42]

@@ -229,8 +229,8 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
         main(["generate", *short, "--mode", mode, "--prompt", "Hi", "--exit-layers", "2"])
         said = capsys.readouterr().out
         assert ">>> Hi" in said and f"[eefast] {mode}" in said and "tokens in" in said
-    demo_generation(str(model_dir), out)  # the demo's last step
-    assert "speculative output is identical to full-depth greedy" in capsys.readouterr().out
+    demo_generation(str(model_dir), out, 2, 6)  # the demo's last step
+    assert "output identical to full-depth greedy" in capsys.readouterr().out
     bench = tmp_path / "bench"
     mine = tmp_path / "mine.jsonl"  # the user's own prompts
     mine.write_text('{"prompt": "Name a colour."}\n\n{"instruction": "Add 2 and 3."}\n')
@@ -254,6 +254,24 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     assert all(r["same_as_hf_greedy"] for r in rows if "speculative" in r["provider"])
     assert f"eefast speculative conf {DRAFT_THRESHOLD} full-vocab drafts" in names
     assert next(bench.glob("generate-*.png")).stat().st_size > 0
+
+    # A draft exit: tuned on top of the model, cut to a draft vocabulary, benchmarked.
+    draft = tmp_path / "draft"
+    main(["tune", *data, "--kind", "draft", "--steps", "2", "--batch-size", "2", "--out",
+          str(draft), "--cache-hidden"])  # fmt: skip
+    assert json.loads((draft / "exits.json").read_text())["layers"] == [4]
+    main(["draft-vocab", *data, "--exits", str(draft), "--size", "64"])
+    main(["bench-generate", *model, "--exits", str(draft), "--max-new-tokens", "6", "--prompts",
+          "2", "--batch-sizes", "1,2", "--out", str(bench / "draft"), "--repeats", "2",
+          "--draft-ks", "2,4"])  # fmt: skip
+    rows = json.loads(next((bench / "draft").glob("generate-*.json")).read_text())
+    spec = [r for r in rows if "speculative" in r["provider"]]
+    assert {r["provider"] for r in spec} == {f"eefast speculative draft k={k} conf 0.3"
+                                             for k in (2, 4)}  # fmt: skip
+    assert len(spec) == 4 and all(r["same_as_full"] and len(r["tokens_per_s_runs"]) == 2
+                                  for r in spec)  # fmt: skip
+    demo_generation(str(model_dir), draft, 2, 6)
+    assert "(draft exits at [4] draft" in capsys.readouterr().out
 
 
 def test_finetune_seed_makes_the_run_repeatable(smollm2, tmp_path):

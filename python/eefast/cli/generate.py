@@ -7,7 +7,14 @@ from pathlib import Path
 from ..data.prompts import PROMPTS, load_prompts
 from ..eval.agreement import CALIBRATION_THRESHOLDS, calibrate
 from ..exits import load_exits
-from ..generation import CONFIDENCE_MEASURES, DRAFT_THRESHOLD, KV_MODES, MODES, generate
+from ..generation import (
+    CONFIDENCE_MEASURES,
+    DRAFT_THRESHOLD,
+    FEATURE_DRAFT_THRESHOLD,
+    KV_MODES,
+    MODES,
+    generate,
+)
 from ..hf import DEFAULT_MODEL, prompt_ids
 from ..io import write_json
 from .common import (
@@ -106,6 +113,8 @@ def cmd_bench_generate(args) -> None:
         kv_variants=args.kv_variants,
         threads=args.threads,
         out=args.out,
+        repeats=args.repeats,
+        draft_ks=args.draft_ks,
         report=say,
     )
 
@@ -143,7 +152,8 @@ def add_commands(sub) -> None:
         type=finite,
         default=None,
         help=f"exit confidence to stop at (default: threshold 0.9, speculative {DRAFT_THRESHOLD}"
-        "; speculative with 0 drafts --draft-k tokens every round)",
+        "; speculative with 0 drafts --draft-k tokens every round). With a draft exit: the "
+        f"confidence a draft after the first needs (default {FEATURE_DRAFT_THRESHOLD})",
     )
     g.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
     g.add_argument(
@@ -179,8 +189,9 @@ def add_commands(sub) -> None:
     b.add_argument(
         "--draft-thresholds",
         type=float_list,
-        default=[0.5, DRAFT_THRESHOLD, 0.7],
-        help="speculative rows drafting at the first confident exit, one per threshold",
+        default=None,
+        help="speculative rows, one per draft threshold (default 0.5,0.6,0.7; 0.3 for a draft "
+        "exit)",
     )
     b.add_argument(
         "--variant-thresholds",
@@ -193,6 +204,12 @@ def add_commands(sub) -> None:
         type=lambda t: [x for x in t.split(",") if x],
         default=["propagate"],
         help="extra threshold-mode KV modes to time ('' for none)",
+    )
+    b.add_argument(
+        "--draft-ks", type=int_list, default=[4], help="draft exits: the draft lengths to time"
+    )
+    b.add_argument(
+        "--repeats", type=positive_int, default=1, help="alternating repeats; medians reported"
     )
     b.add_argument("--threads", type=positive_int, default=2)
     b.add_argument("--out", default="benchmarks/results")

@@ -3,6 +3,7 @@
 built-in chat prompts (prompts.py)."""
 
 from .corpus import (
+    CHAT_CORPUS,
     DEFAULT_CORPUS,
     IGNORE,
     load_documents,
@@ -14,6 +15,7 @@ from .prompts import PROMPTS
 from .rows import TASK, Example, collate, load_rows, tokenize_rows
 
 __all__ = [
+    "CHAT_CORPUS",
     "DEFAULT_CORPUS",
     "IGNORE",
     "PROMPTS",

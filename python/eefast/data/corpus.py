@@ -13,20 +13,28 @@ from pathlib import Path
 import torch
 
 DEFAULT_CORPUS = "pydoc_data"
+# The shipped self-distilled chat data: SmolLM2-135M-Instruct's own greedy replies to 600
+# generated chat prompts (`eefast distill-data --prompts 600 --max-new-tokens 160`), what
+# draft exits for that model learn from.
+CHAT_CORPUS = "chat"
+_CHAT_FILE = Path(__file__).with_name("chat_distilled.jsonl")
 IGNORE = -100  # the target of a position that has no next token (torch's ignore_index)
 
 
 def load_documents(spec: str | None = None) -> list[str]:
-    """The documents of a corpus: ``pydoc_data`` (default), a .txt file or a .jsonl file."""
+    """The documents of a corpus: ``pydoc_data`` (default), ``chat`` (the shipped
+    self-distilled chat data), a .txt file or a .jsonl file."""
     spec = spec or DEFAULT_CORPUS
     if spec == DEFAULT_CORPUS:
         from pydoc_data.topics import topics
 
         docs = [topics[k] for k in sorted(topics)]
     else:
-        path = Path(spec)
+        path = _CHAT_FILE if spec == CHAT_CORPUS else Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"corpus {spec!r}: no such file (or use {DEFAULT_CORPUS!r})")
+            raise FileNotFoundError(
+                f"corpus {spec!r}: no such file (or use {DEFAULT_CORPUS!r} or {CHAT_CORPUS!r})"
+            )
         text = read_text(path)
         if path.suffix == ".jsonl":
             lines = enumerate(text.splitlines(), 1)

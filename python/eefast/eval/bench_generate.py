@@ -3,12 +3,13 @@ of ``eefast bench-generate``)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from ..generation import DRAFT_THRESHOLD, generate
+from ..generation import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD, generate
 from ..hf.tokens import hf_greedy, pad_id, prompt_ids
 from ..io import write_json
 from .agreement import agreement
@@ -29,6 +30,67 @@ def _batches(ids, size):
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
+def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants, draft_ks):
+    """(name, mode, generate kwargs) per case at batch size ``bs``; mode None: HF."""
+    cases = [("hf greedy", None, {})]
+    if ee.kind == "draft":  # one head on top of the model: speculative only
+        cases += [("eefast full", "full", {})]
+        cases += [
+            (f"eefast speculative draft k={k} conf {t}", "speculative", {"threshold": t,
+                                                                         "draft_k": k})
+            for k in draft_ks
+            for t in draft_thresholds
+        ]  # fmt: skip
+        return cases
+    if bs == 1:  # HF's assisted generation is batch-1 only
+        cases += [
+            (f"hf assistant_early_exit={e}", None, {"assistant_early_exit": e})
+            for e in ee.exit_layers
+        ]
+    cases += [("eefast full", "full", {})]
+    # Classic self-speculation (one exit drafts k tokens a round), then drafts from the
+    # first confident exit of all of them, at each draft threshold.
+    cases += [
+        (f"eefast speculative E={e}", "speculative", {"exit_layer": e, "threshold": 0.0})
+        for e in ee.exit_layers
+    ]
+    cases += [
+        (f"eefast speculative conf {t}", "speculative", {"threshold": t}) for t in draft_thresholds
+    ]
+    if ee.draft_vocab is not None:  # what the draft vocabulary buys, in the same run
+        t = DRAFT_THRESHOLD
+        cases += [(f"eefast speculative conf {t} full-vocab drafts", "speculative",
+                   {"threshold": t, "draft_vocab": False})]  # fmt: skip
+    cases += [(f"eefast threshold {t} (lossy)", "threshold", {"threshold": t}) for t in thresholds]
+    # Variants of threshold mode at the same thresholds: CALM's KV copy-up, the classifier.
+    cases += [
+        (f"eefast threshold {t} kv={kv} (lossy)", "threshold", {"threshold": t, "kv": kv})
+        for kv in kv_variants
+        for t in variant_thresholds
+    ]
+    if ee.classifier is not None:
+        cases += [
+            (f"eefast threshold {t} classifier (lossy)", "threshold",
+             {"threshold": t, "measure": "classifier"})
+            for t in variant_thresholds
+        ]  # fmt: skip
+    return cases
+
+
+def _run_case(ee, tokenizer, batches, mode, kw, max_new):
+    toks, seconds, stats = [], 0.0, None
+    for batch in batches:
+        if mode is None:
+            t, s = _hf_generate(ee.model, tokenizer, batch, max_new, **kw)
+        else:
+            res = generate(ee, tokenizer, batch, mode, max_new, **kw)
+            t, s = res.tokens, res.seconds
+            stats = _merge(stats, res)
+        toks += t
+        seconds += s
+    return toks, seconds, stats
+
+
 def run_bench(
     ee,
     tokenizer,
@@ -37,89 +99,53 @@ def run_bench(
     prompts: list[str],
     max_new_tokens: int,
     thresholds: list[float],
-    draft_thresholds: list[float],
+    draft_thresholds: list[float] | None,
     variant_thresholds: list[float],
     kv_variants: list[str],
     threads: int,
     out: str | Path,
+    repeats: int = 1,
+    draft_ks: list[int] = (4,),
     report=print,
 ) -> list[dict]:
-    """Every case at every batch size over the chat ``prompts``; one
-    row each (tokens/s, same output as HF greedy, acceptance, agreement, blocks and heads per
-    token), reported line by line and written to ``out`` as JSON and PNG."""
+    """Every case at every batch size over the chat ``prompts``, ``repeats`` times with the
+    cases alternating (so drift hits them alike); one row each with the median tokens/s, its
+    ratios to HF greedy and to eefast's own full depth (medians of the per-repeat ratios),
+    whether the output equals HF greedy's, acceptance, agreement, blocks and heads per token.
+    Rows are reported line by line and written to ``out`` as JSON and PNG."""
     torch.set_num_threads(threads)
+    if draft_thresholds is None:
+        draft_thresholds = (
+            [FEATURE_DRAFT_THRESHOLD] if ee.kind == "draft" else [0.5, DRAFT_THRESHOLD, 0.7]
+        )
     ids = prompt_ids(tokenizer, prompts, chat=True)
-    max_new = max_new_tokens
     rows = []
     for bs in batch_sizes:
         batches = _batches(ids, bs)
-        cases = [("hf greedy", None, {})]
-        if bs == 1:  # HF's assisted generation is batch-1 only
-            cases += [
-                (f"hf assistant_early_exit={e}", None, {"assistant_early_exit": e})
-                for e in ee.exit_layers
-            ]
-        cases += [("eefast full", "full", {})]
-        # Classic self-speculation (one exit drafts k tokens a round), then drafts from the
-        # first confident exit of all of them, at each draft threshold.
-        cases += [
-            (f"eefast speculative E={e}", "speculative", {"exit_layer": e, "threshold": 0.0})
-            for e in ee.exit_layers
-        ]
-        cases += [
-            (f"eefast speculative conf {t}", "speculative", {"threshold": t})
-            for t in draft_thresholds
-        ]
-        if ee.draft_vocab is not None:  # what the draft vocabulary buys, in the same run
-            t = DRAFT_THRESHOLD
-            cases += [
-                (
-                    f"eefast speculative conf {t} full-vocab drafts",
-                    "speculative",
-                    {"threshold": t, "draft_vocab": False},
-                )
-            ]
-        cases += [
-            (f"eefast threshold {t} (lossy)", "threshold", {"threshold": t}) for t in thresholds
-        ]
-        # Variants of threshold mode at the same thresholds: CALM's KV copy-up, the classifier.
-        cases += [
-            (f"eefast threshold {t} kv={kv} (lossy)", "threshold", {"threshold": t, "kv": kv})
-            for kv in kv_variants
-            for t in variant_thresholds
-        ]
-        if ee.classifier is not None:
-            cases += [
-                (
-                    f"eefast threshold {t} classifier (lossy)",
-                    "threshold",
-                    {"threshold": t, "measure": "classifier"},
-                )
-                for t in variant_thresholds
-            ]
-        reference = None
-        for name, mode, kw in cases:
-            toks, seconds, stats = [], 0.0, None
-            for batch in batches:
-                if mode is None:
-                    t, s = _hf_generate(ee.model, tokenizer, batch, max_new, **kw)
-                else:
-                    res = generate(ee, tokenizer, batch, mode, max_new, **kw)
-                    t, s = res.tokens, res.seconds
-                    stats = _merge(stats, res)
-                toks += t
-                seconds += s
+        cases = _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants,
+                       list(draft_ks))  # fmt: skip
+        speeds = {name: [] for name, _, _ in cases}
+        first = {}
+        for _ in range(repeats):
+            for name, mode, kw in cases:
+                toks, seconds, stats = _run_case(ee, tokenizer, batches, mode, kw, max_new_tokens)
+                speeds[name].append(sum(len(t) for t in toks) / seconds)
+                first.setdefault(name, (toks, stats, mode))
+        reference = first["hf greedy"][0]
+        for name, _, _ in cases:
+            toks, stats, mode = first[name]
             n = sum(len(t) for t in toks)
             row = {
                 "batch": bs,
                 "provider": name,
                 "tokens": n,
-                "seconds": seconds,
-                "tokens_per_s": n / seconds,
+                "tokens_per_s": statistics.median(speeds[name]),
+                "tokens_per_s_runs": speeds[name],
+                "vs_hf": _median_ratio(speeds[name], speeds["hf greedy"]),
+                "vs_full": _median_ratio(speeds[name], speeds["eefast full"]),
+                "same_as_hf_greedy": toks == reference,
+                "same_as_full": toks == first["eefast full"][0],
             }
-            if name == "hf greedy":
-                reference = toks
-            row["same_as_hf_greedy"] = toks == reference
             if stats is not None:
                 layers = [la for seq in stats["layers"] for la in seq]
                 row["mean_layers"] = sum(layers) / max(1, len(layers))
@@ -132,13 +158,17 @@ def run_bench(
                 if mode == "threshold":
                     row["agreement"] = agreement(ee, ids[: len(toks)], toks)
             rows.append(row)
-            report(_format(row, rows))
+            report(_format(row))
     out = Path(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(out / f"generate-{stamp}.json", rows)
     _plot(rows, out / f"generate-{stamp}.png")
     report(f"wrote {out / f'generate-{stamp}.json'} and the PNG beside it")
     return rows
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _merge(acc, res):
@@ -162,18 +192,19 @@ def _merge(acc, res):
     return acc
 
 
-def _format(row, rows) -> str:
-    base = next(r for r in rows if r["batch"] == row["batch"] and r["provider"] == "hf greedy")
+def _format(row) -> str:
     text = (
-        f"batch {row['batch']} {row['provider']:<34} {row['tokens_per_s']:6.1f} tok/s "
-        f"({row['tokens_per_s'] / base['tokens_per_s']:.2f}x HF greedy)"
+        f"batch {row['batch']} {row['provider']:<40} {row['tokens_per_s']:6.1f} tok/s "
+        f"({row['vs_hf']:.2f}x HF greedy, {row['vs_full']:.2f}x eefast full)"
     )
     keys = ("acceptance", "tokens_per_round", "agreement", "mean_layers", "blocks_per_token")
     for key in keys + ("heads_per_token",):
         if key in row:
             text += f" {key} {row[key]:.2f}"
-    if "exit_layers" in row:
+    if "exit_layers" in row and len(row["exit_layers"]) > 1:
         text += f" exits {row['exit_layers']}"
+    if "acceptance" in row and not row["same_as_full"]:
+        text += " [OUTPUT DIFFERS FROM FULL DEPTH]"
     return text + ("" if row["same_as_hf_greedy"] else " [output differs from HF greedy]")
 
 

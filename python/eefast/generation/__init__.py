@@ -10,13 +10,14 @@ stopping.py     EOS and stop strings
 draft_vocab.py  exit heads cut to the data's most frequent tokens
 """
 
-from .api import DRAFT_THRESHOLD, MODES, GenerationResult, generate
+from .api import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD, MODES, GenerationResult, generate
 from .decode import CONFIDENCE_MEASURES, KV_MODES, DecodeStats
 from .sampling import Sampling
 
 __all__ = [
     "CONFIDENCE_MEASURES",
     "DRAFT_THRESHOLD",
+    "FEATURE_DRAFT_THRESHOLD",
     "KV_MODES",
     "MODES",
     "DecodeStats",

@@ -192,7 +192,14 @@ def generate(
         runner.block_calls, runner.head_calls = 0, 0.0
         if feature_draft and mode == "speculative":
             stats = decode_feature_draft(
-                runner, state, logits, feats, out, sampling, gen, DraftLength(draft_k, adaptive),
+                runner,
+                state,
+                logits,
+                feats,
+                out,
+                sampling,
+                gen,
+                DraftLength(draft_k, adaptive),
                 threshold,
             )
         elif mode == "full":

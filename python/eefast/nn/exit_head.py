@@ -2,9 +2,9 @@
 
 The kinds follow EE-Tuning: ``embed`` (LM head only), ``norm`` (norm + LM head), ``mlp`` (a
 residual MLP + norm + LM head) and ``layer`` (a whole decoder block + norm + LM head). A
-``draft`` exit (EAGLE-style, see ``FeatureDraft``) sits on top of the last block instead: from
-the top feature of one token and the embedding of the next, it predicts the next top feature. The head
-returns the normed hidden state; the LM-head product lives in the fused ops
+``draft`` exit (EAGLE-style, see ``FeatureDraft``) sits on top of the last block instead:
+from the top feature of one token and the embedding of the next, it predicts the next top
+feature. The head returns the normed hidden state; the LM-head product lives in the fused ops
 (`linear_cross_entropy`, `exit_stats`), so `[tokens, vocab]` logits are never built.
 """
 
