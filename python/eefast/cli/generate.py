@@ -153,7 +153,7 @@ def add_commands(sub) -> None:
         default=None,
         help=f"exit confidence to stop at (default: threshold 0.9, speculative {DRAFT_THRESHOLD}"
         "; speculative with 0 drafts --draft-k tokens every round). With a draft exit: the "
-        f"confidence a draft after the first needs (default {FEATURE_DRAFT_THRESHOLD})",
+        f"confidence a draft needs (default {FEATURE_DRAFT_THRESHOLD})",
     )
     g.add_argument("--measure", choices=CONFIDENCE_MEASURES, default="max_prob")
     g.add_argument(

@@ -32,6 +32,11 @@ CONFIDENCE_THRESHOLDS = (0.5, 0.8, 0.9)
 # feature to the real one (EAGLE's regression term), so feeding its output back as the next
 # step's feature stays close to what the model would have computed.
 DRAFT_FEATURE_WEIGHT = 1.0
+# ... and this weight times the loss of a second draft step, whose input is the first step's
+# predicted feature instead of the real one: drafts after the first are made that way, and a
+# draft trained on real features only gets them wrong (its prediction is far from the real
+# feature, so the second step sees inputs it never trained on).
+DRAFT_STEP2_WEIGHT = 1.0
 
 
 @dataclass
@@ -193,6 +198,10 @@ class EarlyExitModel(nn.Module):
         fused LM-head + CE ops; ``targets`` are flat, one per position."""
         layers = self.exit_layers
         hiddens = [self.exit_hidden(layer, states).flatten(0, -2) for layer in layers]
+        if self.kind == "draft":  # the second step is one more exit on the same head
+            hiddens.append(self._second_draft_step(hiddens[0], states))
+            exit_weights = [*exit_weights, DRAFT_STEP2_WEIGHT * exit_weights[0]]
+            layers = [*layers, *layers]
         teacher = None
         if kd_weight > 0:
             teacher = (states.final.flatten(0, -2), self.final_head()[0])
@@ -206,6 +215,7 @@ class EarlyExitModel(nn.Module):
         if self.kind == "draft":
             reg = F.smooth_l1_loss(hiddens[0], states.final.flatten(0, -2), reduction=reduction)
             total = total + DRAFT_FEATURE_WEIGHT * exit_weights[0] * reg
+            losses = losses[:1]  # the first step's: the draft exit's own loss
         return total, losses
 
     @contextmanager
@@ -269,11 +279,21 @@ class EarlyExitModel(nn.Module):
         h = self.draft_inputs(states) if self.kind == "draft" else states.hiddens[layer]
         return self.exit(layer)(h, states.block_args, states.block_kwargs)
 
-    def draft_inputs(self, states: BackboneStates) -> torch.Tensor:
-        """A draft exit's input at each position s: [embed(x_s), f_{s-1}] (zeros at s = 0)."""
-        feats = states.final
+    def draft_inputs(self, states: BackboneStates, feats: torch.Tensor | None = None):
+        """A draft exit's input at each position s: [embed(x_s), f_{s-1}] (zeros at s = 0),
+        where f is the real top feature unless ``feats`` [batch, seq, d] gives others."""
+        feats = states.final if feats is None else feats
         prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
         return torch.cat([self.model.get_input_embeddings()(states.input_ids), prev], -1)
+
+    def _second_draft_step(self, first: torch.Tensor, states: BackboneStates) -> torch.Tensor:
+        """The draft exit run again with its own (detached) first-step predictions as the
+        previous features; flat like ``first``. Every position is a second step at once, so
+        its context is predicted too, where decoding has real features: a close stand-in."""
+        predicted = first.detach().view_as(states.final)
+        x = self.draft_inputs(states, predicted)
+        layer = self.exit_layers[0]
+        return self.exit(layer)(x, states.block_args, states.block_kwargs).flatten(0, -2)
 
     def baseline_hidden(self, layer: int, states: BackboneStates) -> torch.Tensor:
         """The untuned baseline exit: the model's final norm applied at ``layer``."""

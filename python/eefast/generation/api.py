@@ -37,7 +37,7 @@ from .stopping import cut_at_stop, eos_ids, stop_checker
 MODES = ("full", "speculative", "threshold")
 # speculative: the exit confidence a draft needs (the best of 0.4-0.8 at batch 1, three runs)
 DRAFT_THRESHOLD = 0.6
-# speculative with a draft exit: the confidence a draft after the first needs to be made
+# speculative with a draft exit: the confidence a draft needs to be made and verified
 FEATURE_DRAFT_THRESHOLD = 0.3
 
 

@@ -8,8 +8,9 @@ draft costs one block and a draft-vocabulary head, not a climb through the lower
 A round, with the last emitted token x0 at slot S:
 
 * draft: the draft layer runs on x0 (with the verifier's feature of the token before it) and
-  then on its own drafts, one slot each, while the draft's confidence stays at or above the
-  threshold (the first draft is always made), up to ``draft.k`` drafts;
+  then on its own drafts, one slot each, while some row's draft confidence is at or above the
+  threshold, up to ``draft.k`` drafts (none: x0 climbs alone, a plain decoding step; a verify
+  row costs about a third of a step here, so an unlikely draft is not worth verifying);
 * verify: x0 and the drafts run through every block at once; each row accepts its own longest
   matching prefix (greedy) or follows speculative sampling, as in ``decode_speculative``;
 * repair: the draft layer's slots after S were computed from predicted features; they are
@@ -84,7 +85,7 @@ def decode_feature_draft(
         drafts, q_probs = [], []
         while True:
             tok, conf, q = _draft_token(runner, f, sampling, gen)
-            if drafts and not bool((conf >= threshold).any()):
+            if not bool((conf >= threshold).any()):
                 break
             drafts.append(tok)
             q_probs.append(q)
@@ -93,7 +94,7 @@ def decode_feature_draft(
                 break
             f = runner.draft_features(_draft_inputs(runner, tok[:, None], f[:, None]), state)[:, -1]
         m = len(drafts)
-        dr = torch.stack(drafts, 1)
+        dr = torch.stack(drafts, 1) if m else x0.new_empty(batch, 0)
         h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1)), 0, L, state)
         ver_feats = runner.ee.parts.final_norm(h)  # [B, m + 1, d]
         ver = runner.head_logits(ver_feats)
@@ -122,7 +123,8 @@ def decode_feature_draft(
         stats.rounds += 1
         stats.drafted += m * batch
         state.invalidate(reject, start)
-        draft.update(all_accepted)
+        if m:
+            draft.update(all_accepted)
         # The draft layer keeps slot `start` (x0 with a real feature); slots after it owe a
         # recompute with the verifier's features.
         state.cache.lengths[L] = start + 1
