@@ -221,3 +221,11 @@ def test_save_load_round_trip_generates_the_same(draft_ee, tmp_path):
     a = generate(draft_ee, None, prompts, "speculative", NEW)
     b = generate(loaded, None, prompts, "speculative", NEW)
     assert a.tokens == b.tokens and a.stats.accepted == b.stats.accepted
+
+
+def test_unconfident_drafts_are_not_verified(draft_ee):
+    """Above every draft's confidence, no round drafts: each is a plain decoding step."""
+    prompts = ragged_prompts()
+    got = generate(draft_ee, None, prompts, "speculative", NEW, threshold=1.01)
+    assert got.tokens == full_greedy(draft_ee, prompts).tokens
+    assert got.stats.drafted == 0 and got.stats.rounds == NEW - 1  # batch rounds after prefill

@@ -266,7 +266,7 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
           "--draft-ks", "2,4"])  # fmt: skip
     rows = json.loads(next((bench / "draft").glob("generate-*.json")).read_text())
     spec = [r for r in rows if "speculative" in r["provider"]]
-    assert {r["provider"] for r in spec} == {f"eefast speculative draft k={k} conf 0.3"
+    assert {r["provider"] for r in spec} == {f"eefast speculative draft k={k} conf 0.5"
                                              for k in (2, 4)}  # fmt: skip
     assert len(spec) == 4 and all(r["same_as_full"] and len(r["tokens_per_s_runs"]) == 2
                                   for r in spec)  # fmt: skip

@@ -53,9 +53,10 @@ def _load(args):
     )
     blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
     train, held_out = split_blocks(blocks, args.eval_blocks)
+    train = train[: getattr(args, "train_blocks", None)]
     say(
         f"corpus {args.data}: {blocks.numel():,} tokens = {len(blocks)} blocks of "
-        f"{args.seq_len}; {len(held_out)} held out"
+        f"{args.seq_len}; training on {len(train)}, {len(held_out)} held out"
     )
     return model, train, held_out
 
@@ -166,7 +167,8 @@ def demo_generation(model_name: str, exits_dir, prompts: int, max_new_tokens: in
         )
 
 
-DEMO_STEPS = 300
+DEMO_STEPS = 240
+DEMO_BLOCKS = 256  # of the shipped chat data's 818 training blocks: its hidden cache takes ~80 s
 DEMO_DRAFT_VOCAB = 8192  # the draft exit's head reads this many frequent tokens
 
 
@@ -254,6 +256,7 @@ def _common(
     batch_size: int,
     seq_len: int,
     eval_blocks: int,
+    train_blocks: int | None = None,
 ) -> None:
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument(
@@ -279,6 +282,9 @@ def _common(
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--seq-len", type=positive_int, default=seq_len)
     p.add_argument("--eval-blocks", type=positive_int, default=eval_blocks)
+    p.add_argument(
+        "--train-blocks", type=positive_int, default=train_blocks, help="train on the first N"
+    )
     p.add_argument("--eval-every", type=positive_int, default=50)
     p.add_argument("--save-every", type=positive_int, default=25)
     p.add_argument("--kd-weight", type=nonnegative, default=0.0)
@@ -297,7 +303,7 @@ def _common(
 def add_commands(sub) -> None:
     demo = sub.add_parser("demo", help="the main job: EE-tune SmolLM2's exits and report")
     _common(demo, CHAT_CORPUS, "draft", steps=DEMO_STEPS, lr=1e-2, batch_size=4, seq_len=128,
-            eval_blocks=16)  # fmt: skip
+            eval_blocks=16, train_blocks=DEMO_BLOCKS)  # fmt: skip
     demo.add_argument("--out", default="eefast-demo")
     demo.add_argument("--demo-prompts", type=positive_int, default=4)
     demo.add_argument("--demo-new-tokens", type=positive_int, default=128)

@@ -190,7 +190,7 @@ def add_commands(sub) -> None:
         "--draft-thresholds",
         type=float_list,
         default=None,
-        help="speculative rows, one per draft threshold (default 0.5,0.6,0.7; 0.3 for a draft "
+        help="speculative rows, one per draft threshold (default 0.5,0.6,0.7; 0.5 for a draft "
         "exit)",
     )
     b.add_argument(

@@ -38,7 +38,7 @@ MODES = ("full", "speculative", "threshold")
 # speculative: the exit confidence a draft needs (the best of 0.4-0.8 at batch 1, three runs)
 DRAFT_THRESHOLD = 0.6
 # speculative with a draft exit: the confidence a draft needs to be made and verified
-FEATURE_DRAFT_THRESHOLD = 0.3
+FEATURE_DRAFT_THRESHOLD = 0.5
 
 
 @dataclass
