@@ -1,5 +1,5 @@
-"""`python -m benchmarks ops|ee-tune|adapters|trainer [...]`: time eefast against its peers in
-one run."""
+"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify [...]`: time eefast against its
+peers in one run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from eefast import io
 
 from . import (
     bench_adapters,
@@ -19,6 +21,7 @@ from . import (
     bench_linear_cross_entropy,
     bench_lora_linear,
     bench_trainer,
+    bench_verify,
 )
 from .common import machine_info, plot_speedups, print_table, write_json
 
@@ -115,11 +118,23 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     tr.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     tr.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
+    ve = sub.add_parser("verify", help="speculative verify-step cost by rows, draft-step cost")
+    ve.add_argument("--rows", type=_ints, default=[1, 2, 3, 4, 5, 6, 8])
+    ve.add_argument("--context", type=int, default=150, help="prompt tokens before the step")
+    ve.add_argument("--repeats", type=int, default=5)
+    ve.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ve.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.set_default_device(getattr(args, "device", "cpu"))
     print(f"machine: {machine_info()}")
+    if args.suite == "verify":
+        rows = bench_verify.run(args.rows, args.context, args.repeats)
+        path = args.out / f"verify-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        io.write_json(path, {"machine": machine_info(), "rows": rows})
+        print(f"wrote {path}")
+        return
     if args.suite == "ee-tune":
         rows = bench_ee_tune.run(
             args.exits,
