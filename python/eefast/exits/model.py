@@ -22,7 +22,14 @@ from transformers.modeling_outputs import ModelOutput
 from ..data.corpus import next_token_targets
 from ..hf.arch import DecoderParts, decoder_parts
 from ..nn.exit_classifier import ExitClassifier
-from ..nn.exit_head import EXIT_KINDS, ExitHead, FeatureDraft, ResidualMLP, block_output
+from ..nn.exit_head import (
+    EXIT_KINDS,
+    ExitHead,
+    FeatureDraft,
+    ResidualMLP,
+    block_output,
+    previous_features,
+)
 from ..ops import multi_exit_cross_entropy
 
 # The confidence thresholds every per-exit report shows (share of tokens whose exit max-prob
@@ -104,6 +111,12 @@ class EarlyExitModel(nn.Module):
         return self.kind == "draft"
 
     @property
+    def runs_a_block(self) -> bool:
+        """Whether the exits run a copy of a decoder block, which takes the backbone's block
+        arguments (positions, masks): ``layer`` and ``draft`` exits."""
+        return self.kind in ("layer", "draft")
+
+    @property
     def shares_lm_head(self) -> bool:
         return next(iter(self.exits.values())).lm_head is None
 
@@ -130,10 +143,10 @@ class EarlyExitModel(nn.Module):
         if labels is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
-        cfg = self.loss
-        states = self.backbone_states(input_ids, attention_mask, need_final=cfg.kd_weight > 0)
         if self.kind == "draft" and attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("a draft exit trains on unpadded blocks; drop the attention mask")
+        cfg = self.loss
+        states = self.backbone_states(input_ids, attention_mask, need_final=cfg.kd_weight > 0)
         weights = cfg.exit_weights or [1.0] * len(self.exits)
         reduction = "mean" if num_items is None else "sum"
         total, losses = self.exit_losses(states, next_token_targets(labels), weights,
@@ -240,7 +253,7 @@ class EarlyExitModel(nn.Module):
         try:
             for layer in layers:
                 handles.append(self.parts.layers[layer - 1].register_forward_hook(record(layer)))
-            if self.kind in ("layer", "draft"):
+            if self.runs_a_block:
                 handles.append(
                     self.parts.layers[0].register_forward_pre_hook(record_args, with_kwargs=True)
                 )
@@ -282,8 +295,7 @@ class EarlyExitModel(nn.Module):
     def draft_inputs(self, states: BackboneStates, feats: torch.Tensor | None = None):
         """A draft exit's input at each position s: [embed(x_s), f_{s-1}] (zeros at s = 0),
         where f is the real top feature unless ``feats`` [batch, seq, d] gives others."""
-        feats = states.final if feats is None else feats
-        prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
+        prev = previous_features(states.final if feats is None else feats)
         return torch.cat([self.model.get_input_embeddings()(states.input_ids), prev], -1)
 
     def _second_draft_step(self, first: torch.Tensor, states: BackboneStates) -> torch.Tensor:
@@ -319,14 +331,13 @@ def _check_layers(layers, num_layers: int, kind: str) -> list[int]:
     for layer in layers:
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise TypeError(f"add_exits: exit layers must be ints, got {layer!r}")
-        if kind == "draft" and layer != num_layers:
-            raise ValueError(
-                f"add_exits: a 'draft' exit sits on top of the last block; give layer "
-                f"{num_layers} (this model's number of blocks), got {layer}"
-            )
         if kind == "draft":
-            continue
-        if not 1 <= layer < num_layers:
+            if layer != num_layers:
+                raise ValueError(
+                    f"add_exits: a 'draft' exit sits on top of the last block; give layer "
+                    f"{num_layers} (this model's number of blocks), got {layer}"
+                )
+        elif not 1 <= layer < num_layers:
             raise ValueError(
                 f"add_exits: exit layer {layer} out of range; this model has {num_layers} "
                 f"blocks, so exits go after 1..{num_layers - 1} blocks"
@@ -344,8 +355,8 @@ def _feature_draft(parts: DecoderParts) -> FeatureDraft:
     attn = getattr(block, "self_attn", None)
     if attn is not None and hasattr(attn, "layer_idx"):
         attn.layer_idx = len(parts.layers)
-    d = parts.lm_head.weight.shape[1]
     ref = parts.lm_head.weight
+    d = ref.shape[1]
     fc = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         fc.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], 1))

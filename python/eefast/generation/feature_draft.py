@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.exit_head import previous_features
 from .cache import DecodeState
 from .decode import DecodeStats, DraftLength, Outputs, _emit_each, accept_sampled
 from .runner import LlamaRunner
@@ -37,14 +38,9 @@ def prefill_with_draft(runner: LlamaRunner, state: DecodeState, ids, valid):
     state.add_slots(valid)
     h = runner.run(runner.embed(ids), 0, runner.num_layers, state, fused=False)
     feats = runner.ee.parts.final_norm(h)
-    x = _draft_inputs(runner, ids, _previous(feats))
+    x = _draft_inputs(runner, ids, previous_features(feats))
     runner.draft_features(x, state, fused=False)
     return runner.head_logits(feats[:, -1]), feats[:, -1]
-
-
-def _previous(feats: torch.Tensor) -> torch.Tensor:
-    """feats shifted one slot later (zeros first): each slot's previous feature."""
-    return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
 
 
 def _draft_inputs(runner, tokens: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,6 @@ class LlamaRunner:
         self.num_layers = len(self.layers)
         self.draft = ee.exit(self.num_layers) if ee.kind == "draft" else None
         blocks = [*self.layers, *([self.draft.block.block] if self.draft else [])]
-        self.cache_layers = len(blocks)
         self.dtype = next(ee.model.parameters()).dtype
         # Weight passes, the cost that bounds decoding here: one per block per call (however
         # many tokens it carries) and one per LM-head evaluation (exit or final; an exit head
@@ -57,6 +56,11 @@ class LlamaRunner:
         self.fused = [fused_block(layer, ee.parts.spec) for layer in blocks]
         self.windows = [_sliding_window(layer, ee.model.config) for layer in blocks]
         self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def cache_layers(self) -> int:
+        """Layers of the KV cache: the model's blocks and a draft exit's block."""
+        return len(self.blocks)
 
     @contextmanager
     def decode_linears(self):

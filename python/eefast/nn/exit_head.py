@@ -36,6 +36,12 @@ class ResidualMLP(nn.Module):
         return h + self.mlp(self.norm(h))
 
 
+def previous_features(feats: torch.Tensor) -> torch.Tensor:
+    """feats [batch, seq, d] one position later (zeros first): what a draft exit pairs with
+    each position's token."""
+    return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], 1)
+
+
 class FeatureDraft(nn.Module):
     """The body of a ``draft`` exit: ``block(fc([embed(x_s), f_{s-1}]))``, where f is the
     model's final-normed top feature. After the exit's norm it stands in for f_s: the LM head

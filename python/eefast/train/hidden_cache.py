@@ -118,7 +118,7 @@ class HiddenCache:
             }
             final = f.get_tensor("final") if meta["need_final"] else None
         block_args, block_kwargs = (), {}
-        if ee.kind in ("layer", "draft"):  # positions/masks depend on the batch shape only
+        if ee.runs_a_block:  # positions/masks depend on the batch shape only
             probe = ee.backbone_states(blocks[:batch_size].to(ee.model.device))
             block_args, block_kwargs = probe.block_args, probe.block_kwargs
         return cls(hiddens, final, block_args, block_kwargs, meta)
