@@ -19,6 +19,7 @@ LAYERS = [
     {"hf"},
     {"data"},
     {"exits", "adapters"},
+    {"distributed"},
     {"train", "generation", "eval", "integrations"},
     {"cli", "__main__"},
 ]

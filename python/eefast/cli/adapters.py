@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..adapters import (
     save_adapter,
 )
 from ..data import TASK, load_rows, tokenize_rows
+from ..distributed import init_parallel, shutdown
 from ..eval import answer_accuracy
 from ..hf import DEFAULT_MODEL, pad_id
 from ..io import write_json
@@ -29,12 +31,14 @@ from ..ops import ADAPTER_ACTIVATIONS
 from ..train import FinetuneConfig, finetune
 from .common import (
     add_model_arguments,
+    add_timeout_argument,
     count,
     finite,
     load,
     positive,
     positive_int,
     probability,
+    resolve_model_path_once,
     say,
 )
 
@@ -93,8 +97,23 @@ def _evaluate(model, tokenizer, args, out: Path | None) -> dict:
 
 
 def cmd_finetune(args) -> None:
-    torch.set_num_threads(args.threads)
+    """Train one adapter; under torchrun, data-parallel over the N processes (rank 0 writes)."""
+    parallel = init_parallel(1, args.dist_timeout)
+    try:
+        _finetune(args, parallel)
+    finally:
+        shutdown(parallel)
+
+
+def _finetune(args, parallel) -> None:
+    if not parallel.active:
+        torch.set_num_threads(args.threads)  # torchrun sets each rank's threads
     config = adapter_config(args)
+    requested = args.model
+    if parallel.active:
+        args.model = resolve_model_path_once(args.model, parallel)
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model, tokenizer = load(args)
     torch.manual_seed(args.seed)  # the adapter's initialisation: the same --seed, the same run
     adapter = add_adapters(model, config)
@@ -127,10 +146,13 @@ def cmd_finetune(args) -> None:
         examples,
         ft,
         out,
-        fingerprint={"adapter": config_to_dict(config), "model": args.model, "data": args.data},
+        fingerprint={"adapter": config_to_dict(config), "model": requested, "data": args.data},
         resume=not args.no_resume,
         pad_id=pad_id(tokenizer),
+        parallel=parallel,
     )
+    if not parallel.is_writer:
+        return
     first, last = log[0]["loss"], sum(r["loss"] for r in log[-10:]) / len(log[-10:])
     say(
         f"loss {first:.3f} -> {last:.3f} (mean of the last 10 steps) in "
@@ -201,6 +223,7 @@ def add_commands(sub) -> None:
     pre.add_argument("--projection-size", type=count, default=0, help="0: no reparameterisation")
     ia3 = ft.add_argument_group("ia3")
     ia3.add_argument("--feedforward", help="with --targets: which of them scale their input")
+    add_timeout_argument(ft)
     ft.add_argument("--eval", action="store_true", help="evaluate on --eval-data afterwards")
     _eval_args(ft)
     ft.set_defaults(func=cmd_finetune)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
 
 def say(msg: str) -> None:
-    print(f"[eefast] {msg}", flush=True)
+    """A progress line; under torchrun, from rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[eefast] {msg}", flush=True)
 
 
 def _number(text: str, cast, what: str, ok) -> int | float:
@@ -79,3 +82,21 @@ def load(args: argparse.Namespace):
     from ..hf import load_model
 
     return load_model(args.model, DTYPES[args.dtype], args.device)
+
+
+def add_timeout_argument(p) -> None:
+    from ..distributed import DEFAULT_TIMEOUT_S
+
+    p.add_argument("--dist-timeout", type=positive, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a rank waits for another before it fails (a dead or hung "
+                   "rank)")  # fmt: skip
+
+
+def resolve_model_path_once(name: str | None, parallel) -> str:
+    """The model's local path; rank 0 builds the default model's cache first, alone."""
+    from ..hf.loading import resolve_model_path
+
+    if parallel.is_writer:
+        resolve_model_path(name)
+    parallel.barrier()
+    return resolve_model_path(name)

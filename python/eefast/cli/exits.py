@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from statistics import median
@@ -18,6 +19,8 @@ from ..data import (
     split_blocks,
     token_blocks,
 )
+from ..distributed import DEFAULT_TIMEOUT_S, init_parallel, shutdown
+from ..distributed.pipeline import build_stage
 from ..eval import evaluate_exits, format_table, plot_exits
 from ..exits import (
     DRAFT_VOCAB_FILE,
@@ -32,7 +35,9 @@ from ..io import write_json
 from ..nn import EXIT_KINDS
 from ..train import TuneConfig, ee_tune
 from .common import (
+    DTYPES,
     add_model_arguments,
+    add_timeout_argument,
     count,
     float_list,
     int_list,
@@ -40,6 +45,7 @@ from .common import (
     nonnegative,
     positive,
     positive_int,
+    resolve_model_path_once,
     say,
 )
 
@@ -51,6 +57,12 @@ def _load(args):
         f"loaded {model.config._name_or_path} ({model.config.model_type}, "
         f"{model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s"
     )
+    return (model, *_blocks(args, tokenizer))
+
+
+def _blocks(args, tokenizer):
+    """(training blocks, held-out blocks) of --data, as --seq-len, --eval-blocks and
+    --train-blocks say."""
     blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
     train, held_out = split_blocks(blocks, args.eval_blocks)
     train = train[: getattr(args, "train_blocks", None)]
@@ -58,7 +70,7 @@ def _load(args):
         f"corpus {args.data}: {blocks.numel():,} tokens = {len(blocks)} blocks of "
         f"{args.seq_len}; training on {len(train)}, {len(held_out)} held out"
     )
-    return model, train, held_out
+    return train, held_out
 
 
 def _report(ee, held_out, args, out: Path | None) -> list[dict]:
@@ -85,6 +97,7 @@ def _tune_config(args) -> TuneConfig:
         seed=args.seed,
         cache_hidden=args.cache_hidden,
         cache_path=args.cache_path,
+        microbatches=getattr(args, "microbatches", 1),
     )
 
 
@@ -93,13 +106,21 @@ def _tune_config(args) -> TuneConfig:
 DEFAULT_EXITS = [8, 15, 22]
 
 
+def _exit_layers(args, num_layers: int) -> list[int]:
+    if args.exits is not None:
+        return args.exits
+    return [num_layers] if args.kind == "draft" else DEFAULT_EXITS
+
+
 def cmd_tune(args) -> None:
     torch.manual_seed(args.seed)
+    parallel = init_parallel(
+        getattr(args, "pipeline_stages", 1), getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)
+    )
+    if parallel.active:
+        return _tune_scaled_out(args, parallel)
     model, train, held_out = _load(args)
-    layers = args.exits
-    if layers is None:
-        top = [model.config.num_hidden_layers]
-        layers = top if args.kind == "draft" else DEFAULT_EXITS
+    layers = _exit_layers(args, model.config.num_hidden_layers)
     ee = add_exits(model, layers, args.kind, args.init, args.share_lm_head)
     say(
         f"exits ({args.kind}) after blocks {ee.exit_layers} of {ee.num_layers}; "
@@ -118,6 +139,48 @@ def cmd_tune(args) -> None:
         say(f"step {last['step']}: loss {last['loss']:.3f}, {last['tokens_per_s']:.0f} tokens/s")
     say("held-out quality per exit (tuned vs untuned baseline = final norm + LM head there):")
     _report(ee, held_out, args, out)
+
+
+def _tune_scaled_out(args, parallel) -> None:
+    """`eefast tune` under torchrun: this rank's pipeline stage (P = --pipeline-stages) of
+    one of D = N / P data-parallel replicas. Rank 0 prints and writes the files."""
+    from transformers import AutoTokenizer
+
+    try:
+        path = resolve_model_path_once(args.model, parallel)
+        train, held_out = _blocks(args, AutoTokenizer.from_pretrained(path))
+        layout = parallel.layout
+        device = args.device
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        from transformers import AutoConfig
+
+        layers = _exit_layers(args, AutoConfig.from_pretrained(path).num_hidden_layers)
+        stage = build_stage(path, layers, parallel, args.kind, args.init, args.share_lm_head,
+                            to_top=args.kd_weight > 0, dtype=DTYPES[args.dtype],
+                            device=device)  # fmt: skip
+        say(
+            f"{layout.world} processes: {layout.stages} pipeline stages x {layout.replicas} "
+            f"data-parallel replicas; {args.microbatches} microbatches per replica and step"
+        )
+        for i, plan in enumerate(stage.plans):
+            say(f"stage {i}: blocks {plan.first + 1}-{plan.last}, exits {list(plan.exits)}")
+        out = Path(args.out)
+        t0 = time.perf_counter()
+        metrics = ee_tune(stage.ee, train, held_out, _tune_config(args), out,
+                          resume=not args.no_resume, stage=stage)  # fmt: skip
+        say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
+        if metrics:
+            last = metrics[-1]
+            say(f"step {last['step']}: loss {last['loss']:.3f}, "
+                f"{last['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+            held = {k.removeprefix("eval_loss_exit"): round(v, 3) for k, v in last.items()
+                    if k.startswith("eval_loss_exit")}  # fmt: skip
+            if held:
+                say(f"held-out loss per exit: {held}")
+        say(f"the full report needs the whole model: eefast eval-exits --exits {out}")
+    finally:
+        shutdown(parallel)
 
 
 def cmd_eval_exits(args) -> None:
@@ -317,6 +380,20 @@ def add_commands(sub) -> None:
     tune.add_argument("--init", choices=("copy", "random"), default="copy")
     tune.add_argument("--out", required=True, help="checkpoints, metrics and the final exits")
     tune.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    scale = tune.add_argument_group("scale-out (under torchrun --nproc-per-node N)")
+    scale.add_argument(
+        "--pipeline-stages",
+        type=positive_int,
+        default=1,
+        help="P stages, each ending at one of its exits; D = N / P replicas",
+    )
+    scale.add_argument(
+        "--microbatches",
+        type=positive_int,
+        default=1,
+        help="per replica and step; a pipeline wants about P",
+    )
+    add_timeout_argument(scale)
     tune.set_defaults(func=cmd_tune)
 
     dd = sub.add_parser(

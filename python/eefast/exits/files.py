@@ -50,9 +50,14 @@ def exits_config(ee: EarlyExitModel) -> dict:
 def save_exits(ee: EarlyExitModel, directory) -> None:
     """Write only the exits (``exits.safetensors`` + ``exits.json``), atomically. An exit
     classifier fitted to earlier exits there is removed: it no longer describes them."""
+    write_exits(directory, ee.exits.state_dict(), exits_config(ee))
+
+
+def write_exits(directory, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """`save_exits` from the pieces: what a pipeline's rank 0 writes for all its stages."""
     directory = Path(directory)
-    write_safetensors(directory / "exits.safetensors", ee.exits.state_dict())
-    write_json(directory / "exits.json", exits_config(ee))
+    write_safetensors(directory / "exits.safetensors", tensors)
+    write_json(directory / "exits.json", config)
     (directory / CLASSIFIER_FILE).unlink(missing_ok=True)
 
 

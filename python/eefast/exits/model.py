@@ -232,8 +232,14 @@ class EarlyExitModel(nn.Module):
         return total, losses
 
     @contextmanager
-    def _hooks(self, layers: Iterable[int], stop: bool, states: BackboneStates):
-        deepest = max(layers)
+    def _hooks(
+        self, layers: Iterable[int], stop: bool, states: BackboneStates, first_block: int = 0
+    ):
+        """Record the given exit layers' outputs (and, for exits that run a block, the block
+        arguments seen by block ``first_block``, the first one run); with ``stop``, end the
+        pass after the deepest."""
+        layers = list(layers)
+        deepest = max(layers, default=0)
         handles = []
 
         def record(layer):
@@ -254,9 +260,8 @@ class EarlyExitModel(nn.Module):
             for layer in layers:
                 handles.append(self.parts.layers[layer - 1].register_forward_hook(record(layer)))
             if self.runs_a_block:
-                handles.append(
-                    self.parts.layers[0].register_forward_pre_hook(record_args, with_kwargs=True)
-                )
+                first = self.parts.layers[first_block]
+                handles.append(first.register_forward_pre_hook(record_args, with_kwargs=True))
             yield
         finally:
             for h in handles:
@@ -407,8 +412,10 @@ def add_exits(
         norm = None if kind == "embed" else copy.deepcopy(parts.final_norm)
         lm_head = None if share_lm_head else copy.deepcopy(parts.lm_head)
         head = ExitHead(kind, norm, lm_head, block)
-        if init == "random":
-            _reinit(head)
+        if init == "random":  # seeded per exit: the same weights whatever else is built
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((torch.initial_seed() + layer) % 2**63)
+                _reinit(head)
         head.requires_grad_(True)
         exits[layer] = head
     return EarlyExitModel(model, parts, exits)

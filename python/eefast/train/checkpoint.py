@@ -17,34 +17,53 @@ from safetensors.torch import load_file
 from ..io import read_json, reading, write_json, write_safetensors
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = optimizer.state_dict()
+def optimizer_state(optimizer, params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
+    """(tensors, scalars) of the optimizer's per-parameter state, keyed
+    ``<parameter name>.<state key>``: by name, so a run resumes onto another layout (a
+    pipeline stage reads back only its own parameters' state)."""
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            (tensors if torch.is_tensor(value) else scalars)[f"{name}.{key}"] = value
+    return tensors, scalars
 
 
-def restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
-    """Load what `save_checkpoint` wrote for the optimizer back into it."""
+def optimizer_meta(optimizer, scalars: dict) -> dict:
+    """What the optimizer's JSON keeps: its hyper-parameters and the non-tensor state."""
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    return {"param_groups": [group], "scalars": scalars}
+
+
+def restore_optimizer(optimizer, params: dict[str, torch.nn.Parameter], tensors: dict,
+                      meta: dict) -> None:  # fmt: skip
+    """Load the state `optimizer_state` saved for ``params`` (name -> parameter, in the
+    optimizer's order) back into the optimizer; other parameters' state is ignored.
+    Checkpoints from before the state was keyed by name used the parameter's index."""
+    order = list(params)
+    index = {name: i for i, name in enumerate(order)}
     state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for full, value in [*tensors.items(), *meta["scalars"].items()]:
+        name, key = full.rsplit(".", 1)
+        i = index.get(name, int(name) if name.isdigit() else None)
+        if i is not None:
+            state.setdefault(i, {})[key] = value
+    group = {k: v for k, v in meta["param_groups"][0].items() if k != "params"}
+    group["params"] = list(range(len(order)))
+    optimizer.load_state_dict({"state": state, "param_groups": [group]})
 
 
 def save_checkpoint(
-    root: Path, step: int, modules_state: dict, optimizer, info: dict, keep: int = 1
+    root: Path,
+    step: int,
+    modules_state: dict,
+    opt_tensors: dict,
+    opt_meta: dict,
+    info: dict,
+    keep: int = 1,
 ) -> Path:
     """Write ``root/step-XXXXXXX`` (module tensors, optimizer, info) and point latest.json at it."""
     root = Path(root)
     directory = root / f"step-{step:07d}"
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     write_safetensors(directory / "model.safetensors", modules_state)
     write_safetensors(directory / "optimizer.safetensors", opt_tensors)
     write_json(directory / "state.json", {"step": step, "optimizer": opt_meta, **info})

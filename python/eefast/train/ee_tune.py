@@ -5,6 +5,11 @@ cache, not at all), then the exits with grad, and one fused multi-exit loss
 (`linear_cross_entropy`): per-exit CE, optional z-loss and optional KD towards the final layer.
 Runs are resumable: the batch order and learning rate are pure functions of the step, and
 checkpoints hold the exits and the optimizer, so resuming gives the uninterrupted result.
+
+Scaled out (``stage``: this rank's `PipelineStage` under torchrun), each replica takes its
+share of the global batch in ``microbatches``, each stage trains its own exits on what its
+blocks computed, and the loop sums the gradients over the replicas: the same updates as one
+process, within float rounding. Checkpoints and the exits files are the single-process ones.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import next_token_targets
-from ..exits.files import check_fingerprint, exits_config, save_exits
+from ..distributed import Parallel
+from ..exits.files import check_fingerprint, exits_config, write_exits
 from ..exits.model import BackboneStates, EarlyExitModel
 from ..io import write_text
 from .hidden_cache import HiddenCache, blocks_digest
@@ -45,11 +51,12 @@ class TuneConfig:
     cache_hidden: bool = False  # run the backbone once over the data, keep exit-layer inputs
     cache_path: str | None = None  # reuse/write the hidden cache here
     log_every: int = 1
+    microbatches: int = 1  # per replica and step: what keeps a pipeline's stages busy
 
     def validate(self, n_exits: int) -> None:
         if self.steps < 0 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError("ee_tune: need steps >= 0, batch_size >= 1 and a finite lr > 0")
-        for name in ("eval_every", "eval_batches", "save_every", "log_every"):
+        for name in ("eval_every", "eval_batches", "save_every", "log_every", "microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ee_tune: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("weight_decay", "kd_weight", "z_loss", "grad_clip"):
@@ -73,20 +80,31 @@ def exit_weights_at(cfg: TuneConfig, n_exits: int, step: int) -> list[float]:
 
 
 class _Data:
-    """Backbone states for a set of block indices: from the cache, or by running the backbone."""
+    """Backbone states for sets of block indices: from the cache, by running the backbone, or
+    by this rank's stage of a pipeline pass."""
 
-    def __init__(self, ee, blocks, cache: HiddenCache | None, need_final: bool):
+    def __init__(self, ee, blocks, cache: HiddenCache | None, need_final: bool, stage=None):
         self.ee, self.blocks, self.cache, self.need_final = ee, blocks, cache, need_final
+        self.stage = stage
 
-    def states(self, index: torch.Tensor) -> tuple[BackboneStates, torch.Tensor]:
+    def batches(self, indices: list[torch.Tensor]) -> list[tuple[BackboneStates, torch.Tensor]]:
+        """(states, flat next-token targets) per index set. A pipeline stage runs its part of
+        every pass before it waits for any final states, so the stages overlap."""
         device = self.ee.model.device
-        ids = self.blocks[index]
-        if self.cache is not None:
-            states = self.cache.states(index, device)
-            states.input_ids = ids.to(device)
-        else:
-            states = self.ee.backbone_states(ids.to(device), need_final=self.need_final)
-        return states, next_token_targets(ids).to(device)
+        out = []
+        for index in indices:
+            ids = self.blocks[index]
+            if self.cache is not None:
+                states = self.cache.states(index, device)
+                states.input_ids = ids.to(device)
+            elif self.stage is not None:
+                states = self.stage.backbone_states(ids.to(device), self.need_final)
+            else:
+                states = self.ee.backbone_states(ids.to(device), need_final=self.need_final)
+            out.append((states, next_token_targets(ids).to(device)))
+        if self.stage is not None:
+            self.stage.wait()
+        return out
 
 
 @torch.no_grad()
@@ -95,7 +113,7 @@ def eval_loss(ee: EarlyExitModel, data: _Data, batch_size: int, batches: int) ->
     n = min(batches, len(data.blocks) // batch_size)
     totals = torch.zeros(len(ee.exit_layers))
     for b in range(n):
-        states, targets = data.states(torch.arange(b * batch_size, (b + 1) * batch_size))
+        [(states, targets)] = data.batches([torch.arange(b * batch_size, (b + 1) * batch_size)])
         totals += ee.exit_losses(states, targets, [1.0] * len(totals))[1].cpu()
     return (totals / max(n, 1)).tolist()
 
@@ -110,14 +128,41 @@ def _write_metrics(out: Path, metrics: list[dict]) -> None:
     write_text(out / "metrics.csv", buf.getvalue())
 
 
-def _hidden_cache(ee, blocks, cfg, need_final, progress) -> HiddenCache:
+def _hidden_cache(ee, blocks, cfg, need_final, rows, progress, stage) -> HiddenCache:
+    """The hidden cache of ``ee``'s exits, built in batches of ``rows`` (a microbatch: the
+    shape the cached block arguments are for). Under a pipeline each stage keeps its own exits'
+    states in its own file, and the stages agree to build (together) unless all can load."""
     path = Path(cfg.cache_path) if cfg.cache_path else None
-    cache = path and HiddenCache.load(path, ee, blocks, cfg.batch_size, need_final)
+    backbone, parallel = None, None
+    if stage is not None:
+        parallel = stage.parallel
+        if path and parallel.layout.stages > 1:
+            path = path.with_name(f"{path.name}.exits{'-'.join(map(str, ee.exit_layers))}")
+
+        def backbone(ids, need_final=False):
+            return stage.backbone_states(ids, need_final, wait=True)
+
+    usable = bool(path) and HiddenCache.usable(path, ee, blocks, need_final)
+    if parallel is not None:
+        usable = all(parallel.all_stages(usable))
+    cache = HiddenCache.load(path, ee, blocks, rows, need_final, backbone) if usable else None
     if cache is None:
-        cache = HiddenCache.build(ee, blocks, cfg.batch_size, need_final, progress=progress)
-        if path:
+        cache = HiddenCache.build(ee, blocks, rows, need_final, progress=progress,
+                                  backbone=backbone)  # fmt: skip
+        if path and (parallel is None or parallel.layout.replica == 0):
             cache.save(path)
     return cache
+
+
+def _shares(cfg: TuneConfig, parallel: Parallel) -> int:
+    """Rows per microbatch: the global batch splits evenly over replicas and microbatches."""
+    D, M = parallel.layout.replicas, cfg.microbatches
+    if cfg.batch_size % (D * M):
+        raise ValueError(
+            f"ee_tune: batch_size {cfg.batch_size} does not split evenly into {D} replicas x "
+            f"{M} microbatches; use a multiple of {D * M}"
+        )
+    return cfg.batch_size // (D * M)
 
 
 def ee_tune(
@@ -128,22 +173,30 @@ def ee_tune(
     out_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    stage=None,
 ) -> list[dict]:
     """Tune the exits of ``ee`` on ``[n, seq]`` token blocks; returns the metrics log.
 
     With ``out_dir``, checkpoints (exits + optimizer) are written every ``save_every`` steps
     and on Ctrl-C, a run there resumes from its latest checkpoint, the metrics go to
     ``metrics.jsonl``/``metrics.csv`` and the final exits to ``exits.safetensors``/``.json``.
+    Under torchrun, ``stage`` is this rank's `PipelineStage` (``ee`` holds its exits only);
+    every rank passes the same blocks and config, and rank 0 writes the files.
     """
     cfg = config or TuneConfig()
-    layers = ee.exit_layers
+    parallel = stage.parallel if stage is not None else Parallel.single()
+    local = ee.exit_layers
+    layers = [e for plan in stage.plans for e in plan.exits] if stage is not None else local
+    slots = [layers.index(e) for e in local]  # my exits' places among all of them
     cfg.validate(len(layers))
     if train_blocks.dim() != 2 or len(train_blocks) == 0:
         raise ValueError("ee_tune: train_blocks must be a non-empty [n_blocks, seq_len] tensor")
     batch_index(len(train_blocks), cfg.batch_size, 0, cfg.seed, "ee_tune")  # fail early
+    rows = _shares(cfg, parallel)
     need_final = cfg.kd_weight > 0 or ee.needs_final
     out = Path(out_dir) if out_dir else None
     ckpt_root = out / "checkpoint" if out else None
+    info_exits = exits_config(ee) | {"layers": layers}
 
     def check(saved: dict) -> None:
         check_fingerprint(saved["exits"]["fingerprint"], ee.model, f"checkpoint in {ckpt_root}")
@@ -153,14 +206,20 @@ def ee_tune(
                 f"({saved['exits']['kind']}), this model has {layers} ({ee.kind})"
             )
 
+    def write_exits_files() -> None:
+        stages = parallel.gather_to_writer(ee.exits.state_dict())
+        if stages is not None:
+            write_exits(out, {k: v for part in stages for k, v in part.items()}, info_exits)
+
     settings = LoopSettings(
         cfg.steps, cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps, cfg.grad_clip, cfg.save_every
     )
     params = {n: p for n, p in ee.exits.named_parameters() if p.requires_grad}
     # What a resumed run must share with the checkpoint: the hyper-parameters that change its
-    # updates, and the training data itself (a checksum of the token blocks).
+    # updates, and the training data itself (a checksum of the token blocks). Not the layout:
+    # a run resumes onto other numbers of stages, replicas and microbatches.
     cadence = ("steps", "eval_every", "eval_batches", "save_every", "log_every", "cache_hidden",
-               "cache_path")  # fmt: skip
+               "cache_path", "microbatches")  # fmt: skip
     run = {
         "config": {k: v for k, v in asdict(cfg).items() if k not in cadence},
         "train_blocks": blocks_digest(train_blocks),
@@ -172,45 +231,59 @@ def ee_tune(
         ckpt_root,
         run,
         check=check,
-        info={"exits": exits_config(ee), "config": asdict(cfg)},
+        info={"exits": info_exits, "config": asdict(cfg)},
         resume=resume,
         progress=progress,
         on_checkpoint=(lambda log: _write_metrics(out, log)) if out else None,
-        on_interrupt=(lambda: save_exits(ee, out)) if out else None,  # usable as they are
+        on_interrupt=write_exits_files if out else None,  # usable as they are
+        parallel=parallel,
     )
-    cache = _hidden_cache(ee, train_blocks, cfg, need_final, progress) if cfg.cache_hidden else None
-    train = _Data(ee, train_blocks, cache, need_final)
-    held_out = _Data(ee, eval_blocks, None, False) if eval_blocks is not None else None
+    show = progress and parallel.is_writer
+    cache = (_hidden_cache(ee, train_blocks, cfg, need_final, rows, show, stage)
+             if cfg.cache_hidden else None)  # fmt: skip
+    train = _Data(ee, train_blocks, cache, need_final, stage)
+    held_out = _Data(ee, eval_blocks, None, False, stage) if eval_blocks is not None else None
+
+    def everywhere(values: torch.Tensor) -> list[float]:
+        """Per-exit values of my exits -> all exits' (summed over stages, mean over replicas)."""
+        full = torch.zeros(len(layers) + 1, dtype=torch.float64)
+        full[[s + 1 for s in slots]] = values[1:].double()
+        full[0] = float(values[0])
+        return parallel.mean_over_replicas(full).tolist()
 
     def evaluate() -> dict:
         ee.exits.eval()
         evals = eval_loss(ee, held_out, cfg.batch_size, cfg.eval_batches)
         ee.exits.train()
+        evals = everywhere(torch.tensor([0.0, *evals]))[1:]
         return {f"eval_loss_exit{layer}": v for layer, v in zip(layers, evals, strict=True)}
 
+    replica, replicas = parallel.layout.replica, parallel.layout.replicas
     ee.exits.train()
     try:
         with loop:
             for step in loop.steps():
-                states, targets = train.states(
-                    batch_index(len(train_blocks), cfg.batch_size, step, cfg.seed)
-                )
-                total, losses = ee.exit_losses(
-                    states,
-                    targets,
-                    exit_weights_at(cfg, len(layers), step),
-                    cfg.kd_weight,
-                    cfg.z_loss,
-                )
-                total.backward()
+                index = batch_index(len(train_blocks), cfg.batch_size, step, cfg.seed)
+                mine = index.tensor_split(replicas)[replica].split(rows)
+                weights = exit_weights_at(cfg, len(layers), step)
+                weights = [weights[s] for s in slots]
+                logged = torch.zeros(len(local) + 1, dtype=torch.float64)
+                for states, targets in train.batches(list(mine)):
+                    total, losses = ee.exit_losses(states, targets, weights, cfg.kd_weight,
+                                                   cfg.z_loss)  # fmt: skip
+                    # Means over the replica's rows; summing the replicas' gradients then
+                    # gives the global batch's mean.
+                    (total * (len(states.input_ids) / cfg.batch_size)).backward()
+                    share = len(mine) and 1 / len(mine)
+                    logged += torch.cat([total.detach().reshape(1), losses.cpu()]).double() * share
                 done = step + 1
                 evaluating = held_out is not None and (
                     done % cfg.eval_every == 0 or done == cfg.steps
                 )
-                record = {"loss": float(total.detach()), "tokens": targets.numel()}
-                record |= {
-                    f"loss_exit{layer}": float(v) for layer, v in zip(layers, losses, strict=True)
-                }
+                values = everywhere(logged)
+                record = {"loss": values[0], "tokens": cfg.batch_size * train_blocks.shape[1]}
+                record |= {f"loss_exit{layer}": v for layer, v in zip(layers, values[1:],
+                                                                      strict=True)}  # fmt: skip
                 loop.update(
                     record,
                     keep=done % cfg.log_every == 0 or done % cfg.eval_every == 0,
@@ -219,5 +292,5 @@ def ee_tune(
     finally:
         ee.exits.eval()
     if out:
-        save_exits(ee, out)
+        write_exits_files()
     return loop.log

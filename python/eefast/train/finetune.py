@@ -1,6 +1,11 @@
 """Adapter fine-tuning: instruction data with the prompt masked out of the loss, gradient
 accumulation, and the shared loop's progress bar, atomic checkpoints and exact resume
 (train/loop.py). torch's RNG is reseeded per step, so dropout replays on resume too.
+
+Data-parallel under torchrun (``parallel``): each replica takes its share of every batch, its
+loss is its labelled tokens' sum over the whole batch's count, and the loop sums the adapter
+gradients over the replicas (the only thing communicated), so the updates are the single
+process's within float rounding (with adapter dropout, each replica draws its own masks).
 """
 
 from __future__ import annotations
@@ -14,19 +19,24 @@ from torch import nn
 
 from ..data.corpus import IGNORE
 from ..data.rows import Example, collate
+from ..distributed import Parallel
 from ..hf.arch import ARCHS
 from ..hf.loss import fused_causal_lm_loss
 from .loop import LoopSettings, TrainLoop, batch_index
 
 
-def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
-    """HF's causal-LM loss with the LM head fused (``hf.loss.fused_causal_lm_loss``). Other
-    architectures than eefast's known ones fall back to ``model(..., labels=labels).loss``.
-    """
+def causal_lm_loss(
+    model: nn.Module, input_ids, attention_mask, labels, num_items_in_batch=None
+) -> torch.Tensor:
+    """HF's causal-LM loss with the LM head fused (``hf.loss.fused_causal_lm_loss``): the
+    mean over labelled tokens, or their sum over ``num_items_in_batch``. Other architectures
+    than eefast's known ones fall back to ``model(..., labels=labels).loss``."""
     head = model.get_output_embeddings()
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     if model.config.model_type not in ARCHS or not isinstance(head, nn.Linear):
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    return fused_causal_lm_loss(model, input_ids, attention_mask, labels)
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     **kwargs).loss  # fmt: skip
+    return fused_causal_lm_loss(model, input_ids, attention_mask, labels, **kwargs)
 
 
 @dataclass
@@ -63,6 +73,7 @@ def finetune(
     resume: bool = True,
     progress: bool = True,
     pad_id: int = 0,
+    parallel: Parallel | None = None,
 ) -> list[dict]:
     """Train the model's trainable parameters on the examples; returns the loss log.
 
@@ -92,7 +103,18 @@ def finetune(
     settings = LoopSettings(
         config.steps, config.lr, config.weight_decay, config.warmup_steps, 0.0, config.save_every
     )
-    loop = TrainLoop("finetune", params, settings, ckpt_dir, run, resume=resume, progress=progress)
+    parallel = parallel or Parallel.single()
+    if parallel.layout.stages != 1:
+        raise ValueError("finetune: data-parallel only; pipeline stages are for EE-Tuning")
+    replicas, replica = parallel.layout.replicas, parallel.layout.replica
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"finetune: batch_size {config.batch_size} does not split evenly over {replicas} "
+            "data-parallel replicas"
+        )
+    parallel.broadcast_from_first_replica(list(params.values()))
+    loop = TrainLoop("finetune", params, settings, ckpt_dir, run, resume=resume,
+                     progress=progress, parallel=parallel)  # fmt: skip
     was_training = model.training
     model.train()
     try:
@@ -105,16 +127,19 @@ def finetune(
                         len(examples), config.batch_size, step * config.grad_accum + micro,
                         config.seed,
                     )  # fmt: skip
-                    batch = collate(
-                        [examples[i] for i in idx.tolist()],
-                        config.max_len,
-                        pad_id,
-                        config.mask_prompt,
-                    )
-                    loss = causal_lm_loss(model, **batch) / config.grad_accum
-                    loss.backward()
-                    total += loss.item()
-                    tokens += int((batch["labels"] != IGNORE).sum())
+                    rows = [examples[i] for i in idx.tolist()]
+                    whole = collate(rows, config.max_len, pad_id, config.mask_prompt)
+                    # The tokens HF's shifted loss counts, over the whole batch: each replica
+                    # divides its share's sum by it.
+                    counted = int((whole["labels"][:, 1:] != IGNORE).sum())
+                    share = rows[len(rows) * replica // replicas :
+                                 len(rows) * (replica + 1) // replicas]  # fmt: skip
+                    batch = collate(share, config.max_len, pad_id, config.mask_prompt)
+                    loss = causal_lm_loss(model, **batch, num_items_in_batch=max(counted, 1))
+                    (loss / config.grad_accum).backward()
+                    total += loss.item() / config.grad_accum
+                    tokens += int((whole["labels"] != IGNORE).sum())
+                total = float(parallel.mean_over_replicas(torch.tensor([total]))[0]) * replicas
                 loop.update({"loss": total, "tokens": tokens})
     finally:
         model.train(was_training)

@@ -50,7 +50,12 @@ class HiddenCache:
         need_final: bool = False,
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
+        backbone=None,
     ) -> HiddenCache:
+        """Run ``backbone(ids, need_final=...)`` (default: the exits' own backbone pass; a
+        pipeline stage passes its part of one) over ``blocks`` and keep ``ee``'s exit
+        layers' states."""
+        backbone = backbone or ee.backbone_states
         layers = ee.exit_layers
         need_final = need_final or ee.needs_final
         # A draft exit reads only the final features (and the token ids, which are the blocks).
@@ -67,7 +72,7 @@ class HiddenCache:
             unit="batch",
         ):
             ids = blocks[start : start + batch_size].to(ee.model.device)
-            states = ee.backbone_states(ids, need_final=need_final)
+            states = backbone(ids, need_final=need_final)
             for layer in stored:
                 hiddens[layer][start : start + len(ids)] = states.hiddens[layer].to(dtype)
             if need_final:
@@ -81,6 +86,21 @@ class HiddenCache:
             "fingerprint": model_fingerprint(ee.model),
         }
         return cls(hiddens, final, first.block_args, first.block_kwargs, meta)
+
+    @staticmethod
+    def usable(path: Path, ee: EarlyExitModel, blocks: torch.Tensor, need_final: bool) -> bool:
+        """Whether ``path`` holds a cache built for this model, these layers and blocks (a
+        cache of another model is an error, not a miss)."""
+        if not Path(path).is_file():
+            return False
+        with reading(path), safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["eefast"])
+            check_fingerprint(meta["fingerprint"], ee.model, f"hidden-state cache {path}")
+        return (
+            meta["layers"] == ee.exit_layers
+            and meta["blocks"] == blocks_digest(blocks)
+            and (meta["need_final"] or not need_final)
+        )
 
     def states(self, index: torch.Tensor, device) -> BackboneStates:
         """What `EarlyExitModel.backbone_states` would give for blocks ``index``."""
@@ -97,20 +117,20 @@ class HiddenCache:
 
     @classmethod
     def load(
-        cls, path: Path, ee: EarlyExitModel, blocks: torch.Tensor, batch_size: int, need_final: bool
+        cls,
+        path: Path,
+        ee: EarlyExitModel,
+        blocks: torch.Tensor,
+        batch_size: int,
+        need_final: bool,
+        backbone=None,
     ) -> HiddenCache | None:
-        """The cache at ``path`` if it was built for this model, these layers and blocks."""
-        if not Path(path).is_file():
+        """The cache at ``path`` if it was built for this model, these layers and blocks
+        (``backbone`` as in `build`, for a ``layer`` exit's block arguments)."""
+        if not cls.usable(path, ee, blocks, need_final):
             return None
         with reading(path), safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["eefast"])
-            check_fingerprint(meta["fingerprint"], ee.model, f"hidden-state cache {path}")
-            if (
-                meta["layers"] != ee.exit_layers
-                or meta["blocks"] != blocks_digest(blocks)
-                or (need_final and not meta["need_final"])
-            ):
-                return None
             hiddens = {
                 int(k.removeprefix("layer.")): f.get_tensor(k)
                 for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
@@ -119,6 +139,6 @@ class HiddenCache:
             final = f.get_tensor("final") if meta["need_final"] else None
         block_args, block_kwargs = (), {}
         if ee.runs_a_block:  # positions/masks depend on the batch shape only
-            probe = ee.backbone_states(blocks[:batch_size].to(ee.model.device))
+            probe = (backbone or ee.backbone_states)(blocks[:batch_size].to(ee.model.device))
             block_args, block_kwargs = probe.block_args, probe.block_kwargs
         return cls(hiddens, final, block_args, block_kwargs, meta)

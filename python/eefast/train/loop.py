@@ -25,8 +25,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ..distributed import Parallel
 from ..io import reading
-from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
+from .checkpoint import (
+    load_checkpoint,
+    optimizer_meta,
+    optimizer_state,
+    restore_optimizer,
+    save_checkpoint,
+)
 
 MIN_LR_RATE = 0.1  # the cosine decays to this share of the peak learning rate
 
@@ -67,6 +74,12 @@ class TrainLoop:
     """Optimises ``params`` (name -> parameter) for ``settings.steps`` steps, resuming from the
     latest checkpoint in ``ckpt_dir`` when there is one (and ``resume``).
 
+    Under a scaled-out ``parallel`` layout each rank passes its own parameters (a pipeline
+    stage's exits, or a replica's copy): the gradients are summed over the replicas, clipped
+    by the norm over all stages, and checkpoints gather every stage's parameters and
+    optimizer state into the single-process files, keyed by name, which any layout resumes
+    from. Only rank 0 writes and shows progress.
+
     ``run`` says what makes two runs the same one (hyper-parameters, data, model): a
     checkpoint saved under another ``run`` is refused, naming what differs, before anything is
     loaded; so is one that ``check(saved_info)`` rejects. ``info`` is saved with every
@@ -87,6 +100,7 @@ class TrainLoop:
         progress: bool = True,
         on_checkpoint: Callable[[list[dict]], None] | None = None,
         on_interrupt: Callable[[], None] | None = None,
+        parallel: Parallel | None = None,
     ):
         if not params:
             raise ValueError(f"{name}: no trainable parameters")
@@ -94,6 +108,7 @@ class TrainLoop:
         self.ckpt_dir, self.info = ckpt_dir, info or {}
         self.run = json.loads(json.dumps(run or {}))  # as it reads back from the checkpoint
         self.on_checkpoint, self.on_interrupt = on_checkpoint, on_interrupt
+        self.parallel = parallel or Parallel.single()
         self.optimizer = torch.optim.AdamW(
             params.values(), lr=settings.lr, weight_decay=settings.weight_decay
         )
@@ -105,15 +120,20 @@ class TrainLoop:
             if check is not None:
                 check(state["info"])
             _refuse_another_run(name, ckpt_dir, state["run"], self.run)
-            if set(tensors) != set(params):
+            every = {n for names in self.parallel.all_stages(list(params)) for n in names}
+            if set(tensors) != every:
                 raise ValueError(f"{name}: the checkpoint in {ckpt_dir} has other parameters")
             with reading(ckpt_dir), torch.no_grad():
                 for key, p in params.items():
                     p.copy_(tensors[key])
-                restore_optimizer(self.optimizer, opt_tensors, opt_meta)
+                restore_optimizer(self.optimizer, params, opt_tensors, opt_meta)
             self.step, self.log = state["step"], state["log"]
         self._bar = tqdm(
-            total=settings.steps, initial=self.step, desc=name, unit="step", disable=not progress
+            total=settings.steps,
+            initial=self.step,
+            desc=name,
+            unit="step",
+            disable=not (progress and self.parallel.is_writer),
         )
         self._t0 = 0.0
 
@@ -133,8 +153,12 @@ class TrainLoop:
         and seconds added; ``keep=False`` leaves it out of the log), add what ``then()``
         returns (work after the update, such as a held-out evaluation) and checkpoint every
         ``save_every`` steps."""
-        if self.settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.grad_clip)
+        params = list(self.params.values())
+        self.parallel.reduce_gradients(params)
+        if self.settings.grad_clip > 0 and self.parallel.active:
+            self.parallel.clip_grad_norm_(params, self.settings.grad_clip)
+        elif self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         self.optimizer.step()
         self.step += 1
         record = {"step": self.step, **record, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -155,12 +179,19 @@ class TrainLoop:
     def checkpoint(self) -> None:
         if self.ckpt_dir is None:
             return
-        state = {n: p.detach() for n, p in self.params.items()}
+        mine = {n: p.detach().cpu() for n, p in self.params.items()}
+        opt_tensors, scalars = optimizer_state(self.optimizer, self.params)
+        stages = self.parallel.gather_to_writer((mine, opt_tensors, scalars))
+        if stages is None:  # not rank 0: rank 0 writes what every stage sent
+            return
+        state, opt_tensors, scalars = ({k: v for part in stages for k, v in part[i].items()}
+                                       for i in range(3))  # fmt: skip
         save_checkpoint(
             self.ckpt_dir,
             self.step,
             state,
-            self.optimizer,
+            opt_tensors,
+            optimizer_meta(self.optimizer, scalars),
             {"run": self.run, "info": self.info, "log": self.log},
         )
         if self.on_checkpoint is not None:
@@ -171,8 +202,11 @@ class TrainLoop:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._bar.close()
-        if exc_type is KeyboardInterrupt:
-            self.checkpoint()  # no lost work: a rerun resumes here
+        if exc_type is KeyboardInterrupt and not self.parallel.active:
+            # No lost work: a rerun resumes here. (Ranks of a scaled-out run stop at different
+            # points, so they cannot meet for one more checkpoint; a rerun resumes from the
+            # last periodic one.)
+            self.checkpoint()
             if self.on_interrupt is not None:
                 self.on_interrupt()
         elif exc_type is None:
