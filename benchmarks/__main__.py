@@ -1,5 +1,5 @@
-"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify [...]`: time eefast against its
-peers in one run."""
+"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify|scaleout [...]`: time eefast
+against its peers in one run."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from . import (
     bench_exit_stats,
     bench_linear_cross_entropy,
     bench_lora_linear,
+    bench_scaleout,
     bench_trainer,
     bench_verify,
 )
@@ -124,6 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     ve.add_argument("--repeats", type=int, default=5)
     ve.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ve.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    so = sub.add_parser("scaleout", help="pipeline x data-parallel EE-Tuning on SmolLM2")
+    so.add_argument("--layouts", default="1x1,2x1,1x2,3x1,2x2", help="STAGESxREPLICAS,...")
+    so.add_argument("--steps", type=int, default=12)
+    so.add_argument("--batch-size", type=int, default=8)
+    so.add_argument("--seq-len", type=int, default=128)
+    so.add_argument("--exits", type=_ints, default=[8, 15, 22])
+    so.add_argument("--kind", default="mlp")
+    so.add_argument("--threads", type=int, default=2, help="unused: each job splits the cores")
+    so.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -132,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.suite == "verify":
         rows = bench_verify.run(args.rows, args.context, args.repeats)
         path = args.out / f"verify-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        io.write_json(path, {"machine": machine_info(), "rows": rows})
+        print(f"wrote {path}")
+        return
+    if args.suite == "scaleout":
+        rows = bench_scaleout.run(args.layouts.split(","), args.steps, args.batch_size,
+                                  args.seq_len, args.exits, args.kind, args.out)  # fmt: skip
+        path = args.out / f"scaleout-{time.strftime('%Y%m%d-%H%M%S')}.json"
         io.write_json(path, {"machine": machine_info(), "rows": rows})
         print(f"wrote {path}")
         return

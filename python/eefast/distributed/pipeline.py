@@ -3,9 +3,11 @@
 Stage ``i`` holds a contiguous range of blocks and the exits inside it. The backbone runs
 without grad, so nothing flows backwards: a stage receives hidden states from stage ``i-1``
 (stage 0 embeds the tokens), runs its blocks, sends the result to stage ``i+1`` and trains its
-own exits on what it saw. Each stage ends at one of its exits, so every rank trains something
-and no stage past the deepest exit exists; with KD (or a draft exit, which reads the top
-features) the last stage runs on to the top and sends the final-normed states to the others.
+own exits on what it saw. Every stage holds at least one exit, so every rank trains
+something, and no stage past the deepest exit exists; with KD (or a draft exit, which reads the
+top features) the last stage runs on to the top and sends the final-normed states to the
+others. The cuts balance the stages' cost, exits included (on a small model with a large
+vocabulary an exit's LM head costs more than many blocks).
 
 Each rank builds the model with its parameters on the meta device and reads from the
 safetensors files only the tensors it runs: its blocks, the final norm and the LM head (every
@@ -17,6 +19,7 @@ tied to the head; they also give the model its device for HF's code) and the las
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,42 +53,41 @@ def plan_stages(
     exit_cost: float = 1.0,
 ) -> list[StagePlan]:
     """Cut the blocks up to the deepest exit (to the top when ``to_top``) into ``stages``
-    contiguous stages, each ending at one of its exits (the last one: at the deepest exit,
-    or the top), so that the most expensive stage is as cheap as it can be. A block costs 1,
-    an exit ``exit_cost`` (its forward and backward, in blocks)."""
+    contiguous stages, each holding at least one exit (so every rank trains something), such
+    that the most expensive stage is as cheap as it can be. A block costs 1, an exit
+    ``exit_cost`` (its forward and backward, in block forwards)."""
     exits = sorted(exit_layers)
     if stages > len(exits):
         raise ValueError(
-            f"{stages} pipeline stages but {len(exits)} exits ({exits}): each stage ends at one "
-            f"of its exits, so use at most {len(exits)} stages (or add exits)"
+            f"{stages} pipeline stages but {len(exits)} exits ({exits}): every stage trains at "
+            f"least one exit, so use at most {len(exits)} stages (or add exits)"
         )
     end = num_layers if to_top else exits[-1]
 
-    def cost(a: int, b: int) -> float:
+    def cost(a: int, b: int) -> float:  # blocks a+1 .. b and the exits among them
         return (b - a) + exit_cost * sum(a < e <= b for e in exits)
 
-    # best[k][j]: the least max-cost of k stages covering blocks 0 .. exits[j] (cut there).
-    cuts = exits[:-1]
+    def holds_exit(a: int, b: int) -> bool:
+        return any(a < e <= b for e in exits)
+
+    # best[k][b]: the least max-cost of k+1 stages covering blocks 1..b, each with an exit.
     inf = float("inf")
-    best = [[inf] * len(cuts) for _ in range(stages)]
-    back = [[-1] * len(cuts) for _ in range(stages)]
-    for j, c in enumerate(cuts):
-        best[0][j] = cost(0, c)
-    for k in range(1, stages - 1):
-        for j, c in enumerate(cuts):
-            for i in range(j):
-                value = max(best[k - 1][i], cost(cuts[i], c))
-                if value < best[k][j]:
-                    best[k][j], back[k][j] = value, i
-    if stages == 1:
-        bounds = [0, end]
-    else:
-        last = min(range(len(cuts)), key=lambda j: max(best[stages - 2][j], cost(cuts[j], end)))
-        chosen, k, j = [], stages - 2, last
-        while k >= 0:
-            chosen.append(cuts[j])
-            j, k = back[k][j], k - 1
-        bounds = [0, *reversed(chosen), end]
+    best = [[inf] * (end + 1) for _ in range(stages)]
+    back = [[0] * (end + 1) for _ in range(stages)]
+    for b in range(1, end + 1):
+        best[0][b] = cost(0, b) if holds_exit(0, b) else inf
+    for k in range(1, stages):
+        for b in range(1, end + 1):
+            for a in range(1, b):
+                if best[k - 1][a] < inf and holds_exit(a, b):
+                    value = max(best[k - 1][a], cost(a, b))
+                    if value < best[k][b]:
+                        best[k][b], back[k][b] = value, a
+    bounds = [end]
+    for k in range(stages - 1, 0, -1):
+        bounds.append(back[k][bounds[-1]])
+    bounds.append(0)
+    bounds.reverse()
     return [
         StagePlan(a, b, tuple(e for e in exits if a < e <= b))
         for a, b in zip(bounds, bounds[1:], strict=False)
@@ -204,6 +206,7 @@ class PipelineStage:
         self.to_top = plans[-1].last == ee.num_layers
         self._pending: list = []  # sends and receives still in flight
         self._keep: list[torch.Tensor] = []  # buffers they use
+        self.blocks_s = 0.0  # wall time in this stage's blocks (waits: parallel.waiting_s)
 
     @property
     def layout(self):
@@ -245,7 +248,9 @@ class PipelineStage:
         if not self.is_first:
             incoming = self._recv((b, seq, d), self.layout.stage - 1, _HIDDEN_TAG)
             self.wait()
+        t0 = time.perf_counter()
         out = self._run_blocks(input_ids, incoming, states, run_to_top=self.is_last and need_final)
+        self.blocks_s += time.perf_counter() - t0
         last = self.layout.stages - 1
         if need_final and self.is_last:
             states.final = out
@@ -355,3 +360,13 @@ def build_stage(
     model = load_stage_model(model_path, blocks, dtype, device)
     ee = add_exits(model, list(plan.exits), kind, init, share_lm_head)
     return PipelineStage(ee, parallel, plans)
+
+
+def auto_microbatches(batch_size: int, layout) -> int:
+    """Microbatches per replica and step when none are asked for: the fewest that give
+    every stage work at once (at least the number of stages) and split the replica's share of
+    the batch evenly; 1 without a pipeline."""
+    share = batch_size // layout.replicas
+    if layout.stages == 1 or share < 1:
+        return 1
+    return next((m for m in range(layout.stages, share + 1) if share % m == 0), share)
