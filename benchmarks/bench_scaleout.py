@@ -55,7 +55,8 @@ def worker(spec: dict) -> None:
     )
     seconds = time.perf_counter() - t0
     timing = {
-        **stage.seconds,
+        "blocks": stage.blocks_s,
+        "waiting": stage.parallel.waiting_s,
         "total": seconds,
         "exits": list(stage.plan.exits),
         "blocks_range": [stage.plan.first + 1, stage.plan.last],
