@@ -8,7 +8,7 @@ from eefast.exits import add_exits, load_exits, save_draft_vocab, save_exits
 from eefast.generation import generate
 from eefast.generation.decode import accept_sampled
 from eefast.generation.draft_vocab import coverage, frequent_tokens
-from eefast.generation.runner import LlamaRunner
+from eefast.generation.runner import Runner
 from tiny_models import VOCAB, tiny_model, token_batch
 
 NEW = 24
@@ -59,7 +59,7 @@ def test_speculative_greedy_with_a_draft_vocab_is_exact(ee_with_vocab, k, adapti
 
 
 def test_drafts_come_from_the_cut_head_only(ee_with_vocab):
-    runner = LlamaRunner(ee_with_vocab, ee_with_vocab.draft_vocab)
+    runner = Runner(ee_with_vocab, ee_with_vocab.draft_vocab)
     feat = torch.randn(5, 64)
     weight, bias = ee_with_vocab.head(2)
     full = feat @ weight.T + (0 if bias is None else bias)

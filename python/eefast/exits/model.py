@@ -353,13 +353,18 @@ def _check_layers(layers, num_layers: int, kind: str) -> list[int]:
     return sorted(layers)
 
 
+def _own_cache_layer(block: nn.Module, index: int) -> nn.Module:
+    """A copied block that writes a KV cache's layer ``index`` instead of its original's."""
+    for m in block.modules():
+        if hasattr(m, "layer_idx"):
+            m.layer_idx = index
+    return block
+
+
 def _feature_draft(parts: DecoderParts) -> FeatureDraft:
     """A draft exit's body: the last block's copy (its own KV-cache slot, after the model's
     blocks) behind fc([embedding, feature]) -> d, which starts as their sum."""
-    block = copy.deepcopy(parts.layers[-1])
-    attn = getattr(block, "self_attn", None)
-    if attn is not None and hasattr(attn, "layer_idx"):
-        attn.layer_idx = len(parts.layers)
+    block = _own_cache_layer(copy.deepcopy(parts.layers[-1]), len(parts.layers))
     ref = parts.lm_head.weight
     d = ref.shape[1]
     fc = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
@@ -396,7 +401,7 @@ def add_exits(
     model.eval()
     spec = parts.spec
     exits = {}
-    for layer in layers:
+    for j, layer in enumerate(layers):
         block = None
         if kind == "mlp":
             own = parts.layers[layer - 1]
@@ -405,8 +410,8 @@ def add_exits(
                 [copy.deepcopy(getattr(own, name)) for name in spec.mlp],
                 spec.mlp_adds_residual,
             )
-        elif kind == "layer":
-            block = copy.deepcopy(parts.layers[-1])
+        elif kind == "layer":  # generation gives it cache layer num_layers + j
+            block = _own_cache_layer(copy.deepcopy(parts.layers[-1]), len(parts.layers) + j)
         elif kind == "draft":
             block = _feature_draft(parts)
         norm = None if kind == "embed" else copy.deepcopy(parts.final_norm)

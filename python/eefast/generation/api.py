@@ -30,7 +30,7 @@ from .decode import (
     prefill,
 )
 from .feature_draft import decode_feature_draft, prefill_with_draft
-from .runner import LlamaRunner
+from .runner import Runner
 from .sampling import Sampling
 from .stopping import cut_at_stop, eos_ids, stop_checker
 
@@ -173,7 +173,12 @@ def generate(
             "probability; use measure='max_prob'"
         )
 
-    runner = LlamaRunner(ee, ee.draft_vocab if draft_vocab is not False else None)
+    runner = Runner(ee, ee.draft_vocab if draft_vocab is not False else None)
+    if mode == "threshold" and kv == "propagate" and not runner.propagates_kv:
+        raise ValueError(
+            "eefast.generate: kv='propagate' runs on llama-family models without 'layer' "
+            "exits; use kv='recompute'"
+        )
     device = next(ee.model.parameters()).device
     ids = prompt_ids(tokenizer, prompts, chat)
     tokens, valid = left_pad(ids, pad_id(tokenizer), device)

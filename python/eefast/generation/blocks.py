@@ -5,7 +5,7 @@ At batch 1 a SmolLM2 block's weights stream in about 1.4 ms, and calling HF's bl
 ``lean_block`` runs the same operations in the same order, with the block's own rotary and
 the attention function the module would pick (eager or SDPA), and the linears on
 ``decode_linear``, so its output is bit-identical to the module's under
-``LlamaRunner.decode_linears`` (tested). Only blocks that are exactly HF's qualify; one with
+``Runner.decode_linears`` (tested). Only blocks that are exactly HF's qualify; one with
 hooks, adapters or another attention backend runs through its module.
 
 ``fused_block`` goes further for decode steps: the whole block is one ``decode_block`` call

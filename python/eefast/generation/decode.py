@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import DecodeState
-from .runner import LlamaRunner
+from .runner import Runner
 from .sampling import Sampling
 
 CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy", "classifier")
@@ -89,16 +89,16 @@ class Outputs:
         return tuple(t[idx] for t in tensors)
 
 
-def prefill(runner: LlamaRunner, state: DecodeState, ids: torch.Tensor, valid: torch.Tensor):
+def prefill(runner: Runner, state: DecodeState, ids: torch.Tensor, valid: torch.Tensor):
     """Every layer over the left-padded prompts; the final logits of the last slot."""
     state.add_slots(valid)
-    h = runner.run(runner.embed(ids), 0, runner.num_layers, state, fused=False)
+    h = runner.run(runner.embed(ids, state), 0, runner.num_layers, state, fused=False)
     return runner.final_logits(h[:, -1])
 
 
-def _step_all(runner: LlamaRunner, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
+def _step_all(runner: Runner, state: DecodeState, tok: torch.Tensor) -> torch.Tensor:
     state.add_slots(torch.ones(tok.shape[0], 1, dtype=torch.bool, device=tok.device))
-    h = runner.run(runner.embed(tok[:, None]), 0, runner.num_layers, state)
+    h = runner.run(runner.embed(tok[:, None], state), 0, runner.num_layers, state)
     return runner.final_logits(h[:, -1])
 
 
@@ -140,7 +140,7 @@ class DraftLength:
 
 
 def decode_speculative(
-    runner: LlamaRunner,
+    runner: Runner,
     state: DecodeState,
     logits: torch.Tensor,
     out: Outputs,
@@ -182,7 +182,7 @@ def decode_speculative(
         tok, pending, drafts, draft_exits, q_probs = x0, [], [], [], []
         while True:
             state.add_slots(torch.ones(batch, 1, dtype=torch.bool, device=device))
-            h, layer = runner.embed(tok[:, None]), 0
+            h, layer = runner.embed(tok[:, None], state), 0
             if len(drafts) == draft.k:
                 break
             climb = _climb(runner, state, h, exits, pending, decide)
@@ -260,7 +260,7 @@ def confidence(stats, measure: str, vocab: int) -> torch.Tensor:
 
 
 def decode_threshold(
-    runner: LlamaRunner,
+    runner: Runner,
     state: DecodeState,
     logits: torch.Tensor,
     out: Outputs,
@@ -294,7 +294,7 @@ def decode_threshold(
         if not out.rows:
             return stats
         state.add_slots(torch.ones(tok.shape[0], 1, dtype=torch.bool, device=tok.device))
-        climb = _climb(runner, state, runner.embed(tok[:, None]), exits, pending, decide)
+        climb = _climb(runner, state, runner.embed(tok[:, None], state), exits, pending, decide)
         if climb.all_decided:
             if kv == "propagate":
                 runner.propagate_kv(climb.h, climb.layer, L, state)

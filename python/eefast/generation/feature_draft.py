@@ -28,15 +28,15 @@ import torch
 from ..nn.exit_head import previous_features
 from .cache import DecodeState
 from .decode import DecodeStats, DraftLength, Outputs, _emit_each, accept_sampled
-from .runner import LlamaRunner
+from .runner import Runner
 from .sampling import Sampling
 
 
-def prefill_with_draft(runner: LlamaRunner, state: DecodeState, ids, valid):
+def prefill_with_draft(runner: Runner, state: DecodeState, ids, valid):
     """The model's blocks and the draft layer over the left-padded prompts: the final logits
     of the last slot and the top features [B, d] of that slot."""
     state.add_slots(valid)
-    h = runner.run(runner.embed(ids), 0, runner.num_layers, state, fused=False)
+    h = runner.run(runner.embed(ids, state), 0, runner.num_layers, state, fused=False)
     feats = runner.ee.parts.final_norm(h)
     x = _draft_inputs(runner, ids, previous_features(feats))
     runner.draft_features(x, state, fused=False)
@@ -44,11 +44,11 @@ def prefill_with_draft(runner: LlamaRunner, state: DecodeState, ids, valid):
 
 
 def _draft_inputs(runner, tokens: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    return torch.cat([runner.embed(tokens), prev], -1)
+    return torch.cat([runner.token_embedding(tokens), prev], -1)
 
 
 def decode_feature_draft(
-    runner: LlamaRunner,
+    runner: Runner,
     state: DecodeState,
     logits: torch.Tensor,
     feats: torch.Tensor,
@@ -91,7 +91,7 @@ def decode_feature_draft(
             f = runner.draft_features(_draft_inputs(runner, tok[:, None], f[:, None]), state)[:, -1]
         m = len(drafts)
         dr = torch.stack(drafts, 1) if m else x0.new_empty(batch, 0)
-        h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1)), 0, L, state)
+        h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1), state), 0, L, state)
         ver_feats = runner.ee.parts.final_norm(h)  # [B, m + 1, d]
         ver = runner.head_logits(ver_feats)
         if sampling.greedy:
@@ -133,7 +133,7 @@ def decode_feature_draft(
     return stats
 
 
-def _draft_token(runner: LlamaRunner, f: torch.Tensor, sampling: Sampling, gen):
+def _draft_token(runner: Runner, f: torch.Tensor, sampling: Sampling, gen):
     """(token, confidence, q or None) of the draft exit's head on predicted features f [B, d]."""
     layer = runner.num_layers
     if sampling.greedy:

@@ -1,5 +1,7 @@
-"""The runner that calls a llama-family model's own decoder blocks on any range of layers,
-its final norm and LM head and its exits' heads, over a DecodeState (cache.py)."""
+"""The runner that calls a model's own decoder blocks on any range of layers, its final norm
+and LM head and its exits' heads, over a DecodeState (cache.py). What differs between
+architectures (embeddings, positions, the block call) is in archs.py; llama-family blocks
+may also run lean or fused (blocks.py)."""
 
 from __future__ import annotations
 
@@ -7,41 +9,46 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..exits.model import EarlyExitModel
-from ..hf.arch import GENERATION_ARCHS
+from ..hf.arch import GENERATION_ARCHS, decoder_stack
 from ..ops import decode_linear, exit_stats
 from .blocks import fused_block, hf_rotary, lean_attention, lean_block, run_fused
 from .cache import DecodeState
 
 
-class LlamaRunner:
-    """Runs a llama-family model's embedding, blocks, final norm and heads piecewise.
+class Runner:
+    """Runs a model's embedding, blocks, final norm and heads piecewise.
 
     With ``draft_vocab`` (sorted token ids), the exit heads read only those rows: exit logits
     are -inf elsewhere and exit argmaxes lie inside it (see ``draft_vocab.py``). The final
     head always covers the whole vocabulary.
 
     A ``draft`` exit's block is one more layer here, index ``num_layers``, with its own
-    slots in the KV cache (``cache_layers`` counts it)."""
+    slots in the KV cache (``cache_layers`` counts it). So is each ``layer`` exit's block,
+    index ``num_layers + j`` for the j-th exit: every run that carries tokens past the exit's
+    layer also runs its block on them, so its cache holds every token's keys and values, as
+    the block saw them in training, and its output waits for ``exit_hidden``."""
 
     def __init__(self, ee: EarlyExitModel, draft_vocab: torch.Tensor | None = None):
-        if ee.parts.model_type not in GENERATION_ARCHS:
+        if ee.parts.spec.decode is None:
             raise ValueError(
                 f"eefast.generate: {ee.parts.model_type!r} models are not supported yet; "
                 f"generation runs on {list(GENERATION_ARCHS)}"
             )
-        if ee.kind == "layer":
-            raise ValueError(
-                "eefast.generate: 'layer' exits need their own KV cache; use norm, mlp or "
-                "embed exits for generation"
-            )
         self.ee = ee
-        self.base = ee.model.get_decoder()
+        self.arch = ee.parts.spec.decode
+        self.base = decoder_stack(ee.model)
         self.layers: nn.ModuleList = ee.parts.layers
         self.num_layers = len(self.layers)
         self.draft = ee.exit(self.num_layers) if ee.kind == "draft" else None
-        blocks = [*self.layers, *([self.draft.block.block] if self.draft else [])]
+        # layer exit -> its block's cache index; the output of its last run
+        self.exit_blocks = {layer: self.num_layers + j for j, layer in enumerate(ee.exit_layers)
+                            if ee.kind == "layer"}  # fmt: skip
+        self._exit_out: dict[int, torch.Tensor] = {}
+        exit_blocks = [ee.exit(layer).block for layer in self.exit_blocks]
+        blocks = [*self.layers, *([self.draft.block.block] if self.draft else []), *exit_blocks]
         self.dtype = next(ee.model.parameters()).dtype
         # Weight passes, the cost that bounds decoding here: one per block per call (however
         # many tokens it carries) and one per LM-head evaluation (exit or final; an exit head
@@ -58,21 +65,28 @@ class LlamaRunner:
         self._exit_heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
+    def propagates_kv(self) -> bool:
+        """Whether ``propagate_kv`` works here: llama-family blocks, no ``layer`` exits."""
+        return self.arch.propagates_kv and not self.exit_blocks
+
+    @property
     def cache_layers(self) -> int:
         """Layers of the KV cache: the model's blocks and a draft exit's block."""
         return len(self.blocks)
 
     @contextmanager
     def decode_linears(self):
-        """While decoding, the blocks' and exits' plain nn.Linear layers run through
-        ``decode_linear`` (a verify step or a small batch is a few rows; MKL is slow there). A
-        module with its own instance-level forward (a hook library's) is left alone; all are
-        restored after."""
+        """While decoding, the blocks' and exits' plain nn.Linear layers (and GPT-2's Conv1D,
+        a linear with its weight stored transposed) run through ``decode_linear``: a verify
+        step or a small batch is a few rows, where MKL is slow, and ``decode_linear`` sums
+        each row in an order that does not depend on how many rows there are. A module with
+        its own instance-level forward (a hook library's) is left alone; all are restored
+        after."""
         patched = [
             m
             for part in (self.layers, self.ee.exits)
             for m in part.modules()
-            if type(m) is nn.Linear and "forward" not in m.__dict__
+            if type(m) in (nn.Linear, Conv1D) and "forward" not in m.__dict__
         ]
         for m in patched:
             m.forward = _decode_forward(m)
@@ -82,8 +96,14 @@ class LlamaRunner:
             for m in patched:
                 del m.forward
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.base.embed_tokens(ids)
+    def embed(self, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """The embedding of ids [batch, q], the tokens of the state's last q slots (their
+        positions, where the architecture adds learned ones)."""
+        return self.arch.embed(self.base, ids, state.pos[:, -ids.shape[1] :])
+
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embedding alone (what a draft exit reads)."""
+        return self.ee.model.get_input_embeddings()(ids)
 
     @staticmethod
     def _allowed(state: DecodeState, first: int, q: int, window: int | None) -> torch.Tensor:
@@ -110,40 +130,39 @@ class LlamaRunner:
         """Blocks [start, end) on h [batch, q, d], whose tokens are the next q slots of each
         of those layers (layers in the range must hold the same number of slots). Blocks that
         qualify run as one ``decode_block`` call each unless ``fused`` is False (the prefill,
-        whose many rows HF's attention handles better)."""
+        whose many rows HF's attention handles better). A ``layer`` exit whose layer the run
+        reaches (start < layer <= end) runs its block on the tokens there."""
         if start >= end:
             return h
-        self.block_calls += end - start
         first, q = state.cache.lengths[start], h.shape[1]
         pos = state.pos[:, first : first + q]
-        fused_blocks = self.fused if fused else [None] * self.cache_layers
-        allowed: dict[int | None, torch.Tensor] = {}  # per attention window
-        masks: dict[int | None, torch.Tensor] = {}
-        rotary = self.base.rotary_emb(h, position_ids=pos)
+        shared = self.arch.shared(self.base, h, pos, state.valid[:, : first + q])
+        masks: dict = {}  # per attention window: (allowed, additive mask)
         for i in range(start, end):
-            assert state.cache.lengths[i] == first, "layers in one run must be in step"
-            window = self.windows[i]
-            if window not in allowed:
-                allowed[window] = self._allowed(state, first, q, window)
-            if fused_blocks[i] is not None:
-                h = run_fused(fused_blocks[i], i, h, *rotary, allowed[window], state.cache)
-                continue
-            if window not in masks:
-                masks[window] = self._mask(allowed[window])
-            mask = masks[window]
-            if self.lean[i] is not None:
-                h = lean_block(self.blocks[i], self.lean[i], h, rotary, mask, state.cache)
-                continue
-            h = self.blocks[i](
-                h,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=state.cache,
-                use_cache=True,
-                position_embeddings=rotary,
-            )
-            h = h[0] if isinstance(h, tuple) else h
+            h = self._block(i, h, state, first, pos, shared, masks, fused)
+            cache_index = self.exit_blocks.get(i + 1)
+            if cache_index is not None:
+                out = self._block(cache_index, h, state, first, pos, shared, masks, fused)
+                self._exit_out[i + 1] = out
         return h
+
+    def _block(self, i, h, state, first, pos, shared, masks, fused) -> torch.Tensor:
+        """Block (cache layer) ``i`` on h, the tokens of slots first .. first + q."""
+        assert state.cache.lengths[i] == first, "layers in one run must be in step"
+        self.block_calls += 1
+        window = self.windows[i]
+        if window not in masks:
+            allowed = self._allowed(state, first, h.shape[1], window)
+            masks[window] = (allowed, self._mask(allowed))
+        allowed, mask = masks[window]
+        if fused and self.fused[i] is not None:
+            rotary = shared["position_embeddings"]
+            return run_fused(self.fused[i], i, h, *rotary, allowed, state.cache)
+        if self.lean[i] is not None:
+            rotary = shared["position_embeddings"]
+            return lean_block(self.blocks[i], self.lean[i], h, rotary, mask, state.cache)
+        out = self.arch.call(self.blocks[i], h, mask, state.cache, pos, shared)
+        return out[0] if isinstance(out, tuple) else out
 
     def propagate_kv(self, h: torch.Tensor, start: int, end: int, state: DecodeState) -> None:
         """CALM-style KV for blocks [start, end) that a token skipped: each block's keys and
@@ -179,7 +198,13 @@ class LlamaRunner:
         return draft.norm(h)
 
     def exit_hidden(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self.ee.exit(layer)(h)
+        """Exit ``layer``'s pre-head hidden state for the last token of the last run that
+        reached it, whose layer-``layer`` state is h [batch, d]. A ``layer`` exit's block has
+        already run there (``run``); the other kinds run now."""
+        exit_ = self.ee.exit(layer)
+        if layer in self.exit_blocks:
+            return exit_.norm(self._exit_out[layer][:, -1])
+        return exit_(h)
 
     def exit_head(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of exit ``layer``'s head, cut to the draft vocabulary if there is
@@ -227,15 +252,17 @@ class LlamaRunner:
 
 def _sliding_window(layer: nn.Module, config) -> int | None:
     """How many positions back a block attends (None: all), as HF's masks apply it: qwen2
-    sets it per block, mistral for every block."""
-    attn = layer.self_attn
-    if hasattr(attn, "sliding_window"):
+    sets it per block, mistral for every block; the other architectures have none."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and hasattr(attn, "sliding_window"):
         return attn.sliding_window
+    if config.model_type not in ("mistral", "qwen2"):
+        return None
     return getattr(config, "sliding_window", None)
 
 
-def _decode_forward(linear: nn.Linear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return decode_linear(x, linear.weight, linear.bias)
-
-    return forward
+def _decode_forward(linear: nn.Module):
+    if type(linear) is Conv1D:  # weight [in, out]: transposed once, for this decoding run
+        weight = linear.weight.t().contiguous()
+        return lambda x: decode_linear(x, weight, linear.bias)
+    return lambda x: decode_linear(x, linear.weight, linear.bias)

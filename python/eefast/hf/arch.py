@@ -1,10 +1,10 @@
 """Everything eefast knows about each Hugging Face architecture, in one table.
 
 Per architecture (``config.model_type``): where the causal LM keeps its decoder blocks, final
-norm and MLP (what exits attach to), where each adapter method goes by default, and whether
-early-exit generation runs on it (and with which fused decode block). eefast never copies a
-model's forward code: exits and adapters attach to these modules through hooks or wrappers,
-so any transformers version that keeps the module names works.
+norm and MLP (what exits attach to), where each adapter method goes by default, and how
+early-exit generation calls it (decode_calls.py; with which fused decode block, if any).
+eefast never copies a model's forward code: exits and adapters attach to these modules
+through hooks or wrappers, so any transformers version that keeps the module names works.
 """
 
 from __future__ import annotations
@@ -12,6 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from .decode_calls import (
+    BLOOM_CALLS,
+    GPT2_CALLS,
+    GPT_NEOX_CALLS,
+    GPTJ_CALLS,
+    LLAMA_CALLS,
+    OPT_CALLS,
+    DecodeCalls,
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,12 @@ class ArchSpec:
     mlp: tuple[str, ...]  # names inside a block applied in order to form the MLP
     targets: AdapterTargets
     mlp_adds_residual: bool = False  # the MLP module takes (x, residual) and adds it (BLOOM)
-    generation: bool = False  # eefast.generate runs on it
+    decode: DecodeCalls | None = None  # how eefast.generate calls it (None: it does not)
     decode_block: DecodeBlock | None = None  # decode steps may run as one decode_block call
+
+    @property
+    def generation(self) -> bool:
+        return self.decode is not None
 
 
 _LLAMA_TARGETS = AdapterTargets(
@@ -68,7 +82,7 @@ def _llama_family(prefix: str) -> ArchSpec:
         "post_attention_layernorm",
         ("mlp",),
         _LLAMA_TARGETS,
-        generation=True,
+        decode=LLAMA_CALLS,
         decode_block=DecodeBlock(norm=f"{prefix}RMSNorm", mlp=f"{prefix}MLP"),
     )
 
@@ -91,6 +105,7 @@ ARCHS: dict[str, ArchSpec] = {
             ia3=("c_attn", "mlp.c_proj"),
             ia3_feedforward=("mlp.c_proj",),
         ),
+        decode=GPT2_CALLS,
     ),
     "opt": ArchSpec(
         "model.decoder.layers",
@@ -106,6 +121,7 @@ ARCHS: dict[str, ArchSpec] = {
             ia3=("k_proj", "v_proj", "fc2"),
             ia3_feedforward=("fc2",),
         ),
+        decode=OPT_CALLS,
     ),
     "gpt_neox": ArchSpec(
         "gpt_neox.layers",
@@ -121,6 +137,7 @@ ARCHS: dict[str, ArchSpec] = {
             ia3=("query_key_value", "dense_4h_to_h"),
             ia3_feedforward=("dense_4h_to_h",),
         ),
+        decode=GPT_NEOX_CALLS,
     ),
     "bloom": ArchSpec(
         "transformer.h",
@@ -137,6 +154,7 @@ ARCHS: dict[str, ArchSpec] = {
             ia3_feedforward=("mlp.dense_4h_to_h",),
         ),
         mlp_adds_residual=True,
+        decode=BLOOM_CALLS,
     ),
     "gptj": ArchSpec(
         "transformer.h",
@@ -152,6 +170,7 @@ ARCHS: dict[str, ArchSpec] = {
             ia3=("k_proj", "v_proj", "fc_out"),
             ia3_feedforward=("fc_out",),
         ),
+        decode=GPTJ_CALLS,
     ),
 }
 GENERATION_ARCHS = tuple(name for name, spec in ARCHS.items() if spec.generation)
