@@ -1,5 +1,5 @@
-"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify|scaleout [...]`: time eefast
-against its peers in one run."""
+"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify|scaleout|archs [...]`: time
+eefast against its peers in one run."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from eefast import io
 
 from . import (
     bench_adapters,
+    bench_archs,
     bench_bottleneck_adapter,
     bench_decode_block,
     bench_decode_linear,
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     so.add_argument("--kind", default="mlp")
     so.add_argument("--threads", type=int, default=2, help="unused: each job splits the cores")
     so.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ar = sub.add_parser("archs", help="decoding gpt_neox / gpt2 / llama shapes vs HF generate")
+    ar.add_argument("--new-tokens", type=int, default=64)
+    ar.add_argument("--repeats", type=int, default=3)
+    ar.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ar.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -142,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.suite == "verify":
         rows = bench_verify.run(args.rows, args.context, args.repeats)
         path = args.out / f"verify-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        io.write_json(path, {"machine": machine_info(), "rows": rows})
+        print(f"wrote {path}")
+        return
+    if args.suite == "archs":
+        rows = bench_archs.run(args.new_tokens, repeats=args.repeats)
+        path = args.out / f"archs-{time.strftime('%Y%m%d-%H%M%S')}.json"
         io.write_json(path, {"machine": machine_info(), "rows": rows})
         print(f"wrote {path}")
         return

