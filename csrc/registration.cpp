@@ -43,15 +43,19 @@ TORCH_LIBRARY(eefast, m) {
   // y = x W^T + b, for decode: few rows (a decode batch or a speculative verify step) read W
   // once on CPU (up to 8), and each output's sum does not depend on the number of rows.
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // decode_linear with a weight-only int8 weight: y = x (scales[:, None] * qweight)^T + b,
+  // qweight int8 [out, in], scales float32 [out]. Differentiable in x (the weight is frozen).
+  m.def("decode_linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
   // One llama-family decoder block (RMSNorm, rotary, grouped-query attention over a KV cache,
   // SiLU-gated MLP) on h [batch, q, d] for a decode or verify step: writes the q new keys and
   // values to cache slots [cache_len, cache_len + q) and returns the block's output. allowed
   // [batch, q, cache_len + q] says which keys each query sees. weights/biases: q, k, v, o,
-  // gate, up, down. Inference only (it mutates the caches).
+  // gate, up, down; with `scales` (one float32 [out] per linear) the weights are int8, as in
+  // decode_linear_q8. Inference only (it mutates the caches).
   m.def(
       "decode_block(Tensor h, Tensor cos, Tensor sin, Tensor allowed, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, int cache_len, Tensor norm1, Tensor norm2, Tensor[] weights, "
-      "Tensor?[] biases, float eps, float scaling) -> Tensor");
+      "Tensor?[] biases, float eps, float scaling, Tensor[] scales) -> Tensor");
   // Softmax statistics of (hidden W^T + b) / temperature per row, without [N, vocab] logits:
   // logsumexp, max prob, argmax, entropy and top-1 minus top-2 prob (fp32; argmax int64).
   // Forward only: it makes decode-time exit decisions.

@@ -42,6 +42,11 @@ bool has_avx2_kernels();
 void dot_logits_avx2(const float* h, int64_t rows, int64_t d, const void* w, bool w_bf16,
                      int64_t n, float* logits, int64_t ld);
 
+// The same for int8 weights with one scale per weight row: logits[r * ld + v] =
+// scales[v] * (h[r] . w[v]). AVX2 only.
+void dot_logits_i8_avx2(const float* h, int64_t rows, int64_t d, const signed char* w,
+                        const float* scales, int64_t n, float* logits, int64_t ld);
+
 // Folds b (later vocab indices) into a. Ties keep a's argmax, like torch.argmax.
 void merge(SoftmaxStats& a, const SoftmaxStats& b);
 

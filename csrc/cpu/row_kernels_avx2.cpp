@@ -48,65 +48,84 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Eight weights as fp32: loaded, or widened from bf16 (the bf16 bits are the top half of fp32).
-template <bool kBf16>
+// How a weight matrix stores its values.
+enum class W { kF32, kBf16, kI8 };
+
+// Eight weights as fp32: loaded, widened from bf16 (the bf16 bits are the top half of fp32),
+// or converted from int8 (the row's scale is applied to the finished dot product).
+template <W kW>
 inline __m256 load_w(const void* w, int64_t k) {
-  if constexpr (kBf16) {
+  if constexpr (kW == W::kBf16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
         static_cast<const unsigned short*>(w) + k));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+  } else if constexpr (kW == W::kI8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+        static_cast<const signed char*>(w) + k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   } else {
     return _mm256_loadu_ps(static_cast<const float*>(w) + k);
   }
 }
 
-template <bool kBf16>
+template <W kW>
 inline float w_at(const void* w, int64_t k) {
-  if constexpr (kBf16) {
+  if constexpr (kW == W::kBf16) {
     const unsigned bits = static_cast<unsigned>(static_cast<const unsigned short*>(w)[k]) << 16;
     return __builtin_bit_cast(float, bits);
+  } else if constexpr (kW == W::kI8) {
+    return static_cast<float>(static_cast<const signed char*>(w)[k]);
   } else {
     return static_cast<const float*>(w)[k];
   }
 }
 
-// out[r * ld] = h[r] . w for R rows: each w vector is loaded once for all R rows, with two
-// accumulators per row to hide FMA latency.
-template <bool kBf16, int R>
-inline void dot_rows(const float* h, int64_t d, const void* w, float* out, int64_t ld) {
+template <W kW>
+constexpr int64_t w_bytes() {
+  return kW == W::kF32 ? 4 : (kW == W::kBf16 ? 2 : 1);
+}
+
+// out[r * ld] = scale * (h[r] . w) for R rows: each w vector is loaded once for all R rows,
+// with two accumulators per row to hide FMA latency.
+template <W kW, int R>
+inline void dot_rows(const float* h, int64_t d, const void* w, float scale, float* out,
+                     int64_t ld) {
   __m256 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= d; k += 16) {
-    const __m256 w0 = load_w<kBf16>(w, k), w1 = load_w<kBf16>(w, k + 8);
+    const __m256 w0 = load_w<kW>(w, k), w1 = load_w<kW>(w, k + 8);
     for (int r = 0; r < R; ++r) {
       acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(h + r * d + k), w0, acc0[r]);
       acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(h + r * d + k + 8), w1, acc1[r]);
     }
   }
   for (; k + 8 <= d; k += 8) {
-    const __m256 w0 = load_w<kBf16>(w, k);
+    const __m256 w0 = load_w<kW>(w, k);
     for (int r = 0; r < R; ++r) acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(h + r * d + k), w0, acc0[r]);
   }
   for (int r = 0; r < R; ++r) {
     float s = hsum(_mm256_add_ps(acc0[r], acc1[r]));
-    for (int64_t kk = k; kk < d; ++kk) s += h[r * d + kk] * w_at<kBf16>(w, kk);
-    out[r * ld] = s;
+    for (int64_t kk = k; kk < d; ++kk) s += h[r * d + kk] * w_at<kW>(w, kk);
+    out[r * ld] = kW == W::kI8 ? s * scale : s;
   }
 }
 
-template <bool kBf16>
-void dot_logits(const float* h, int64_t rows, int64_t d, const void* w, int64_t n, float* logits,
-                int64_t ld) {
-  const int64_t w_stride = d * (kBf16 ? 2 : 4);
+template <W kW>
+void dot_logits(const float* h, int64_t rows, int64_t d, const void* w, const float* scales,
+                int64_t n, float* logits, int64_t ld) {
+  const int64_t w_stride = d * w_bytes<kW>();
   for (int64_t v = 0; v < n; ++v) {
     const void* wv = static_cast<const char*>(w) + v * w_stride;
+    const float scale = scales ? scales[v] : 1.0f;
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) dot_rows<kBf16, 4>(h + r * d, d, wv, logits + r * ld + v, ld);
+    for (; r + 4 <= rows; r += 4) {
+      dot_rows<kW, 4>(h + r * d, d, wv, scale, logits + r * ld + v, ld);
+    }
     switch (rows - r) {
-      case 3: dot_rows<kBf16, 3>(h + r * d, d, wv, logits + r * ld + v, ld); break;
-      case 2: dot_rows<kBf16, 2>(h + r * d, d, wv, logits + r * ld + v, ld); break;
-      case 1: dot_rows<kBf16, 1>(h + r * d, d, wv, logits + r * ld + v, ld); break;
+      case 3: dot_rows<kW, 3>(h + r * d, d, wv, scale, logits + r * ld + v, ld); break;
+      case 2: dot_rows<kW, 2>(h + r * d, d, wv, scale, logits + r * ld + v, ld); break;
+      case 1: dot_rows<kW, 1>(h + r * d, d, wv, scale, logits + r * ld + v, ld); break;
       default: break;
     }
   }
@@ -117,10 +136,15 @@ void dot_logits(const float* h, int64_t rows, int64_t d, const void* w, int64_t 
 void dot_logits_avx2(const float* h, int64_t rows, int64_t d, const void* w, bool w_bf16,
                      int64_t n, float* logits, int64_t ld) {
   if (w_bf16) {
-    dot_logits<true>(h, rows, d, w, n, logits, ld);
+    dot_logits<W::kBf16>(h, rows, d, w, nullptr, n, logits, ld);
   } else {
-    dot_logits<false>(h, rows, d, w, n, logits, ld);
+    dot_logits<W::kF32>(h, rows, d, w, nullptr, n, logits, ld);
   }
+}
+
+void dot_logits_i8_avx2(const float* h, int64_t rows, int64_t d, const signed char* w,
+                        const float* scales, int64_t n, float* logits, int64_t ld) {
+  dot_logits<W::kI8>(h, rows, d, w, scales, n, logits, ld);
 }
 
 SoftmaxStats softmax_stats_avx2(float* z, int64_t n, const float* bias, float inv_t,

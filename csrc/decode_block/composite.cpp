@@ -3,6 +3,7 @@
 // decoder block computes (RMSNorm, rotary, grouped-query attention, SiLU-gated MLP), with the
 // attention mask given as the keys each query may see.
 #include "decode_block/decode_block.h"
+#include "decode_linear/decode_linear.h"
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
@@ -48,7 +49,8 @@ DecodeBlockDims check_decode_block_args(const Tensor& h, const Tensor& cos, cons
                                         const Tensor& v_cache, int64_t cache_len,
                                         const Tensor& norm1, const Tensor& norm2,
                                         const std::vector<Tensor>& weights,
-                                        const std::vector<std::optional<Tensor>>& biases) {
+                                        const std::vector<std::optional<Tensor>>& biases,
+                                        const std::vector<Tensor>& scales) {
   TORCH_CHECK(h.dim() == 3, "decode_block: h must be [batch, q, d], got ", h.sizes());
   TORCH_CHECK(at::isFloatingType(h.scalar_type()), "decode_block: h must be floating point");
   TORCH_CHECK(weights.size() == kNumLinears && biases.size() == kNumLinears,
@@ -95,9 +97,22 @@ DecodeBlockDims check_decode_block_args(const Tensor& h, const Tensor& cos, cons
               allowed.scalar_type(), " ", allowed.sizes());
   TORCH_CHECK(norm1.dim() == 1 && norm1.size(0) == d && norm2.dim() == 1 && norm2.size(0) == d,
               "decode_block: norm weights must be [", d, "]");
+  TORCH_CHECK(scales.empty() || scales.size() == kNumLinears,
+              "decode_block: scales must be empty or list the 7 linears' scales, got ",
+              scales.size());
   std::vector<const Tensor*> same_dtype = {&cos, &sin, &k_cache, &v_cache, &norm1, &norm2};
   for (int i = 0; i < kNumLinears; ++i) {
-    same_dtype.push_back(&weights[i]);
+    if (scales.empty()) {
+      same_dtype.push_back(&weights[i]);
+    } else {
+      TORCH_CHECK(weights[i].scalar_type() == at::kChar && scales[i].scalar_type() == at::kFloat &&
+                      scales[i].dim() == 1 && scales[i].size(0) == weights[i].size(0),
+                  "decode_block: with scales, ", kLinearNames[i], " must be int8 with float32 "
+                  "scales [", weights[i].size(0), "], got ", weights[i].scalar_type(), " and ",
+                  scales[i].scalar_type(), " ", scales[i].sizes());
+      TORCH_CHECK(weights[i].device() == h.device() && scales[i].device() == h.device(),
+                  "decode_block: every tensor must be on ", h.device());
+    }
     if (biases[i]) {
       TORCH_CHECK(biases[i]->dim() == 1 && biases[i]->size(0) == weights[i].size(0),
                   "decode_block: ", kLinearNames[i], " bias must be [", weights[i].size(0), "]");
@@ -121,10 +136,14 @@ Tensor decode_block_composite(const Tensor& h, const Tensor& cos, const Tensor& 
                               int64_t cache_len, const Tensor& norm1, const Tensor& norm2,
                               const std::vector<Tensor>& weights,
                               const std::vector<std::optional<Tensor>>& biases, double eps,
-                              double scaling, LinearFn linear_fn) {
+                              double scaling, const std::vector<Tensor>& scales,
+                              LinearFn linear_fn) {
   const DecodeBlockDims n = check_decode_block_args(h, cos, sin, allowed, k_cache, v_cache,
-                                                    cache_len, norm1, norm2, weights, biases);
-  auto linear = [&](const Tensor& x, int i) { return linear_fn(x, weights[i], biases[i]); };
+                                                    cache_len, norm1, norm2, weights, biases,
+                                                    scales);
+  std::vector<Tensor> w = weights;
+  for (size_t i = 0; i < scales.size(); ++i) w[i] = dequantize_rows(w[i], scales[i], h.scalar_type());
+  auto linear = [&](const Tensor& x, int i) { return linear_fn(x, w[i], biases[i]); };
   auto heads = [&](const Tensor& x) {  // [B, q, n * hd] -> [B, n, q, hd]
     return x.view({n.batch, n.q, x.size(-1) / n.head_dim, n.head_dim}).transpose(1, 2);
   };

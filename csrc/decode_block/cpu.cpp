@@ -9,6 +9,7 @@
 // may see in slot order, skipping the others. So a token's output is bit-identical whether it
 // is decoded alone, verified with drafts, batched with other sequences or left-padded, which
 // is what keeps speculative decoding exact. float32 only; other dtypes take the composite path.
+// With `scales`, the seven weights are int8 and the linears are decode_linear_q8's kernel.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -69,17 +70,22 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
                         int64_t cache_len, const Tensor& norm1, const Tensor& norm2,
                         const std::vector<Tensor>& weights,
                         const std::vector<std::optional<Tensor>>& biases, double eps,
-                        double scaling) {
+                        double scaling, const std::vector<Tensor>& scales) {
   if (h.scalar_type() != at::kFloat) {
     return decode_block_composite(h, cos, sin, allowed, k_cache, v_cache, cache_len, norm1,
-                                  norm2, weights, biases, eps, scaling, &decode_linear_cpu);
+                                  norm2, weights, biases, eps, scaling, scales,
+                                  &decode_linear_cpu);
   }
   const DecodeBlockDims n = check_decode_block_args(h, cos, sin, allowed, k_cache, v_cache,
-                                                    cache_len, norm1, norm2, weights, biases);
+                                                    cache_len, norm1, norm2, weights, biases,
+                                                    scales);
   const int64_t rows = n.batch * n.q, d = n.d, hd = n.head_dim;
   const int64_t slots = k_cache.size(2), group = n.heads / n.kv_heads;
   const float feps = static_cast<float>(eps), fscale = static_cast<float>(scaling);
-  auto linear = [&](const Tensor& x, int i) { return decode_linear_cpu(x, weights[i], biases[i]); };
+  auto linear = [&](const Tensor& x, int i) {
+    return scales.empty() ? decode_linear_cpu(x, weights[i], biases[i])
+                          : decode_linear_q8_cpu(x, weights[i], scales[i], biases[i]);
+  };
 
   const Tensor h_in = h.reshape({rows, d}).contiguous();
   const Tensor cos_c = cos.reshape({rows, hd}).contiguous();

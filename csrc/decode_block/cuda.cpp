@@ -19,9 +19,9 @@ at::Tensor decode_block_cuda(const at::Tensor& h, const at::Tensor& cos, const a
                              int64_t cache_len, const at::Tensor& norm1, const at::Tensor& norm2,
                              const std::vector<at::Tensor>& weights,
                              const std::vector<std::optional<at::Tensor>>& biases, double eps,
-                             double scaling) {
+                             double scaling, const std::vector<at::Tensor>& scales) {
   return decode_block_composite(h, cos, sin, allowed, k_cache, v_cache, cache_len, norm1, norm2,
-                                weights, biases, eps, scaling, &linear_cuda);
+                                weights, biases, eps, scaling, scales, &linear_cuda);
 }
 
 }  // namespace

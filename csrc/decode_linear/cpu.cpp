@@ -51,6 +51,39 @@ Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optio
   return y.to(x.scalar_type()).view(shape);
 }
 
-TORCH_LIBRARY_IMPL(eefast, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
+// Up to kMaxRows rows stream the int8 weight once (a quarter of float32's bytes), converting
+// eight weights at a time in registers and applying each row's scale to its finished sum; more
+// rows (the prefill) dequantise the weight and run sgemm.
+Tensor decode_linear_q8_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scales,
+                            const std::optional<Tensor>& bias) {
+  check_decode_linear_q8_args(x, qweight, scales, bias);
+  const int64_t in = qweight.size(1), out_features = qweight.size(0);
+  const int64_t rows = in ? x.numel() / in : 0;
+  const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (!supported || rows == 0 || rows > kMaxRows || !cpu::has_avx2_kernels()) {
+    return at::linear(x, dequantize_rows(qweight, scales, x.scalar_type()), bias);
+  }
+  const Tensor h32 = x.reshape({rows, in}).to(at::kFloat).contiguous();
+  const Tensor w = qweight.contiguous();
+  const Tensor s = scales.contiguous();
+  Tensor y = at::empty({rows, out_features}, h32.options());
+  const signed char* w_base = static_cast<const signed char*>(w.data_ptr());
+  const float* s_base = s.data_ptr<float>();
+  const float* h = h32.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  at::parallel_for(0, out_features, kOutBlock, [&](int64_t n0, int64_t n1) {
+    cpu::dot_logits_i8_avx2(h, rows, in, w_base + n0 * in, s_base + n0, n1 - n0, y_ptr + n0,
+                            out_features);
+  });
+  if (bias) y.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return y.to(x.scalar_type()).view(shape);
+}
+
+TORCH_LIBRARY_IMPL(eefast, CPU, m) {
+  m.impl("decode_linear", &decode_linear_cpu);
+  m.impl("decode_linear_q8", &decode_linear_q8_cpu);
+}
 
 }  // namespace eefast

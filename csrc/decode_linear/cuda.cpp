@@ -14,8 +14,18 @@ at::Tensor decode_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   return at::linear(x, weight, bias);
 }
 
+// Not a CUDA kernel yet: the int8 weight is dequantised, then cuBLAS.
+at::Tensor decode_linear_q8_cuda(const at::Tensor& x, const at::Tensor& qweight,
+                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
+  check_decode_linear_q8_args(x, qweight, scales, bias);
+  return at::linear(x, dequantize_rows(qweight, scales, x.scalar_type()), bias);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(eefast, CUDA, m) { m.impl("decode_linear", &decode_linear_cuda); }
+TORCH_LIBRARY_IMPL(eefast, CUDA, m) {
+  m.impl("decode_linear", &decode_linear_cuda);
+  m.impl("decode_linear_q8", &decode_linear_q8_cuda);
+}
 
 }  // namespace eefast

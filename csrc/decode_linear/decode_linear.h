@@ -30,4 +30,41 @@ inline void check_decode_linear_args(const at::Tensor& x, const at::Tensor& weig
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias);
 
+// decode_linear_q8: y = x (scales * qweight)^T + b, with qweight int8 [out, in] and one fp32
+// scale per output row (weight-only int8, symmetric).
+inline void check_decode_linear_q8_args(const at::Tensor& x, const at::Tensor& qweight,
+                                        const at::Tensor& scales,
+                                        const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "decode_linear_q8";
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, op,
+              ": qweight must be int8 [out, in], got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
+                  scales.size(0) == qweight.size(0), op, ": scales must be float32 [",
+              qweight.size(0), "] (one per output row), got ", scales.scalar_type(), " ",
+              scales.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == qweight.size(1), op, ": x's last dim (",
+              x.dim() ? x.size(-1) : 0, ") must equal qweight's in features (",
+              qweight.size(1), ")");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": x must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK(qweight.device() == x.device() && scales.device() == x.device(), op,
+              ": qweight and scales must be on x's device ", x.device());
+  if (bias) {
+    check_same_dtype_device(op, x, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == qweight.size(0), op, ": bias must be [",
+                qweight.size(0), "], got ", bias->sizes());
+  }
+}
+
+// scales[:, None] * qweight in `dtype`: the weight that decode_linear_q8 multiplies by.
+inline at::Tensor dequantize_rows(const at::Tensor& qweight, const at::Tensor& scales,
+                                  at::ScalarType dtype) {
+  return qweight.to(at::kFloat).mul(scales.unsqueeze(1)).to(dtype);
+}
+
+at::Tensor decode_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight,
+                                const at::Tensor& scales, const std::optional<at::Tensor>& bias);
+
 }  // namespace eefast

@@ -32,6 +32,7 @@ from ..train import FinetuneConfig, finetune
 from .common import (
     add_model_arguments,
     add_timeout_argument,
+    add_weights_argument,
     count,
     finite,
     load,
@@ -230,6 +231,7 @@ def add_commands(sub) -> None:
 
     ev = sub.add_parser("eval", help="answer accuracy of the model, with or without an adapter")
     _shared(ev)
+    add_weights_argument(ev)
     ev.add_argument("--adapter", help="a directory written by finetune (or by PEFT)")
     ev.add_argument("--out", help="where to write the JSON (default: in --adapter)")
     _eval_args(ev)

@@ -77,11 +77,22 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
 
 
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    """--weights, for commands that decode."""
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help="the backbone's weights: as --dtype (default), or int8: the blocks' linears "
+        "weight-only int8 (a quarter of the bytes per decoded token)",
+    )
+
+
 def load(args: argparse.Namespace):
-    """(model, tokenizer) as --model, --device and --dtype say."""
+    """(model, tokenizer) as --model, --device, --dtype and --weights say."""
     from ..hf import load_model
 
-    return load_model(args.model, DTYPES[args.dtype], args.device)
+    return load_model(args.model, DTYPES[args.dtype], args.device, getattr(args, "weights", None))
 
 
 def add_timeout_argument(p) -> None:

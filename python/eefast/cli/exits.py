@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from statistics import median
@@ -19,8 +18,7 @@ from ..data import (
     split_blocks,
     token_blocks,
 )
-from ..distributed import DEFAULT_TIMEOUT_S, init_parallel, shutdown
-from ..distributed.pipeline import auto_microbatches, build_stage
+from ..distributed import DEFAULT_TIMEOUT_S, init_parallel
 from ..eval import evaluate_exits, format_table, plot_exits
 from ..exits import (
     DRAFT_VOCAB_FILE,
@@ -33,11 +31,11 @@ from ..generation import generate
 from ..hf import DEFAULT_MODEL, load_model
 from ..io import write_json
 from ..nn import EXIT_KINDS
-from ..train import TuneConfig, ee_tune
+from ..train import ee_tune
 from .common import (
-    DTYPES,
     add_model_arguments,
     add_timeout_argument,
+    add_weights_argument,
     count,
     float_list,
     int_list,
@@ -45,9 +43,9 @@ from .common import (
     nonnegative,
     positive,
     positive_int,
-    resolve_model_path_once,
     say,
 )
+from .tuning import exit_layers, tune_blocks, tune_config, tune_scaled_out
 
 
 def _load(args):
@@ -57,20 +55,7 @@ def _load(args):
         f"loaded {model.config._name_or_path} ({model.config.model_type}, "
         f"{model.config.num_hidden_layers} layers) in {time.perf_counter() - t0:.1f} s"
     )
-    return (model, *_blocks(args, tokenizer))
-
-
-def _blocks(args, tokenizer):
-    """(training blocks, held-out blocks) of --data, as --seq-len, --eval-blocks and
-    --train-blocks say."""
-    blocks = token_blocks(tokenizer, load_documents(args.data), args.seq_len)
-    train, held_out = split_blocks(blocks, args.eval_blocks)
-    train = train[: getattr(args, "train_blocks", None)]
-    say(
-        f"corpus {args.data}: {blocks.numel():,} tokens = {len(blocks)} blocks of "
-        f"{args.seq_len}; training on {len(train)}, {len(held_out)} held out"
-    )
-    return train, held_out
+    return (model, *tune_blocks(args, tokenizer))
 
 
 def _report(ee, held_out, args, out: Path | None) -> list[dict]:
@@ -83,44 +68,15 @@ def _report(ee, held_out, args, out: Path | None) -> list[dict]:
     return rows
 
 
-def _tune_config(args) -> TuneConfig:
-    return TuneConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        kd_weight=args.kd_weight,
-        z_loss=args.z_loss,
-        exit_weights=args.exit_weights,
-        exit_weight_warmup_steps=args.exit_weight_warmup,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        seed=args.seed,
-        cache_hidden=args.cache_hidden,
-        cache_path=args.cache_path,
-        microbatches=getattr(args, "microbatches", None) or 1,
-    )
-
-
-# Where exits go when --exits is not given: three exits for SmolLM2's 30 blocks; a draft
-# exit always sits on top.
-DEFAULT_EXITS = [8, 15, 22]
-
-
-def _exit_layers(args, num_layers: int) -> list[int]:
-    if args.exits is not None:
-        return args.exits
-    return [num_layers] if args.kind == "draft" else DEFAULT_EXITS
-
-
 def cmd_tune(args) -> None:
     torch.manual_seed(args.seed)
     parallel = init_parallel(
         getattr(args, "pipeline_stages", 1), getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)
     )
     if parallel.active:
-        return _tune_scaled_out(args, parallel)
+        return tune_scaled_out(args, parallel)
     model, train, held_out = _load(args)
-    layers = _exit_layers(args, model.config.num_hidden_layers)
+    layers = exit_layers(args, model.config.num_hidden_layers)
     ee = add_exits(model, layers, args.kind, args.init, args.share_lm_head)
     say(
         f"exits ({args.kind}) after blocks {ee.exit_layers} of {ee.num_layers}; "
@@ -132,7 +88,7 @@ def cmd_tune(args) -> None:
         f"checkpoints and metrics in {out} (rerun resumes)"
     )
     t0 = time.perf_counter()
-    metrics = ee_tune(ee, train, held_out, _tune_config(args), out, resume=not args.no_resume)
+    metrics = ee_tune(ee, train, held_out, tune_config(args), out, resume=not args.no_resume)
     say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
     if metrics:
         last = metrics[-1]
@@ -141,59 +97,17 @@ def cmd_tune(args) -> None:
     _report(ee, held_out, args, out)
 
 
-def _tune_scaled_out(args, parallel) -> None:
-    """`eefast tune` under torchrun: this rank's pipeline stage (P = --pipeline-stages) of
-    one of D = N / P data-parallel replicas. Rank 0 prints and writes the files."""
-    from transformers import AutoTokenizer
-
-    try:
-        path = resolve_model_path_once(args.model, parallel)
-        train, held_out = _blocks(args, AutoTokenizer.from_pretrained(path))
-        layout = parallel.layout
-        args.microbatches = args.microbatches or auto_microbatches(args.batch_size, layout)
-        device = args.device
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        from transformers import AutoConfig
-
-        layers = _exit_layers(args, AutoConfig.from_pretrained(path).num_hidden_layers)
-        stage = build_stage(path, layers, parallel, args.kind, args.init, args.share_lm_head,
-                            to_top=args.kd_weight > 0, dtype=DTYPES[args.dtype],
-                            device=device)  # fmt: skip
-        say(
-            f"{layout.world} processes: {layout.stages} pipeline stages x {layout.replicas} "
-            f"data-parallel replicas; {args.microbatches} microbatches per replica and step"
-        )
-        for i, plan in enumerate(stage.plans):
-            say(f"stage {i}: blocks {plan.first + 1}-{plan.last}, exits {list(plan.exits)}")
-        out = Path(args.out)
-        t0 = time.perf_counter()
-        metrics = ee_tune(stage.ee, train, held_out, _tune_config(args), out,
-                          resume=not args.no_resume, stage=stage)  # fmt: skip
-        say(f"tuned in {time.perf_counter() - t0:.0f} s; exits in {out}")
-        if metrics:
-            last = metrics[-1]
-            say(f"step {last['step']}: loss {last['loss']:.3f}, "
-                f"{last['tokens_per_s']:.0f} tokens/s")  # fmt: skip
-            held = {k.removeprefix("eval_loss_exit"): round(v, 3) for k, v in last.items()
-                    if k.startswith("eval_loss_exit")}  # fmt: skip
-            if held:
-                say(f"held-out loss per exit: {held}")
-        say(f"the full report needs the whole model: eefast eval-exits --exits {out}")
-    finally:
-        shutdown(parallel)
-
-
 def cmd_eval_exits(args) -> None:
     model, _, held_out = _load(args)
     ee = load_exits(model, args.exits)
     _report(ee, held_out, args, Path(args.out or args.exits))
 
 
-def demo_generation(model_name: str, exits_dir, prompts: int, max_new_tokens: int) -> None:
+def demo_generation(model_name: str, exits_dir, prompts: int, max_new_tokens: int,
+                    weights: str | None = None) -> None:  # fmt: skip
     """The demo's last step: decode chat prompts at full depth and speculatively with the
     tuned exits, twice each in turn, and show the speed-up and that the output is the same."""
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, weights=weights)
     ee = load_exits(model, exits_dir)
     chosen = PROMPTS[:prompts]
     runs = {"full": [], "speculative": []}
@@ -243,7 +157,7 @@ def cmd_demo(args) -> None:
     t_start = time.perf_counter()
     cmd_tune(args)
     _write_draft_vocab(args, args.out, args.draft_vocab_size)
-    demo_generation(args.model, args.out, args.demo_prompts, args.demo_new_tokens)
+    demo_generation(args.model, args.out, args.demo_prompts, args.demo_new_tokens, args.weights)
     say(f"demo done in {time.perf_counter() - t_start:.0f} s")
 
 
@@ -372,6 +286,7 @@ def add_commands(sub) -> None:
     demo.add_argument("--demo-prompts", type=positive_int, default=4)
     demo.add_argument("--demo-new-tokens", type=positive_int, default=128)
     demo.add_argument("--draft-vocab-size", type=positive_int, default=DEMO_DRAFT_VOCAB)
+    add_weights_argument(demo)
     demo.set_defaults(func=cmd_demo, init="copy", no_resume=False, cache_hidden=True)
 
     tune = sub.add_parser("tune", help="EE-tune exits on a frozen model")

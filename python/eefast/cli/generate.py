@@ -19,6 +19,7 @@ from ..hf import DEFAULT_MODEL, prompt_ids
 from ..io import write_json
 from .common import (
     add_model_arguments,
+    add_weights_argument,
     count,
     finite,
     float_list,
@@ -122,6 +123,7 @@ def cmd_bench_generate(args) -> None:
 def add_commands(sub) -> None:
     def common(p):
         add_model_arguments(p, DEFAULT_MODEL)
+        add_weights_argument(p)
         p.add_argument("--exits", required=True, help="directory with exits.json (eefast tune)")
         p.add_argument("--max-new-tokens", type=positive_int, default=128)
         p.add_argument(

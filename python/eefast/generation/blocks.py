@@ -24,6 +24,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..hf.arch import ArchSpec
+from ..nn.quantized import Int8Linear
 from ..ops import decode_block, decode_linear
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -44,8 +45,9 @@ def lean_attention(layer: nn.Module):
         linears = [layer.get_submodule(name) for name in _LINEARS]
     except AttributeError:
         return None
-    if not all(type(m) is nn.Linear and "forward" not in m.__dict__ for m in linears):
-        return None
+    kinds = {type(m) for m in linears}
+    if kinds not in ({nn.Linear}, {Int8Linear}) or any("forward" in m.__dict__ for m in linears):
+        return None  # mixed, or patched by a hook library
     attn = layer.self_attn
     modeling = sys.modules[type(attn).__module__]
     impl = getattr(attn.config, "_attn_implementation", None)
@@ -56,7 +58,8 @@ def lean_attention(layer: nn.Module):
 
 @dataclass
 class FusedBlock:
-    """A block's tensors and constants in ``decode_block``'s order."""
+    """A block's tensors and constants in ``decode_block``'s order (int8 weights come with
+    their scales)."""
 
     norms: tuple[torch.Tensor, torch.Tensor]
     weights: list[torch.Tensor]
@@ -65,6 +68,7 @@ class FusedBlock:
     scaling: float
     kv_heads: int
     head_dim: int
+    scales: list[torch.Tensor] | None = None
 
 
 def fused_block(layer: nn.Module, spec: ArchSpec) -> FusedBlock | None:
@@ -83,14 +87,16 @@ def fused_block(layer: nn.Module, spec: ArchSpec) -> FusedBlock | None:
     ):
         return None
     linears = [layer.get_submodule(name) for name in _LINEARS]
+    int8 = isinstance(linears[0], Int8Linear)
     return FusedBlock(
         norms=(norms[0].weight, norms[1].weight),
-        weights=[m.weight for m in linears],
+        weights=[m.qweight if int8 else m.weight for m in linears],
         biases=[m.bias for m in linears],
         eps=float(norms[0].variance_epsilon),
         scaling=float(attn.scaling),
         kv_heads=attn.k_proj.out_features // attn.head_dim,
         head_dim=attn.head_dim,
+        scales=[m.scales for m in linears] if int8 else None,
     )
 
 
@@ -100,10 +106,12 @@ def run_fused(block: FusedBlock, layer_idx: int, h, cos, sin, allowed, cache) ->
     batch, q = h.shape[:2]
     keys, values, first = cache.append(layer_idx, (batch, block.kv_heads, q, block.head_dim), h)
     return decode_block(h, cos, sin, allowed, keys, values, first, block.norms, block.weights,
-                        block.biases, block.eps, block.scaling)  # fmt: skip
+                        block.biases, block.eps, block.scaling, block.scales)  # fmt: skip
 
 
-def _linear(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
+def _linear(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    if type(m) is Int8Linear:
+        return m(x)
     return decode_linear(x, m.weight, m.bias)
 
 

@@ -71,14 +71,28 @@ def resolve_model_path(name: str | None) -> str:
     return str(target)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device=None):
+def load_model(
+    name: str | None = None, dtype: torch.dtype = torch.float32, device=None, weights=None
+):
     """(model, tokenizer) in eval mode, on ``device`` (default: the CPU); ``name`` defaults to
-    the embedded SmolLM2."""
+    the embedded SmolLM2. ``weights``: "fp32" or "bf16" (the dtype), or "int8": float32 with
+    the decoder blocks' linears weight-only int8 (``quantize_backbone``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .quantize import WEIGHTS, quantize_backbone
+
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(
+            f"load_model: weights must be one of {WEIGHTS}, got {weights!r} (the GGUF's own "
+            "4-bit blocks are not supported yet)"
+        )
+    if weights in ("fp32", "bf16"):
+        dtype = torch.float32 if weights == "fp32" else torch.bfloat16
     path = resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if device is not None:
         model.to(device)
+    if weights == "int8":
+        quantize_backbone(model)
     return model, tokenizer

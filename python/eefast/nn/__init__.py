@@ -4,5 +4,14 @@ from .bottleneck import BottleneckAdapter
 from .exit_head import EXIT_KINDS, ExitHead, ResidualMLP
 from .ia3 import IA3Linear
 from .lora import LoRALinear
+from .quantized import Int8Linear
 
-__all__ = ["BottleneckAdapter", "EXIT_KINDS", "ExitHead", "IA3Linear", "LoRALinear", "ResidualMLP"]
+__all__ = [
+    "BottleneckAdapter",
+    "EXIT_KINDS",
+    "ExitHead",
+    "IA3Linear",
+    "Int8Linear",
+    "LoRALinear",
+    "ResidualMLP",
+]

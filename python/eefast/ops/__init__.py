@@ -8,7 +8,7 @@ when built, CUDA) kernels. One module per op family; the C++ side of each op liv
   bottleneck.py     bottleneck_adapter                            csrc/bottleneck_adapter/
   confidence.py     exit_stats                                    csrc/exit_stats/
   cross_entropy.py  linear_cross_entropy, multi_exit_cross_entropy  csrc/linear_cross_entropy/
-  decode.py         decode_linear, decode_block                   csrc/decode_linear/, decode_block/
+  decode.py         decode_linear(_q8), decode_block              csrc/decode_linear/, decode_block/
   reference.py      a pure-torch reference of each op (the test oracles)
 
 This package imports torch only (never transformers).
@@ -32,7 +32,7 @@ from . import reference  # noqa: E402
 from .bottleneck import ADAPTER_ACTIVATIONS, bottleneck_adapter  # noqa: E402
 from .confidence import ExitStats, exit_stats  # noqa: E402
 from .cross_entropy import linear_cross_entropy, multi_exit_cross_entropy  # noqa: E402
-from .decode import decode_block, decode_linear  # noqa: E402
+from .decode import decode_block, decode_linear, decode_linear_q8, quantize_rows  # noqa: E402
 from .lora import lora_linear  # noqa: E402
 
 __all__ = [
@@ -41,9 +41,11 @@ __all__ = [
     "bottleneck_adapter",
     "decode_block",
     "decode_linear",
+    "decode_linear_q8",
     "exit_stats",
     "linear_cross_entropy",
     "lora_linear",
     "multi_exit_cross_entropy",
+    "quantize_rows",
     "reference",
 ]

@@ -105,9 +105,18 @@ def linear_cross_entropy(
     return (out, lse.reshape(hidden.shape[:-1])) if return_lse else out
 
 
+def decode_linear_q8(x, qweight, scales, bias=None) -> torch.Tensor:
+    """Dequantise, then ``F.linear`` (float32 math, x's dtype out)."""
+    w = qweight.float() * scales.float()[:, None]
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
 def decode_block(h, cos, sin, allowed, k_cache, v_cache, cache_len, norms, weights,
-                           biases, eps, scaling) -> torch.Tensor:  # fmt: skip
-    """Pure-torch ``decode_block`` in float32 (the test oracle); writes the caches too."""
+                           biases, eps, scaling, scales=None) -> torch.Tensor:  # fmt: skip
+    """Pure-torch ``decode_block`` in float32 (the test oracle); writes the caches too. With
+    ``scales``, the weights are int8 and dequantised first."""
+    if scales:
+        weights = [w.float() * s.float()[:, None] for w, s in zip(weights, scales, strict=True)]
 
     def rms(x, w):
         return w.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
