@@ -5,7 +5,7 @@ test_generation.py.)"""
 import pytest
 import torch
 
-from eefast.ops import decode_block
+from eefast.ops import decode_block, quantize_rows
 from eefast.ops.reference import decode_block as decode_block_reference
 
 D, HD, HEADS, KV_HEADS, INNER = 64, 16, 4, 2, 96
@@ -14,7 +14,7 @@ D, HD, HEADS, KV_HEADS, INNER = 64, 16, 4, 2, 96
 class Block:
     """Random weights of a grouped-query block (4 heads, 2 kv heads) and a cache to run on."""
 
-    def __init__(self, dtype, device, bias=False, seed=0):
+    def __init__(self, dtype, device, bias=False, seed=0, int8=False):
         g = torch.Generator().manual_seed(seed)
 
         def rand(*shape, scale=1.0):
@@ -28,6 +28,11 @@ class Block:
                        for i, s in enumerate(shapes)]  # fmt: skip
         self.norms = (1 + rand(D, scale=0.1), 1 + rand(D, scale=0.1))
         self.rand = rand
+        self.scales = None
+        if int8:  # weight-only int8, one scale per output row
+            pairs = [quantize_rows(w) for w in self.weights]
+            self.weights = [q.to(device) for q, _ in pairs]
+            self.scales = [s.to(device) for _, s in pairs]
 
     def call(self, op, h, cache, cache_len, allowed, positions):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, HD, 2, dtype=torch.float32) / HD))
@@ -35,7 +40,7 @@ class Block:
         emb = torch.cat([angles, angles], -1)
         k, v = cache
         return op(h, emb.cos().to(h.dtype), emb.sin().to(h.dtype), allowed, k, v, cache_len,
-                  self.norms, self.weights, self.biases, 1e-5, HD**-0.5)  # fmt: skip
+                  self.norms, self.weights, self.biases, 1e-5, HD**-0.5, self.scales)  # fmt: skip
 
 
 def causal(valid, cache_len, q):
@@ -49,11 +54,12 @@ def filled_cache(block, batch, slots, dtype, device):
     return block.rand(batch, KV_HEADS, slots, HD), block.rand(batch, KV_HEADS, slots, HD)
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q,cache_len", [(1, 9), (3, 5), (12, 0)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_reference(device, dtype, q, cache_len, bias):
-    block = Block(dtype, device, bias)
+def test_matches_reference(device, dtype, q, cache_len, bias, int8):
+    block = Block(dtype, device, bias, int8=int8)
     batch = 2
     h = block.rand(batch, q, D)
     valid = torch.rand(batch, cache_len + q, generator=torch.Generator().manual_seed(1)) > 0.3
@@ -118,16 +124,18 @@ def test_a_token_gives_the_same_bits_whatever_else_is_in_the_call():
     assert torch.equal(out_b[:1], out3)
 
 
-def test_opcheck(device):
-    block = Block(torch.float32, device, bias=True)
+@pytest.mark.parametrize("int8", [False, True])
+def test_opcheck(device, int8):
+    block = Block(torch.float32, device, bias=True, int8=int8)
     h = block.rand(2, 3, D)
     cache = filled_cache(block, 2, 8, torch.float32, device)
     allowed = causal(torch.ones(2, 8, dtype=torch.bool, device=device), 5, 3)
     cos, sin = torch.ones(2, 3, HD, device=device), torch.zeros(2, 3, HD, device=device)
     torch.library.opcheck(
         torch.ops.eefast.decode_block.default,
-        (h, cos, sin, allowed, *cache, 5, *block.norms, block.weights, block.biases, 1e-5, 0.25),
-    )
+        (h, cos, sin, allowed, *cache, 5, *block.norms, block.weights, block.biases, 1e-5, 0.25,
+         block.scales or []),
+    )  # fmt: skip
 
 
 def test_torch_compile_fullgraph(device):

@@ -89,11 +89,12 @@ constexpr int64_t w_bytes() {
 // with two accumulators per row to hide FMA latency.
 template <W kW, int R>
 inline void dot_rows(const float* h, int64_t d, const void* w, float scale, float* out,
-                     int64_t ld) {
+                     int64_t ld, const char* ahead) {
   __m256 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= d; k += 16) {
+    if (((k * w_bytes<kW>()) & 63) == 0) _mm_prefetch(ahead + k * w_bytes<kW>(), _MM_HINT_T0);
     const __m256 w0 = load_w<kW>(w, k), w1 = load_w<kW>(w, k + 8);
     for (int r = 0; r < R; ++r) {
       acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(h + r * d + k), w0, acc0[r]);
@@ -111,21 +112,72 @@ inline void dot_rows(const float* h, int64_t d, const void* w, float scale, floa
   }
 }
 
+constexpr int64_t kPrefetchGroups = 2;  // how far ahead dot_row_x4 prefetches, in groups of 4
+constexpr int64_t kPrefetchRows = 8;    // how far ahead dot_rows prefetches, in weight rows
+
+// dot_rows<kW, 1> for four weight vectors at once: the same sums in the same order for each
+// (so a row's result does not depend on how many rows the call has), but eight independent
+// FMA chains instead of two, which one row needs to keep up with the int8 stream.
+template <W kW>
+inline void dot_row_x4(const float* h, int64_t d, const void* w, int64_t w_stride,
+                       const float* scales, float* out) {
+  const char* wb = static_cast<const char*>(w);
+  __m256 acc0[4], acc1[4];
+  for (int j = 0; j < 4; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
+  // The next groups' rows, a cache line per row every 64 bytes: int8 rows are short, and
+  // without it too few lines are in flight to keep up with memory.
+  const char* ahead = wb + kPrefetchGroups * 4 * w_stride;
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16) {
+    if (((k * w_bytes<kW>()) & 63) == 0) {
+      for (int j = 0; j < 4; ++j) {
+        _mm_prefetch(ahead + j * w_stride + k * w_bytes<kW>(), _MM_HINT_T0);
+      }
+    }
+    const __m256 x0 = _mm256_loadu_ps(h + k), x1 = _mm256_loadu_ps(h + k + 8);
+    for (int j = 0; j < 4; ++j) {
+      acc0[j] = _mm256_fmadd_ps(x0, load_w<kW>(wb + j * w_stride, k), acc0[j]);
+      acc1[j] = _mm256_fmadd_ps(x1, load_w<kW>(wb + j * w_stride, k + 8), acc1[j]);
+    }
+  }
+  for (; k + 8 <= d; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(h + k);
+    for (int j = 0; j < 4; ++j) {
+      acc0[j] = _mm256_fmadd_ps(x0, load_w<kW>(wb + j * w_stride, k), acc0[j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    float s = hsum(_mm256_add_ps(acc0[j], acc1[j]));
+    for (int64_t kk = k; kk < d; ++kk) s += h[kk] * w_at<kW>(wb + j * w_stride, kk);
+    out[j] = kW == W::kI8 ? s * scales[j] : s;
+  }
+}
+
 template <W kW>
 void dot_logits(const float* h, int64_t rows, int64_t d, const void* w, const float* scales,
                 int64_t n, float* logits, int64_t ld) {
   const int64_t w_stride = d * w_bytes<kW>();
-  for (int64_t v = 0; v < n; ++v) {
+  int64_t v0 = 0;
+  if (kW == W::kI8 && rows == 1) {  // float rows stream memory-bound either way
+    static const float kOnes[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    for (; v0 + 4 <= n; v0 += 4) {
+      dot_row_x4<kW>(h, d, static_cast<const char*>(w) + v0 * w_stride, w_stride,
+                     scales ? scales + v0 : kOnes, logits + v0);
+    }
+  }
+  for (int64_t v = v0; v < n; ++v) {
     const void* wv = static_cast<const char*>(w) + v * w_stride;
+    const char* ahead = static_cast<const char*>(wv) + kPrefetchRows * w_stride;
     const float scale = scales ? scales[v] : 1.0f;
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      dot_rows<kW, 4>(h + r * d, d, wv, scale, logits + r * ld + v, ld);
+    for (; r + 4 <= rows; r += 4) {  // the first four rows prefetch; later passes hit cache
+      dot_rows<kW, 4>(h + r * d, d, wv, scale, logits + r * ld + v, ld, ahead);
     }
+    float* o = logits + r * ld + v;
     switch (rows - r) {
-      case 3: dot_rows<kW, 3>(h + r * d, d, wv, scale, logits + r * ld + v, ld); break;
-      case 2: dot_rows<kW, 2>(h + r * d, d, wv, scale, logits + r * ld + v, ld); break;
-      case 1: dot_rows<kW, 1>(h + r * d, d, wv, scale, logits + r * ld + v, ld); break;
+      case 3: dot_rows<kW, 3>(h + r * d, d, wv, scale, o, ld, ahead); break;
+      case 2: dot_rows<kW, 2>(h + r * d, d, wv, scale, o, ld, ahead); break;
+      case 1: dot_rows<kW, 1>(h + r * d, d, wv, scale, o, ld, ahead); break;
       default: break;
     }
   }

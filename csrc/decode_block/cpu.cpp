@@ -82,10 +82,28 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
   const int64_t rows = n.batch * n.q, d = n.d, hd = n.head_dim;
   const int64_t slots = k_cache.size(2), group = n.heads / n.kv_heads;
   const float feps = static_cast<float>(eps), fscale = static_cast<float>(scaling);
-  auto linear = [&](const Tensor& x, int i) {
-    return scales.empty() ? decode_linear_cpu(x, weights[i], biases[i])
-                          : decode_linear_q8_cpu(x, weights[i], scales[i], biases[i]);
+  // Linears that read the same x run in one parallel region, straight from the kernel into
+  // fresh float32 [rows, out] buffers (a decode step's linears are small: no dtype round
+  // trips, checks or fork/join per linear); otherwise each takes decode_linear(_q8)'s path.
+  auto linears = [&](const Tensor& x, std::initializer_list<int> which) {
+    std::vector<Tensor> outs;
+    std::vector<RowsLinear> jobs;
+    outs.reserve(which.size());
+    for (int i : which) {
+      outs.push_back(at::empty({rows, weights[i].size(0)}, x.options()));
+      jobs.push_back({&weights[i], scales.empty() ? nullptr : &scales[i], biases[i],
+                      outs.back().data_ptr<float>()});
+    }
+    if (!linear_rows_into(x.data_ptr<float>(), rows, jobs)) {
+      int j = 0;
+      for (int i : which) {
+        outs[j++] = scales.empty() ? decode_linear_cpu(x, weights[i], biases[i])
+                                   : decode_linear_q8_cpu(x, weights[i], scales[i], biases[i]);
+      }
+    }
+    return outs;
   };
+  auto linear = [&](const Tensor& x, int i) { return linears(x, {i})[0]; };
 
   const Tensor h_in = h.reshape({rows, d}).contiguous();
   const Tensor cos_c = cos.reshape({rows, hd}).contiguous();
@@ -95,9 +113,8 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
 
   Tensor x = at::empty({rows, d}, h.options());
   rms_norm_rows(h_in.data_ptr<float>(), n1.data_ptr<float>(), feps, rows, d, x.data_ptr<float>());
-  Tensor q = linear(x, kQ).contiguous();
-  Tensor k = linear(x, kK).contiguous();
-  Tensor v = linear(x, kV).contiguous();
+  std::vector<Tensor> qkv = linears(x, {kQ, kK, kV});
+  Tensor q = qkv[0].contiguous(), k = qkv[1].contiguous(), v = qkv[2].contiguous();
   rotary_rows(q.data_ptr<float>(), cos_c.data_ptr<float>(), sin_c.data_ptr<float>(), rows,
               n.heads, hd);
   rotary_rows(k.data_ptr<float>(), cos_c.data_ptr<float>(), sin_c.data_ptr<float>(), rows,
@@ -158,8 +175,9 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
   Tensor h_mid = linear(attn, kO).add_(h_in);
   rms_norm_rows(h_mid.data_ptr<float>(), n2.data_ptr<float>(), feps, rows, d,
                 x.data_ptr<float>());
-  Tensor gate = linear(x, kGate).contiguous();
-  const Tensor up = linear(x, kUp).contiguous();
+  std::vector<Tensor> gate_up = linears(x, {kGate, kUp});
+  Tensor gate = gate_up[0].contiguous();
+  const Tensor up = gate_up[1].contiguous();
   float* g = gate.data_ptr<float>();
   const float* u = up.data_ptr<float>();
   for (int64_t i = 0, e = gate.numel(); i < e; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];

@@ -12,6 +12,9 @@
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "decode_linear/decode_linear.h"
 #include "cpu/row_kernels.h"
 
@@ -24,6 +27,51 @@ constexpr int64_t kMaxRows = 8;  // above this, sgemm wins (crossover between 5 
 constexpr int64_t kOutBlock = 64;   // output features per parallel task
 
 }  // namespace
+
+bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear>& linears) {
+  if (rows == 0 || rows > kMaxRows || !cpu::has_avx2_kernels()) return false;
+  int64_t total = 0;
+  std::vector<int64_t> starts;  // where each linear's outputs begin in the joint range
+  for (const RowsLinear& l : linears) {
+    const Tensor& w = *l.weight;
+    const bool ok_dtype = l.scales ? w.scalar_type() == at::kChar
+                                   : (w.scalar_type() == at::kFloat ||
+                                      w.scalar_type() == at::kBFloat16);
+    if (!ok_dtype || !w.is_contiguous() || (l.scales && !l.scales->is_contiguous())) return false;
+    starts.push_back(total);
+    total += w.size(0);
+  }
+  // One parallel region over every linear's outputs: a decode step's linears are small, and
+  // a fork/join per linear costs a noticeable share of streaming an int8 one.
+  at::parallel_for(0, total, kOutBlock, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < linears.size(); ++i) {
+      const RowsLinear& l = linears[i];
+      const int64_t out_features = l.weight->size(0), in = l.weight->size(1);
+      const int64_t a = std::max(n0, starts[i]) - starts[i];
+      const int64_t b = std::min(n1, starts[i] + out_features) - starts[i];
+      if (a >= b) continue;
+      const char* w = static_cast<const char*>(l.weight->data_ptr()) +
+                      a * in * l.weight->element_size();
+      if (l.scales) {
+        cpu::dot_logits_i8_avx2(x, rows, in, reinterpret_cast<const signed char*>(w),
+                                l.scales->data_ptr<float>() + a, b - a, l.out + a, out_features);
+      } else {
+        cpu::dot_logits_avx2(x, rows, in, w, l.weight->scalar_type() == at::kBFloat16, b - a,
+                             l.out + a, out_features);
+      }
+    }
+  });
+  for (const RowsLinear& l : linears) {
+    if (!l.bias) continue;
+    const Tensor b = l.bias->to(at::kFloat).contiguous();
+    const float* bp = b.data_ptr<float>();
+    const int64_t n = l.weight->size(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < n; ++j) l.out[r * n + j] += bp[j];
+    }
+  }
+  return true;
+}
 
 Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   check_decode_linear_args(x, weight, bias);

@@ -67,4 +67,18 @@ inline at::Tensor dequantize_rows(const at::Tensor& qweight, const at::Tensor& s
 at::Tensor decode_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight,
                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias);
 
+// The CPU kernel without tensors around it, for decode_block: one linear of a call to
+// linear_rows_into, writing out [rows, out] (float32) = x W^T + bias.
+struct RowsLinear {
+  const at::Tensor* weight;  // float32/bf16 [out, in], or int8 with scales
+  const at::Tensor* scales;  // float32 [out], or nullptr
+  const std::optional<at::Tensor>& bias;
+  float* out;
+};
+
+// Several linears of the same x [rows, in] (float32) in one parallel region, with the same
+// sums as decode_linear(_q8). Returns false (writing nothing) where that kernel does not run
+// (no AVX2, more than 8 rows, a non-contiguous weight); the caller then takes the ATen path.
+bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear>& linears);
+
 }  // namespace eefast
