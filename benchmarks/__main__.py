@@ -1,5 +1,5 @@
-"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify|scaleout|archs [...]`: time
-eefast against its peers in one run."""
+"""`python -m benchmarks ops|ee-tune|adapters|trainer|verify|scaleout|archs|lowbit [...]`:
+time eefast against its peers in one run."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from . import (
     bench_exit_stats,
     bench_linear_cross_entropy,
     bench_lora_linear,
+    bench_lowbit,
     bench_scaleout,
     bench_trainer,
     bench_verify,
@@ -140,6 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     ar.add_argument("--repeats", type=int, default=3)
     ar.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ar.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    lb = sub.add_parser("lowbit", help="SmolLM2 decoding: float32 vs int8 backbone (vs llama.cpp)")
+    lb.add_argument("--prompts", type=int, default=4)
+    lb.add_argument("--new-tokens", type=int, default=128)
+    lb.add_argument("--repeats", type=int, default=3)
+    lb.add_argument("--gguf", type=Path, action="append", default=[],
+                    help="a GGUF file for llama.cpp (repeat; needs llama-cpp-python)")  # fmt: skip
+    lb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    lb.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -148,6 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.suite == "verify":
         rows = bench_verify.run(args.rows, args.context, args.repeats)
         path = args.out / f"verify-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        io.write_json(path, {"machine": machine_info(), "rows": rows})
+        print(f"wrote {path}")
+        return
+    if args.suite == "lowbit":
+        rows = bench_lowbit.run(args.prompts, args.new_tokens, args.repeats, args.gguf,
+                                args.threads)  # fmt: skip
+        path = args.out / f"lowbit-{time.strftime('%Y%m%d-%H%M%S')}.json"
         io.write_json(path, {"machine": machine_info(), "rows": rows})
         print(f"wrote {path}")
         return

@@ -147,3 +147,22 @@ def test_bad_backbone_requests():
         quantize_backbone(tiny_model("llama"), "q4")
     with pytest.raises(ValueError, match="4-bit blocks are not supported yet"):
         load_model("smollm2", weights="q4")
+
+
+def test_the_avx2_kernel_where_there_is_no_avx512():
+    """This CPU may take the AVX-512 kernel; the AVX2 one (EEFAST_DISABLE_AVX512=1) must give
+    the reference's values and row-independent bits as well."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, eefast; from eefast.ops import decode_linear_q8, quantize_rows, reference\n"
+        "x = torch.randn(6, 200); q, s = quantize_rows(torch.randn(130, 200))\n"
+        "alone = torch.cat([decode_linear_q8(x[i:i+1], q, s) for i in range(6)])\n"
+        "assert torch.equal(decode_linear_q8(x, q, s), alone)\n"
+        "torch.testing.assert_close(alone, reference.decode_linear_q8(x, q, s), atol=1e-4, rtol=1e-5)"
+    )
+    env = {**os.environ, "EEFAST_DISABLE_AVX512": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -39,6 +39,26 @@ bool has_avx2_kernels() {
 #endif
 }
 
+bool has_avx512_kernels() {
+#if defined(EEFAST_HAVE_AVX512_KERNELS)
+  // EEFAST_DISABLE_AVX512=1 keeps the AVX2 kernels (read once).
+  static const bool has = has_avx2_kernels() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          std::getenv("EEFAST_DISABLE_AVX512") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+void dot_logits_i8(const float* h, int64_t rows, int64_t d, const signed char* w,
+                   const float* scales, int64_t n, float* logits, int64_t ld) {
+#if defined(EEFAST_HAVE_AVX512_KERNELS)
+  if (has_avx512_kernels()) return dot_logits_i8_avx512(h, rows, d, w, scales, n, logits, ld);
+#endif
+  dot_logits_i8_avx2(h, rows, d, w, scales, n, logits, ld);
+}
+
 SoftmaxStats softmax_stats_portable(float* z, int64_t n, const float* bias, float inv_t,
                                     int64_t base) {
   SoftmaxStats st{-std::numeric_limits<float>::infinity(),

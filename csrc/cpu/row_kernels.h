@@ -47,6 +47,14 @@ void dot_logits_avx2(const float* h, int64_t rows, int64_t d, const void* w, boo
 void dot_logits_i8_avx2(const float* h, int64_t rows, int64_t d, const signed char* w,
                         const float* scales, int64_t n, float* logits, int64_t ld);
 
+// The same with AVX-512 (F + BW), where has_avx512_kernels(); and the dispatcher decode-time
+// callers use (AVX-512, else AVX2; callers check has_avx2_kernels()).
+bool has_avx512_kernels();
+void dot_logits_i8_avx512(const float* h, int64_t rows, int64_t d, const signed char* w,
+                          const float* scales, int64_t n, float* logits, int64_t ld);
+void dot_logits_i8(const float* h, int64_t rows, int64_t d, const signed char* w,
+                   const float* scales, int64_t n, float* logits, int64_t ld);
+
 // Folds b (later vocab indices) into a. Ties keep a's argmax, like torch.argmax.
 void merge(SoftmaxStats& a, const SoftmaxStats& b);
 

@@ -113,7 +113,7 @@ inline void dot_rows(const float* h, int64_t d, const void* w, float scale, floa
 }
 
 constexpr int64_t kPrefetchGroups = 2;  // how far ahead dot_row_x4 prefetches, in groups of 4
-constexpr int64_t kPrefetchRows = 8;    // how far ahead dot_rows prefetches, in weight rows
+constexpr int64_t kPrefetchRows = 16;   // how far ahead dot_rows prefetches, in weight rows
 
 // dot_rows<kW, 1> for four weight vectors at once: the same sums in the same order for each
 // (so a row's result does not depend on how many rows the call has), but eight independent

@@ -53,7 +53,7 @@ bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear
       const char* w = static_cast<const char*>(l.weight->data_ptr()) +
                       a * in * l.weight->element_size();
       if (l.scales) {
-        cpu::dot_logits_i8_avx2(x, rows, in, reinterpret_cast<const signed char*>(w),
+        cpu::dot_logits_i8(x, rows, in, reinterpret_cast<const signed char*>(w),
                                 l.scales->data_ptr<float>() + a, b - a, l.out + a, out_features);
       } else {
         cpu::dot_logits_avx2(x, rows, in, w, l.weight->scalar_type() == at::kBFloat16, b - a,
@@ -120,7 +120,7 @@ Tensor decode_linear_q8_cpu(const Tensor& x, const Tensor& qweight, const Tensor
   const float* h = h32.data_ptr<float>();
   float* y_ptr = y.data_ptr<float>();
   at::parallel_for(0, out_features, kOutBlock, [&](int64_t n0, int64_t n1) {
-    cpu::dot_logits_i8_avx2(h, rows, in, w_base + n0 * in, s_base + n0, n1 - n0, y_ptr + n0,
+    cpu::dot_logits_i8(h, rows, in, w_base + n0 * in, s_base + n0, n1 - n0, y_ptr + n0,
                             out_features);
   });
   if (bias) y.add_(bias->to(at::kFloat));

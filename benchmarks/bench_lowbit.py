@@ -1,0 +1,132 @@
+"""Decoding SmolLM2 on a low-bit backbone: eefast float32 against eefast int8 (weight-only,
+``load_model(weights="int8")``), and llama.cpp on GGUF files where ``llama-cpp-python`` is
+installed (an optional benchmark dependency), side by side in one run.
+
+Chat prompts, batch 1, greedy, ``--new-tokens`` each, the cases alternating ``--repeats``
+times; rows give median tokens/s and the median of per-repeat ratios to eefast float32. The
+quality rows: held-out perplexity of each eefast backbone (the int8 one with its int8 LM head)
+and the share of generated tokens equal to float32's before the first difference.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from eefast import load_model
+from eefast.data import PROMPTS, load_documents, split_blocks, token_blocks
+from eefast.generation import generate
+from eefast.hf.tokens import chat_prompt_ids
+from eefast.ops import decode_linear_q8
+
+
+def _eefast_case(weights: str):
+    model, tokenizer = load_model(weights=weights)
+    from eefast import add_exits
+
+    ee = add_exits(model, [8], kind="norm", share_lm_head=True)  # full depth ignores it
+
+    def run(prompts, new_tokens):
+        toks, seconds = [], 0.0
+        for p in prompts:
+            res = generate(ee, tokenizer, [p], "full", new_tokens, chat=True, stop_at_eos=False)
+            toks.append(res.tokens[0])
+            seconds += res.seconds
+        return toks, seconds
+
+    return run, model, tokenizer
+
+
+def _llama_cpp_case(gguf: Path, tokenizer, threads: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False)
+
+    def run(prompts, new_tokens):
+        toks, seconds = [], 0.0
+        for p in prompts:
+            ids = chat_prompt_ids(tokenizer, p)
+            llm.reset()
+            out, t0 = [], time.perf_counter()
+            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                out.append(tok)
+                if len(out) == new_tokens:
+                    break
+            seconds += time.perf_counter() - t0
+            toks.append(out)
+        return toks, seconds
+
+    return run
+
+
+@torch.no_grad()
+def _perplexity(model, tokenizer, blocks: int = 16) -> float:
+    held = split_blocks(token_blocks(tokenizer, load_documents(), 128), blocks)[1]
+    head, total, count = model.get_output_embeddings(), 0.0, 0
+    for i in range(0, len(held), 4):
+        ids = held[i : i + 4]
+        h = model.base_model(ids).last_hidden_state[:, :-1]
+        if hasattr(head, "qweight"):
+            logits = decode_linear_q8(h, head.qweight, head.scales, head.bias)
+        else:
+            logits = head(h)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+        )
+        total, count = total + float(loss), count + ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def _same_prefix(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of b's tokens that equal a's before the first difference, per sequence."""
+    kept = 0
+    for x, y in zip(a, b, strict=True):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        kept += n
+    return kept / max(1, sum(len(y) for y in b))
+
+
+def run(prompts: int, new_tokens: int, repeats: int, ggufs: list[Path], threads: int):
+    torch.set_num_threads(threads)
+    chosen = PROMPTS[:prompts]
+    cases, quality = {}, {}
+    fp32, fp_model, tokenizer = _eefast_case("fp32")
+    int8, q_model, _ = _eefast_case("int8")
+    cases["eefast fp32"], cases["eefast int8"] = fp32, int8
+    quality["eefast fp32"] = _perplexity(fp_model, tokenizer)
+    quality["eefast int8"] = _perplexity(q_model, tokenizer)
+    for gguf in ggufs:
+        try:
+            cases[f"llama.cpp {gguf.name}"] = _llama_cpp_case(gguf, tokenizer, threads)
+        except ImportError:
+            print("llama-cpp-python is not installed: pip install llama-cpp-python")
+            break
+    speeds = {name: [] for name in cases}
+    outputs = {}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            toks, seconds = case(chosen, new_tokens)
+            speeds[name].append(sum(len(t) for t in toks) / seconds)
+            outputs.setdefault(name, toks)
+    base = speeds["eefast fp32"]
+    rows = []
+    for name in cases:
+        ratios = [a / b for a, b in zip(speeds[name], base, strict=True)]
+        row = {
+            "case": name,
+            "tokens_per_s": round(statistics.median(speeds[name]), 1),
+            "runs": [round(s, 1) for s in speeds[name]],
+            "vs_eefast_fp32": round(statistics.median(ratios), 2),
+            "same_prefix_as_fp32": round(_same_prefix(outputs["eefast fp32"], outputs[name]), 3),
+        }
+        if name in quality:
+            row["held_out_ppl"] = round(quality[name], 3)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
