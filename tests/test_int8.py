@@ -161,7 +161,8 @@ def test_the_avx2_kernel_where_there_is_no_avx512():
         "x = torch.randn(6, 200); q, s = quantize_rows(torch.randn(130, 200))\n"
         "alone = torch.cat([decode_linear_q8(x[i:i+1], q, s) for i in range(6)])\n"
         "assert torch.equal(decode_linear_q8(x, q, s), alone)\n"
-        "torch.testing.assert_close(alone, reference.decode_linear_q8(x, q, s), atol=1e-4, rtol=1e-5)"
+        "want = reference.decode_linear_q8(x, q, s)\n"
+        "torch.testing.assert_close(alone, want, atol=1e-4, rtol=1e-5)"
     )
     env = {**os.environ, "EEFAST_DISABLE_AVX512": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
