@@ -30,7 +30,7 @@ from ..nn.exit_head import (
     block_output,
     previous_features,
 )
-from ..nn.quantized import Int8Linear
+from ..nn.quantized import float_copy
 from ..ops import multi_exit_cross_entropy
 
 # The confidence thresholds every per-exit report shows (share of tokens whose exit max-prob
@@ -354,35 +354,6 @@ def _check_layers(layers, num_layers: int, kind: str) -> list[int]:
     return sorted(layers)
 
 
-def _float_copy(module: nn.Module) -> nn.Module:
-    """A trainable copy of a backbone module: an int8 backbone's ``Int8Linear`` layers come
-    back as float ``nn.Linear`` layers holding their dequantised weights, and an LM head's
-    int8 copy is dropped (exits stay in full precision)."""
-    module = copy.deepcopy(module)
-    if isinstance(module, Int8Linear):
-        return _as_float_linear(module)
-    for m in module.modules():
-        if isinstance(m, nn.Linear):  # an LM head's int8 copy (hf.quantize_backbone)
-            m._buffers.pop("qweight", None)
-            m._buffers.pop("scales", None)
-    int8 = [(n, m) for n, m in module.named_modules() if isinstance(m, Int8Linear)]
-    for name, m in int8:
-        owner, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, attr, _as_float_linear(m))
-    return module
-
-
-def _as_float_linear(m: Int8Linear) -> nn.Linear:
-    weight = m.dequantized()
-    linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                       device=weight.device, dtype=weight.dtype)  # fmt: skip
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if m.bias is not None:
-            linear.bias.copy_(m.bias)
-    return linear
-
-
 def _own_cache_layer(block: nn.Module, index: int) -> nn.Module:
     """A copied block that writes a KV cache's layer ``index`` instead of its original's."""
     for m in block.modules():
@@ -394,7 +365,7 @@ def _own_cache_layer(block: nn.Module, index: int) -> nn.Module:
 def _feature_draft(parts: DecoderParts) -> FeatureDraft:
     """A draft exit's body: the last block's copy (its own KV-cache slot, after the model's
     blocks) behind fc([embedding, feature]) -> d, which starts as their sum."""
-    block = _own_cache_layer(_float_copy(parts.layers[-1]), len(parts.layers))
+    block = _own_cache_layer(float_copy(parts.layers[-1]), len(parts.layers))
     ref = parts.lm_head.weight
     d = ref.shape[1]
     fc = nn.Linear(2 * d, d, bias=False, device=ref.device, dtype=ref.dtype)
@@ -437,15 +408,15 @@ def add_exits(
             own = parts.layers[layer - 1]
             block = ResidualMLP(
                 copy.deepcopy(getattr(own, spec.mlp_norm)),
-                [_float_copy(getattr(own, name)) for name in spec.mlp],
+                [float_copy(getattr(own, name)) for name in spec.mlp],
                 spec.mlp_adds_residual,
             )
         elif kind == "layer":  # generation gives it cache layer num_layers + j
-            block = _own_cache_layer(_float_copy(parts.layers[-1]), len(parts.layers) + j)
+            block = _own_cache_layer(float_copy(parts.layers[-1]), len(parts.layers) + j)
         elif kind == "draft":
             block = _feature_draft(parts)
         norm = None if kind == "embed" else copy.deepcopy(parts.final_norm)
-        lm_head = None if share_lm_head else _float_copy(parts.lm_head)
+        lm_head = None if share_lm_head else float_copy(parts.lm_head)
         head = ExitHead(kind, norm, lm_head, block)
         if init == "random":  # seeded per exit: the same weights whatever else is built
             with torch.random.fork_rng(devices=[]):

@@ -3,6 +3,8 @@ output row), for a decoding backbone that reads a quarter of float32's bytes per
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -37,3 +39,32 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def float_copy(module: nn.Module) -> nn.Module:
+    """A trainable copy of a backbone module: an int8 backbone's ``Int8Linear`` layers come
+    back as float ``nn.Linear`` layers holding their dequantised weights, and an LM head's
+    int8 copy is dropped (exits stay in full precision)."""
+    module = copy.deepcopy(module)
+    if isinstance(module, Int8Linear):
+        return _as_float_linear(module)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):  # an LM head's int8 copy (hf.quantize_backbone)
+            m._buffers.pop("qweight", None)
+            m._buffers.pop("scales", None)
+    int8 = [(n, m) for n, m in module.named_modules() if isinstance(m, Int8Linear)]
+    for name, m in int8:
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, attr, _as_float_linear(m))
+    return module
+
+
+def _as_float_linear(m: Int8Linear) -> nn.Linear:
+    weight = m.dequantized()
+    linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                       device=weight.device, dtype=weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if m.bias is not None:
+            linear.bias.copy_(m.bias)
+    return linear
