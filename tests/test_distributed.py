@@ -276,3 +276,27 @@ def test_finetune_command_data_parallel(cli_model, tmp_path):
     assert sorted(one) == sorted(two)
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-4, rtol=0, msg=k)
+
+
+def test_replicas_build_one_hidden_cache_together(model_dir, tmp_path):
+    """With D replicas, each builds the cache for a shard of the blocks and they all-gather:
+    the file equals one process's cache, and one process trains from it alike."""
+    from eefast.train.hidden_cache import HiddenCache
+
+    config = {**TUNE, "cache_hidden": True, "cache_path": str(tmp_path / "cache.safetensors"),
+              "kd_weight": 0.5}  # fmt: skip
+    spec = {"task": "tune", "model": model_dir, "out": str(tmp_path / "many"), "stages": 1,
+            "config": config}  # fmt: skip
+    torchrun(2, spec)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ee = add_exits(model, [1, 2, 3])
+    alone = HiddenCache.build(ee, tune_blocks()[:12], 4, need_final=True, progress=False)
+    shared = load_file(tmp_path / "cache.safetensors")
+    for layer in (1, 2, 3):
+        torch.testing.assert_close(shared[f"layer.{layer}"], alone.hiddens[layer], atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(shared["final"], alone.final, atol=1e-5, rtol=1e-5)
+    written = (tmp_path / "cache.safetensors").stat().st_mtime_ns
+    single_tune(model_dir, tmp_path / "one", config)  # loads the shared cache
+    assert (tmp_path / "cache.safetensors").stat().st_mtime_ns == written, "it was rebuilt"
+    assert_same_exits(tmp_path / "one", tmp_path / "many")

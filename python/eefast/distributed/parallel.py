@@ -176,6 +176,18 @@ class Parallel:
             for p in params:
                 dist.broadcast(p.data, src=src, group=self.replica_group)
 
+    def gather_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every replica's equally shaped ``tensor`` (of this stage), concatenated along dim 0
+        in replica order, on every replica."""
+        if self.layout.replicas == 1:
+            return tensor
+        nccl = dist.get_backend() == "nccl"
+        t = (tensor.cuda() if nccl else tensor).contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.layout.replicas)]
+        with self.talking("gathering the hidden cache"):
+            dist.all_gather(parts, t, group=self.replica_group)
+        return torch.cat(parts).to(tensor.device)
+
     def gather_to_writer(self, obj):
         """The objects of replica 0's stages, in stage order, on rank 0 (None elsewhere)."""
         if not self.active:

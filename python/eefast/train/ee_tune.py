@@ -147,11 +147,35 @@ def _hidden_cache(ee, blocks, cfg, need_final, rows, progress, stage) -> HiddenC
         usable = all(parallel.all_stages(usable))
     cache = HiddenCache.load(path, ee, blocks, rows, need_final, backbone) if usable else None
     if cache is None:
-        cache = HiddenCache.build(ee, blocks, rows, need_final, progress=progress,
-                                  backbone=backbone)  # fmt: skip
+        replicas = parallel.layout.replicas if parallel is not None else 1
+        chunk = -(-len(blocks) // replicas)
+        if replicas > 1 and (replicas - 1) * chunk < len(blocks):  # every replica has a shard
+            cache = _build_shared(ee, blocks, rows, need_final, progress, backbone, parallel)
+        else:
+            cache = HiddenCache.build(ee, blocks, rows, need_final, progress=progress,
+                                      backbone=backbone)  # fmt: skip
         if path and (parallel is None or parallel.layout.replica == 0):
             cache.save(path)
     return cache
+
+
+def _build_shared(ee, blocks, rows, need_final, progress, backbone, parallel) -> HiddenCache:
+    """The cache built by all replicas together: each runs its pipeline over one contiguous
+    shard of the blocks, then the shards are all-gathered over the ranks holding this stage."""
+    replicas, replica = parallel.layout.replicas, parallel.layout.replica
+    chunk = -(-len(blocks) // replicas)
+    mine = blocks[replica * chunk : (replica + 1) * chunk]
+    part = HiddenCache.build(ee, mine, rows, need_final, progress=progress, backbone=backbone)
+
+    def gathered(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(chunk, *t.shape[1:], dtype=t.dtype)
+        padded[: len(t)] = t
+        return parallel.gather_replicas(padded)[: len(blocks)]
+
+    hiddens = {layer: gathered(h) for layer, h in part.hiddens.items()}
+    final = None if part.final is None else gathered(part.final)
+    meta = {**part.meta, "blocks": blocks_digest(blocks)}
+    return HiddenCache(hiddens, final, part.block_args, part.block_kwargs, meta)
 
 
 def _shares(cfg: TuneConfig, parallel: Parallel) -> int:
