@@ -1,7 +1,7 @@
 """The runner that calls a model's own decoder blocks on any range of layers, its final norm
 and LM head and its exits' heads, over a DecodeState (cache.py). What differs between
-architectures (embeddings, positions, the block call) is in archs.py; llama-family blocks
-may also run lean or fused (blocks.py)."""
+architectures (embeddings, positions, the block call) is the architecture table's ``decode``
+column (hf/decode_calls.py); llama-family blocks may also run lean or fused (blocks.py)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ class Runner:
 
     @property
     def cache_layers(self) -> int:
-        """Layers of the KV cache: the model's blocks and a draft exit's block."""
+        """Layers of the KV cache: the model's blocks, then a draft exit's block or each
+        ``layer`` exit's."""
         return len(self.blocks)
 
     @contextmanager
