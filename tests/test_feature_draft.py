@@ -9,7 +9,6 @@ import torch
 from eefast.eval import evaluate_exits
 from eefast.exits import add_exits, load_exits, save_exits
 from eefast.generation import generate
-from eefast.generation.cache import DecodeState
 from eefast.train import TuneConfig, ee_tune
 from test_generation import NEW, StubTokenizer, ragged_prompts
 from tiny_models import VOCAB, tiny_model
@@ -138,24 +137,15 @@ def test_eos_and_stop_strings_inside_accepted_blocks(draft_ee):
     assert len(want.tokens[1]) < NEW
 
 
-def test_cached_kv_is_the_full_forwards(draft_ee, monkeypatch):
+def test_cached_kv_is_the_full_forwards(draft_ee, finished_caches):
     """After a speculative run, every block's cached K/V over the valid slots is one full
     forward's, and the draft layer's is the draft exit's over the real top features (the
     slots it filled from its own predictions were recomputed; those of the last round are
     still owed)."""
-    snapshots = []
-    real_select = DecodeState.select
-
-    def select(self, rows):  # the sequence finished: keep its cache before it is dropped
-        c = self.cache
-        snapshots.append((self.valid[0].clone(), list(c.lengths), c.keys[:], c.values[:]))
-        real_select(self, rows)
-
-    monkeypatch.setattr(DecodeState, "select", select)
     for prompt in ragged_prompts():
         got = generate(draft_ee, None, [prompt], "speculative", NEW, draft_k=5, threshold=0)
         assert got.stats.accepted > 0
-        valid, lengths, keys, values = snapshots[-1]
+        valid, lengths, keys, values = finished_caches[-1]
         ids = torch.tensor([prompt + got.tokens[0][:-1]])  # the last token was never fed
         ref = draft_ee.model(ids, use_cache=True).past_key_values
         states = draft_ee.backbone_states(ids)

@@ -263,24 +263,15 @@ def test_propagate_mixes_exits_and_emits_every_token(llama_ee):
         ("speculative", dict(exits=[1, 2], threshold=0.015)),
     ],
 )
-def test_cached_kv_is_the_full_forwards(llama_ee, monkeypatch, mode, kw):
+def test_cached_kv_is_the_full_forwards(llama_ee, finished_caches, mode, kw):
     """Every layer's cached keys and values, over the valid slots, are what one full forward
     over the prompt and the emitted tokens computes: tokens that waited at an exit joined the
     climb in slot order, and rejected drafts are hidden."""
-    snapshots = []
-    real_select = DecodeState.select
-
-    def select(self, rows):  # the sequence finished: keep its cache before it is dropped
-        cache = self.cache
-        snapshots.append((self.valid[0], list(cache.lengths), cache.keys[:], cache.values[:]))
-        real_select(self, rows)
-
-    monkeypatch.setattr(DecodeState, "select", select)
     exited = 0
     for prompt in ragged_prompts():
         got = generate(llama_ee, None, [prompt], mode, NEW, **kw)
         exited += sum(layer < 4 for layer in got.layers[0])
-        valid, lengths, keys, values = snapshots[-1]
+        valid, lengths, keys, values = finished_caches[-1]
         ids = torch.tensor([prompt + got.tokens[0][:-1]])  # the last token was never fed
         ref = llama_ee.model(ids, use_cache=True).past_key_values
         for i, n in enumerate(lengths):

@@ -91,24 +91,15 @@ def test_layer_exits_compute_what_they_trained_on(arch):
     ],
 )
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "bloom", "gptj", "llama"])
-def test_every_cache_layer_is_one_pass_over_the_tokens(arch, mode, kw, monkeypatch):
+def test_every_cache_layer_is_one_pass_over_the_tokens(arch, mode, kw, finished_caches):
     """After decoding, every cache layer (the model's blocks and each layer exit's) holds, at
     its valid slots, what one prefill over the prompt and the emitted tokens writes there."""
     ee = exits_for(arch, "layer")
-    snapshots = []
-    real_select = DecodeState.select
-
-    def select(self, rows):  # the sequence finished: keep its cache before it is dropped
-        cache = self.cache
-        snapshots.append((self.valid[0], list(cache.lengths), cache.keys[:], cache.values[:]))
-        real_select(self, rows)
-
-    monkeypatch.setattr(DecodeState, "select", select)
     exited = 0
     for prompt in ragged_prompts():
         got = generate(ee, None, [prompt], mode, NEW, **kw)
         exited += sum(layer < ee.num_layers for layer in got.layers[0])
-        valid, lengths, keys, values = snapshots[-1]
+        valid, lengths, keys, values = finished_caches[-1]
         seq = prompt + got.tokens[0][:-1]  # the last token was never fed
         runner = Runner(ee)
         ref = DecodeState(runner.cache_layers, 1, "cpu")
