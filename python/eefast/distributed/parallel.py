@@ -157,15 +157,23 @@ class Parallel:
             g.mul_(coef)
         return total
 
+    def _for_backend(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` where the process group can reduce it (NCCL: this rank's GPU)."""
+        return (tensor.cuda() if dist.get_backend() == "nccl" else tensor).contiguous()
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every rank (a new tensor on values' device)."""
+        if not self.active:
+            return values
+        summed = self._for_backend(values.clone())
+        with self.talking("the loss all-reduce"):
+            dist.all_reduce(summed)
+        return summed.to(values.device)
+
     def mean_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
         """Values each stage fills in its own slots (zeros elsewhere), summed over the stages
         and averaged over the replicas: per-exit losses of the global batch."""
-        if not self.active:
-            return values
-        values = values.clone()
-        with self.talking("the loss all-reduce"):
-            dist.all_reduce(values)
-        return values / self.layout.replicas
+        return self.all_sum(values) / self.layout.replicas
 
     def broadcast_from_first_replica(self, params: list[torch.nn.Parameter]) -> None:
         """Make every replica start from replica 0's values of ``params``."""
@@ -181,8 +189,7 @@ class Parallel:
         in replica order, on every replica."""
         if self.layout.replicas == 1:
             return tensor
-        nccl = dist.get_backend() == "nccl"
-        t = (tensor.cuda() if nccl else tensor).contiguous()
+        t = self._for_backend(tensor)
         parts = [torch.empty_like(t) for _ in range(self.layout.replicas)]
         with self.talking("gathering the hidden cache"):
             dist.all_gather(parts, t, group=self.replica_group)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..exits.model import BackboneStates, EarlyExitModel, _StopBackbone
-from ..hf.arch import ARCHS, decoder_stack
+from ..hf.arch import ARCHS, decoder_parts, decoder_stack
 from ..nn.exit_head import block_output
 from .parallel import Parallel
 
@@ -203,7 +203,6 @@ class PipelineStage:
         self.plan = plans[layout.stage]
         self.is_first = layout.stage == 0
         self.is_last = layout.stage == layout.stages - 1
-        self.to_top = plans[-1].last == ee.num_layers
         self._pending: list = []  # sends and receives still in flight
         self._keep: list[torch.Tensor] = []  # buffers they use
         self.blocks_s = 0.0  # wall time in this stage's blocks (waits: parallel.waiting_s)
@@ -319,10 +318,9 @@ def exit_cost(model: nn.Module, kind: str, share_lm_head: bool) -> float:
     """An exit's training step in block forwards, from parameter counts: the LM head's GEMM
     runs forward and backward (two backward GEMMs when the head trains), a block's or MLP's
     body forward and two backward."""
-    spec = ARCHS[model.config.model_type]
-    blocks = dict(model.named_modules())[spec.layers]
-    block = sum(p.numel() for p in blocks[0].parameters())
-    head = model.get_output_embeddings().weight.numel()
+    parts = decoder_parts(model)
+    block = sum(p.numel() for p in parts.layers[0].parameters())
+    head = parts.lm_head.weight.numel()
     body = {"layer": block, "draft": block, "mlp": block * 2 // 3}.get(kind, 0)
     return ((2 if share_lm_head else 3) * head + 3 * body) / block
 

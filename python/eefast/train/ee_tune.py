@@ -145,25 +145,24 @@ def _hidden_cache(ee, blocks, cfg, need_final, rows, progress, stage) -> HiddenC
     usable = bool(path) and HiddenCache.usable(path, ee, blocks, need_final)
     if parallel is not None:
         usable = all(parallel.all_stages(usable))
-    cache = HiddenCache.load(path, ee, blocks, rows, need_final, backbone) if usable else None
-    if cache is None:
-        replicas = parallel.layout.replicas if parallel is not None else 1
-        chunk = -(-len(blocks) // replicas)
-        if replicas > 1 and (replicas - 1) * chunk < len(blocks):  # every replica has a shard
-            cache = _build_shared(ee, blocks, rows, need_final, progress, backbone, parallel)
-        else:
-            cache = HiddenCache.build(ee, blocks, rows, need_final, progress=progress,
-                                      backbone=backbone)  # fmt: skip
-        if path and (parallel is None or parallel.layout.replica == 0):
-            cache.save(path)
+    if usable:
+        return HiddenCache.read(path, ee, blocks, rows, backbone)
+    cache = _build(ee, blocks, rows, need_final, progress, backbone, parallel)
+    if path and (parallel is None or parallel.layout.replica == 0):
+        cache.save(path)
     return cache
 
 
-def _build_shared(ee, blocks, rows, need_final, progress, backbone, parallel) -> HiddenCache:
-    """The cache built by all replicas together: each runs its pipeline over one contiguous
-    shard of the blocks, then the shards are all-gathered over the ranks holding this stage."""
-    replicas, replica = parallel.layout.replicas, parallel.layout.replica
+def _build(ee, blocks, rows, need_final, progress, backbone, parallel) -> HiddenCache:
+    """Build the cache; with replicas, together: each runs its pipeline over one contiguous
+    shard of the blocks, then the shards are all-gathered over the ranks holding this stage
+    (unless there are too few blocks for every replica to get a shard)."""
+    replicas = parallel.layout.replicas if parallel is not None else 1
     chunk = -(-len(blocks) // replicas)
+    if replicas == 1 or (replicas - 1) * chunk >= len(blocks):
+        return HiddenCache.build(ee, blocks, rows, need_final, progress=progress,
+                                 backbone=backbone)  # fmt: skip
+    replica = parallel.layout.replica
     mine = blocks[replica * chunk : (replica + 1) * chunk]
     part = HiddenCache.build(ee, mine, rows, need_final, progress=progress, backbone=backbone)
 
@@ -292,13 +291,13 @@ def ee_tune(
                 weights = exit_weights_at(cfg, len(layers), step)
                 weights = [weights[s] for s in slots]
                 logged = torch.zeros(len(local) + 1, dtype=torch.float64)
+                share = 1 / len(mine)  # of the replica's rows, per microbatch
                 for states, targets in train.batches(list(mine)):
                     total, losses = ee.exit_losses(states, targets, weights, cfg.kd_weight,
                                                    cfg.z_loss)  # fmt: skip
                     # Means over the replica's rows; summing the replicas' gradients then
                     # gives the global batch's mean.
                     (total * (len(states.input_ids) / cfg.batch_size)).backward()
-                    share = len(mine) and 1 / len(mine)
                     logged += torch.cat([total.detach().reshape(1), losses.cpu()]).double() * share
                 done = step + 1
                 evaluating = held_out is not None and (

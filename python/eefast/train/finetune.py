@@ -132,14 +132,16 @@ def finetune(
                     # The tokens HF's shifted loss counts, over the whole batch: each replica
                     # divides its share's sum by it.
                     counted = int((whole["labels"][:, 1:] != IGNORE).sum())
-                    share = rows[len(rows) * replica // replicas :
-                                 len(rows) * (replica + 1) // replicas]  # fmt: skip
-                    batch = collate(share, config.max_len, pad_id, config.mask_prompt)
+                    batch = whole
+                    if replicas > 1:
+                        share = rows[len(rows) * replica // replicas :
+                                     len(rows) * (replica + 1) // replicas]  # fmt: skip
+                        batch = collate(share, config.max_len, pad_id, config.mask_prompt)
                     loss = causal_lm_loss(model, **batch, num_items_in_batch=max(counted, 1))
                     (loss / config.grad_accum).backward()
                     total += loss.item() / config.grad_accum
                     tokens += int((whole["labels"] != IGNORE).sum())
-                total = float(parallel.mean_over_replicas(torch.tensor([total]))[0]) * replicas
+                total = float(parallel.all_sum(torch.tensor([total]))[0])
                 loop.update({"loss": total, "tokens": tokens})
     finally:
         model.train(was_training)

@@ -129,6 +129,13 @@ class HiddenCache:
         (``backbone`` as in `build`, for a ``layer`` exit's block arguments)."""
         if not cls.usable(path, ee, blocks, need_final):
             return None
+        return cls.read(path, ee, blocks, batch_size, backbone)
+
+    @classmethod
+    def read(
+        cls, path: Path, ee: EarlyExitModel, blocks: torch.Tensor, batch_size: int, backbone=None
+    ) -> HiddenCache:
+        """The cache at ``path``, which `usable` has accepted for these blocks."""
         with reading(path), safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["eefast"])
             hiddens = {
