@@ -20,6 +20,7 @@ from torch import nn
 
 from ..hf.arch import decoder_stack
 from ..nn import BottleneckAdapter, IA3Linear, LoRALinear
+from ..nn.replace import replace_module
 from .config import (
     AdapterConfig,
     BottleneckConfig,
@@ -42,18 +43,6 @@ from .targets import (
 
 def _hidden_size(model: nn.Module) -> int:
     return model.config.get_text_config(decoder=True).hidden_size
-
-
-def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path``, keeping the hooks registered on the module it replaces."""
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old = getattr(parent, child)
-    new._forward_hooks.update(old._forward_hooks)
-    new._forward_hooks_with_kwargs.update(old._forward_hooks_with_kwargs)
-    new._forward_pre_hooks.update(old._forward_pre_hooks)
-    new._forward_pre_hooks_with_kwargs.update(old._forward_pre_hooks_with_kwargs)
-    setattr(parent, child, new)
 
 
 def _first(output):
@@ -197,7 +186,7 @@ def remove_adapter(model: nn.Module, name: str = "default") -> None:
         ):
             hooks.pop(handle.id, None)
     for path, original in adapter._originals:
-        _replace_module(model, path, original)
+        replace_module(model, path, original)
     if name in model.eefast_adapters:
         del model.eefast_adapters[name]
 
@@ -222,7 +211,7 @@ def _attach_lora(model: nn.Module, adapter: Adapter) -> None:
     for path in find_targets(model, targets, "lora"):
         original = model.get_submodule(path)
         wrapper = LoRALinear.from_linear(original, cfg.r, cfg.alpha, cfg.dropout)
-        _replace_module(model, path, wrapper)
+        replace_module(model, path, wrapper)
         adapter._originals.append((path, original))
         adapter._wrappers.append(wrapper)
         adapter.targets.append(path)
@@ -239,7 +228,7 @@ def _attach_ia3(model: nn.Module, adapter: Adapter) -> None:
         ff = any(matches(path, f) for f in feedforward)
         original = model.get_submodule(path)
         wrapper = IA3Linear(original, feedforward=ff)
-        _replace_module(model, path, wrapper)
+        replace_module(model, path, wrapper)
         adapter._originals.append((path, original))
         adapter._wrappers.append(wrapper)
         adapter.targets.append(path)

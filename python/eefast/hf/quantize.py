@@ -11,8 +11,10 @@ dequantise per linear (they are GEMM-bound).
 from __future__ import annotations
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..nn.quantized import Int8Linear
+from ..nn.replace import replace_module
 from ..ops import quantize_rows
 from .arch import decoder_parts
 
@@ -28,19 +30,11 @@ def quantize_backbone(model: nn.Module, weights: str = "int8") -> nn.Module:
         raise ValueError("quantize_backbone: this model's blocks are already int8")
     for block in parts.layers:
         targets = [(name, m) for name, m in block.named_modules()
-                   if type(m) is nn.Linear or type(m).__name__ == "Conv1D"]  # fmt: skip
+                   if type(m) in (nn.Linear, Conv1D)]  # fmt: skip
         for name, linear in targets:
-            owner, _, attr = name.rpartition(".")
-            setattr(block.get_submodule(owner) if owner else block, attr,
-                    Int8Linear.from_linear(linear))  # fmt: skip
+            replace_module(block, name, Int8Linear.from_linear(linear))
     head = parts.lm_head
     q, s = quantize_rows(head.weight)
     head.register_buffer("qweight", q, persistent=False)
     head.register_buffer("scales", s.to(head.weight.device), persistent=False)
-    model.eefast_weights = weights
     return model
-
-
-def backbone_weights(model: nn.Module) -> str:
-    """What ``quantize_backbone`` made of the model ("int8"), or its float dtype's name."""
-    return getattr(model, "eefast_weights", None) or str(model.dtype).removeprefix("torch.")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops import decode_linear_q8, quantize_rows
+from .replace import replace_module
 
 
 class Int8Linear(nn.Module):
@@ -54,8 +55,7 @@ def float_copy(module: nn.Module) -> nn.Module:
             m._buffers.pop("scales", None)
     int8 = [(n, m) for n, m in module.named_modules() if isinstance(m, Int8Linear)]
     for name, m in int8:
-        owner, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, attr, _as_float_linear(m))
+        replace_module(module, name, _as_float_linear(m))
     return module
 
 
