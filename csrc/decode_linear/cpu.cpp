@@ -54,7 +54,7 @@ bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear
                       a * in * l.weight->element_size();
       if (l.scales) {
         cpu::dot_logits_i8(x, rows, in, reinterpret_cast<const signed char*>(w),
-                                l.scales->data_ptr<float>() + a, b - a, l.out + a, out_features);
+                           l.scales->data_ptr<float>() + a, b - a, l.out + a, out_features);
       } else {
         cpu::dot_logits_avx2(x, rows, in, w, l.weight->scalar_type() == at::kBFloat16, b - a,
                              l.out + a, out_features);
@@ -73,60 +73,42 @@ bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear
   return true;
 }
 
-Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  check_decode_linear_args(x, weight, bias);
-  const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+namespace {
+
+// What both ops run for a few float32/bf16 rows: x as float32 rows through linear_rows_into,
+// back in x's dtype and shape; an undefined tensor where that kernel does not run.
+Tensor kernel_rows(const Tensor& x, const Tensor& weight, const Tensor* scales,
+                   const std::optional<Tensor>& bias) {
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) return {};
   const int64_t in = weight.size(1), out_features = weight.size(0);
   const int64_t rows = in ? x.numel() / in : 0;
-  if (!supported || rows == 0 || rows > kMaxRows || !cpu::has_avx2_kernels()) {
-    return at::linear(x, weight, bias);
-  }
   const Tensor h32 = x.reshape({rows, in}).to(at::kFloat).contiguous();
   const Tensor w = weight.contiguous();
+  const Tensor s = scales ? scales->contiguous() : Tensor();
   Tensor y = at::empty({rows, out_features}, h32.options());
-  const bool w_bf16 = w.scalar_type() == at::kBFloat16;
-  const char* w_base = static_cast<const char*>(w.data_ptr());
-  const int64_t w_row_bytes = in * w.element_size();
-  const float* h = h32.data_ptr<float>();
-  float* y_ptr = y.data_ptr<float>();
-  at::parallel_for(0, out_features, kOutBlock, [&](int64_t n0, int64_t n1) {
-    cpu::dot_logits_avx2(h, rows, in, w_base + n0 * w_row_bytes, w_bf16, n1 - n0, y_ptr + n0,
-                         out_features);
-  });
-  if (bias) y.add_(bias->to(at::kFloat));
+  const RowsLinear job{&w, scales ? &s : nullptr, bias, y.data_ptr<float>()};
+  if (!linear_rows_into(h32.data_ptr<float>(), rows, {job})) return {};
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.to(x.scalar_type()).view(shape);
 }
 
+}  // namespace
+
+Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  check_decode_linear_args(x, weight, bias);
+  Tensor y = kernel_rows(x, weight, nullptr, bias);
+  return y.defined() ? y : at::linear(x, weight, bias);
+}
+
 // Up to kMaxRows rows stream the int8 weight once (a quarter of float32's bytes), converting
-// eight weights at a time in registers and applying each row's scale to its finished sum; more
-// rows (the prefill) dequantise the weight and run sgemm.
+// weights in registers and applying each row's scale to its finished sum; more rows (the
+// prefill) dequantise the weight and run sgemm.
 Tensor decode_linear_q8_cpu(const Tensor& x, const Tensor& qweight, const Tensor& scales,
                             const std::optional<Tensor>& bias) {
   check_decode_linear_q8_args(x, qweight, scales, bias);
-  const int64_t in = qweight.size(1), out_features = qweight.size(0);
-  const int64_t rows = in ? x.numel() / in : 0;
-  const bool supported = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
-  if (!supported || rows == 0 || rows > kMaxRows || !cpu::has_avx2_kernels()) {
-    return at::linear(x, dequantize_rows(qweight, scales, x.scalar_type()), bias);
-  }
-  const Tensor h32 = x.reshape({rows, in}).to(at::kFloat).contiguous();
-  const Tensor w = qweight.contiguous();
-  const Tensor s = scales.contiguous();
-  Tensor y = at::empty({rows, out_features}, h32.options());
-  const signed char* w_base = static_cast<const signed char*>(w.data_ptr());
-  const float* s_base = s.data_ptr<float>();
-  const float* h = h32.data_ptr<float>();
-  float* y_ptr = y.data_ptr<float>();
-  at::parallel_for(0, out_features, kOutBlock, [&](int64_t n0, int64_t n1) {
-    cpu::dot_logits_i8(h, rows, in, w_base + n0 * in, s_base + n0, n1 - n0, y_ptr + n0,
-                            out_features);
-  });
-  if (bias) y.add_(bias->to(at::kFloat));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return y.to(x.scalar_type()).view(shape);
+  Tensor y = kernel_rows(x, qweight, &scales, bias);
+  return y.defined() ? y : at::linear(x, dequantize_rows(qweight, scales, x.scalar_type()), bias);
 }
 
 TORCH_LIBRARY_IMPL(eefast, CPU, m) {
