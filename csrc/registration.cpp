@@ -46,12 +46,22 @@ TORCH_LIBRARY(eefast, m) {
   // decode_linear with a weight-only int8 weight: y = x (scales[:, None] * qweight)^T + b,
   // qweight int8 [out, in], scales float32 [out]. Differentiable in x (the weight is frozen).
   m.def("decode_linear_q8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
+  // decode_linear with W as GGUF blocks (Q4_0, Q4_1 or Q8_0), qweight uint8 [out, in / 32,
+  // block bytes] packed by pack_gguf. Few rows quantise x per group of 32 and use integer dot
+  // products, as llama.cpp does; more rows dequantise W. Differentiable in x and bias.
+  m.def("decode_linear_gguf(Tensor x, Tensor qweight, Tensor? bias=None) -> Tensor");
+  // A GGUF tensor's rows of blocks (uint8 [out, in / 32, block bytes]) regrouped for the
+  // kernels: the same bytes in tiles of 8 rows (csrc/cpu/gguf_blocks.h).
+  m.def("pack_gguf(Tensor rows) -> Tensor");
+  // The float32 [out, in] weight that packed GGUF blocks define, exactly.
+  m.def("dequantize_gguf(Tensor qweight) -> Tensor");
   // One llama-family decoder block (RMSNorm, rotary, grouped-query attention over a KV cache,
   // SiLU-gated MLP) on h [batch, q, d] for a decode or verify step: writes the q new keys and
   // values to cache slots [cache_len, cache_len + q) and returns the block's output. allowed
   // [batch, q, cache_len + q] says which keys each query sees. weights/biases: q, k, v, o,
   // gate, up, down; with `scales` (one float32 [out] per linear) the weights are int8, as in
-  // decode_linear_q8. Inference only (it mutates the caches).
+  // decode_linear_q8; uint8 weights are GGUF blocks, as in decode_linear_gguf. Inference only
+  // (it mutates the caches).
   m.def(
       "decode_block(Tensor h, Tensor cos, Tensor sin, Tensor allowed, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, int cache_len, Tensor norm1, Tensor norm2, Tensor[] weights, "

@@ -32,6 +32,7 @@ bool has_avx2_kernels() {
 #if defined(EEFAST_HAVE_AVX2_KERNELS)
   // EEFAST_DISABLE_AVX2=1 forces the portable kernels (read once; tests use it).
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") &&
                           std::getenv("EEFAST_DISABLE_AVX2") == nullptr;
   return has;
 #else

@@ -33,7 +33,8 @@ void scaled_softmax(float* z, int64_t n, float lse, float coef);
 void scaled_softmax_portable(float* z, int64_t n, float lse, float coef);
 void scaled_softmax_avx2(float* z, int64_t n, float lse, float coef);
 
-// Whether the AVX2+FMA kernels below can run on this CPU (and were built).
+// Whether the AVX2+FMA+F16C kernels below (and gguf_blocks.h's) can run on this CPU (and were
+// built).
 bool has_avx2_kernels();
 
 // logits[r * ld + v] = h[r] . w[v] for r < rows, v < n, with h [rows, d] fp32 and w n rows of

@@ -12,6 +12,7 @@
 #include <ATen/ops/silu.h>
 #include <ATen/ops/softmax.h>
 
+#include <algorithm>
 #include <limits>
 
 namespace eefast {
@@ -22,7 +23,17 @@ using at::Tensor;
 const char* const kLinearNames[kNumLinears] = {"q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"};
 
+bool is_gguf(const Tensor& w) { return w.scalar_type() == at::kByte; }
+
+// A float [rows, cols] weight, or GGUF blocks [rows, cols / 32, block bytes].
 void check_matrix(const Tensor& w, int64_t rows, int64_t cols, const char* name) {
+  if (is_gguf(w)) {
+    check_gguf_weight("decode_block", name, w);
+    TORCH_CHECK((rows < 0 || w.size(0) == rows) && w.size(1) * cpu::kGgufGroup == cols,
+                "decode_block: ", name, " must hold [", rows < 0 ? "?" : std::to_string(rows),
+                ", ", cols, "] weights, got GGUF blocks ", w.sizes());
+    return;
+  }
   TORCH_CHECK(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols,
               "decode_block: ", name, " weight must be [", rows < 0 ? "?" : std::to_string(rows),
               ", ", cols, "], got ", w.sizes());
@@ -61,13 +72,13 @@ DecodeBlockDims check_decode_block_args(const Tensor& h, const Tensor& cos, cons
   const int64_t batch = h.size(0), q = h.size(1), d = h.size(2);
   const int64_t head_dim = k_cache.size(3), kv_heads = k_cache.size(1);
   TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, "decode_block: head_dim must be even");
-  TORCH_CHECK(weights[kQ].dim() == 2 && weights[kQ].size(0) % head_dim == 0,
+  TORCH_CHECK(weights[kQ].dim() >= 2 && weights[kQ].size(0) % head_dim == 0,
               "decode_block: q_proj weight must be [heads * ", head_dim, ", ", d, "], got ",
               weights[kQ].sizes());
   const int64_t heads = weights[kQ].size(0) / head_dim;
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "decode_block: ", heads,
               " query heads are not a multiple of ", kv_heads, " kv heads");
-  const int64_t inner = weights[kGate].dim() == 2 ? weights[kGate].size(0) : -1;
+  const int64_t inner = weights[kGate].dim() >= 2 ? weights[kGate].size(0) : -1;
   check_matrix(weights[kQ], heads * head_dim, d, "q_proj");
   check_matrix(weights[kK], kv_heads * head_dim, d, "k_proj");
   check_matrix(weights[kV], kv_heads * head_dim, d, "v_proj");
@@ -75,6 +86,8 @@ DecodeBlockDims check_decode_block_args(const Tensor& h, const Tensor& cos, cons
   check_matrix(weights[kGate], inner, d, "gate_proj");
   check_matrix(weights[kUp], inner, d, "up_proj");
   check_matrix(weights[kDown], d, inner, "down_proj");
+  TORCH_CHECK(scales.empty() || std::none_of(weights.begin(), weights.end(), is_gguf),
+              "decode_block: GGUF block weights take no scales");
   const int64_t keys = cache_len + q;
   TORCH_CHECK(cache_len >= 0, "decode_block: cache_len must be >= 0, got ", cache_len);
   for (const Tensor* c : {&k_cache, &v_cache}) {
@@ -102,7 +115,10 @@ DecodeBlockDims check_decode_block_args(const Tensor& h, const Tensor& cos, cons
               scales.size());
   std::vector<const Tensor*> same_dtype = {&cos, &sin, &k_cache, &v_cache, &norm1, &norm2};
   for (int i = 0; i < kNumLinears; ++i) {
-    if (scales.empty()) {
+    if (is_gguf(weights[i])) {
+      TORCH_CHECK(weights[i].device() == h.device(), "decode_block: every tensor must be on ",
+                  h.device());
+    } else if (scales.empty()) {
       same_dtype.push_back(&weights[i]);
     } else {
       TORCH_CHECK(weights[i].scalar_type() == at::kChar && scales[i].scalar_type() == at::kFloat &&
@@ -143,7 +159,12 @@ Tensor decode_block_composite(const Tensor& h, const Tensor& cos, const Tensor& 
                                                     scales);
   std::vector<Tensor> w = weights;
   for (size_t i = 0; i < scales.size(); ++i) w[i] = dequantize_rows(w[i], scales[i], h.scalar_type());
-  auto linear = [&](const Tensor& x, int i) { return linear_fn(x, w[i], biases[i]); };
+  auto linear = [&](const Tensor& x, int i) {
+    if (!is_gguf(w[i])) return linear_fn(x, w[i], biases[i]);
+    TORCH_CHECK(w[i].is_cpu(), "decode_block: GGUF block weights run on CPU only for now; on ",
+                w[i].device(), " load the backbone with weights='fp32', 'bf16' or 'int8'");
+    return decode_linear_gguf_cpu(x, w[i], biases[i]);
+  };
   auto heads = [&](const Tensor& x) {  // [B, q, n * hd] -> [B, n, q, hd]
     return x.view({n.batch, n.q, x.size(-1) / n.head_dim, n.head_dim}).transpose(1, 2);
   };

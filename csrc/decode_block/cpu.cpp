@@ -9,7 +9,8 @@
 // may see in slot order, skipping the others. So a token's output is bit-identical whether it
 // is decoded alone, verified with drafts, batched with other sequences or left-padded, which
 // is what keeps speculative decoding exact. float32 only; other dtypes take the composite path.
-// With `scales`, the seven weights are int8 and the linears are decode_linear_q8's kernel.
+// With `scales`, the seven weights are int8 and the linears are decode_linear_q8's kernel;
+// uint8 weights are GGUF blocks and take decode_linear_gguf's.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -84,7 +85,7 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
   const float feps = static_cast<float>(eps), fscale = static_cast<float>(scaling);
   // Linears that read the same x run in one parallel region, straight from the kernel into
   // fresh float32 [rows, out] buffers (a decode step's linears are small: no dtype round
-  // trips, checks or fork/join per linear); otherwise each takes decode_linear(_q8)'s path.
+  // trips, checks or fork/join per linear); otherwise each takes its decode_linear op's path.
   auto linears = [&](const Tensor& x, std::initializer_list<int> which) {
     std::vector<Tensor> outs;
     std::vector<RowsLinear> jobs;
@@ -97,8 +98,10 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
     if (!linear_rows_into(x.data_ptr<float>(), rows, jobs)) {
       int j = 0;
       for (int i : which) {
-        outs[j++] = scales.empty() ? decode_linear_cpu(x, weights[i], biases[i])
-                                   : decode_linear_q8_cpu(x, weights[i], scales[i], biases[i]);
+        outs[j++] = weights[i].scalar_type() == at::kByte
+                        ? decode_linear_gguf_cpu(x, weights[i], biases[i])
+                    : scales.empty() ? decode_linear_cpu(x, weights[i], biases[i])
+                                     : decode_linear_q8_cpu(x, weights[i], scales[i], biases[i]);
       }
     }
     return outs;

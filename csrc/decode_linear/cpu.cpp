@@ -24,39 +24,70 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kMaxRows = 8;  // above this, sgemm wins (crossover between 5 and 16 rows)
+// GGUF blocks keep the kernel up to 64 rows: its weight tiles stay in L1 across the rows, it
+// costs about what dequantising and sgemm do there, and every verify step and small decode
+// batch then rounds its activations like a single decoded token.
+constexpr int64_t kMaxGgufRows = 64;
 constexpr int64_t kOutBlock = 64;   // output features per parallel task
+constexpr int64_t kTile = cpu::kGgufTile;
 
 }  // namespace
 
 bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear>& linears) {
-  if (rows == 0 || rows > kMaxRows || !cpu::has_avx2_kernels()) return false;
-  int64_t total = 0;
-  std::vector<int64_t> starts;  // where each linear's outputs begin in the joint range
+  if (rows == 0 || rows > kMaxGgufRows || !cpu::has_avx2_kernels()) return false;
+  int64_t total = 0, in = 0;
+  std::vector<int64_t> starts;  // where each linear's tiles of 8 outputs begin in the joint range
+  std::vector<int> gguf;        // each linear's GgufType, or -1
   for (const RowsLinear& l : linears) {
     const Tensor& w = *l.weight;
-    const bool ok_dtype = l.scales ? w.scalar_type() == at::kChar
-                                   : (w.scalar_type() == at::kFloat ||
-                                      w.scalar_type() == at::kBFloat16);
+    cpu::GgufType type{};
+    const bool blocks = w.scalar_type() == at::kByte && w.dim() == 3 &&
+                        cpu::gguf_type_of_block_bytes(w.size(2), &type);
+    const bool ok_dtype = blocks || (l.scales ? w.scalar_type() == at::kChar
+                                              : (w.scalar_type() == at::kFloat ||
+                                                 w.scalar_type() == at::kBFloat16));
     if (!ok_dtype || !w.is_contiguous() || (l.scales && !l.scales->is_contiguous())) return false;
+    gguf.push_back(blocks ? static_cast<int>(type) : -1);
+    in = blocks ? w.size(1) * cpu::kGgufGroup : w.size(1);
     starts.push_back(total);
-    total += w.size(0);
+    total += (w.size(0) + kTile - 1) / kTile;
   }
-  // One parallel region over every linear's outputs: a decode step's linears are small, and
-  // a fork/join per linear costs a noticeable share of streaming an int8 one.
-  at::parallel_for(0, total, kOutBlock, [&](int64_t n0, int64_t n1) {
+  const bool all_gguf = std::all_of(gguf.begin(), gguf.end(), [](int t) { return t >= 0; });
+  if (rows > (all_gguf ? kMaxGgufRows : kMaxRows)) return false;
+  // GGUF blocks multiply int8 activations: x is quantised once for all the linears.
+  std::vector<int8_t> xq;
+  std::vector<float> xd, xs;
+  if (std::any_of(gguf.begin(), gguf.end(), [](int t) { return t >= 0; })) {
+    const int64_t groups = rows * (in / cpu::kGgufGroup);
+    xq.resize(rows * in);
+    xd.resize(groups);
+    xs.resize(groups);
+    cpu::quantize_activations(x, rows, in, xq.data(), xd.data(), xs.data());
+  }
+  // One parallel region over every linear's outputs, in tiles of 8 (packed GGUF blocks come
+  // in tiles of 8 rows): a decode step's linears are small, and a fork/join per linear costs
+  // a noticeable share of streaming a low-bit one.
+  at::parallel_for(0, total, kOutBlock / kTile, [&](int64_t t0, int64_t t1) {
     for (size_t i = 0; i < linears.size(); ++i) {
       const RowsLinear& l = linears[i];
-      const int64_t out_features = l.weight->size(0), in = l.weight->size(1);
-      const int64_t a = std::max(n0, starts[i]) - starts[i];
-      const int64_t b = std::min(n1, starts[i] + out_features) - starts[i];
+      const Tensor& weight = *l.weight;
+      const int64_t out_features = weight.size(0);
+      const int64_t a = (std::max(t0, starts[i]) - starts[i]) * kTile;
+      const int64_t b = std::min((t1 - starts[i]) * kTile, out_features);
       if (a >= b) continue;
-      const char* w = static_cast<const char*>(l.weight->data_ptr()) +
-                      a * in * l.weight->element_size();
+      if (gguf[i] >= 0) {
+        cpu::dot_gguf(static_cast<cpu::GgufType>(gguf[i]), xq.data(), xd.data(), xs.data(),
+                      rows, in, weight.data_ptr<uint8_t>(), out_features, a, b, l.out,
+                      out_features);
+        continue;
+      }
+      const int64_t row_bytes = weight.size(1) * weight.element_size();
+      const char* w = static_cast<const char*>(weight.data_ptr()) + a * row_bytes;
       if (l.scales) {
         cpu::dot_logits_i8(x, rows, in, reinterpret_cast<const signed char*>(w),
                            l.scales->data_ptr<float>() + a, b - a, l.out + a, out_features);
       } else {
-        cpu::dot_logits_avx2(x, rows, in, w, l.weight->scalar_type() == at::kBFloat16, b - a,
+        cpu::dot_logits_avx2(x, rows, in, w, weight.scalar_type() == at::kBFloat16, b - a,
                              l.out + a, out_features);
       }
     }
@@ -80,7 +111,8 @@ namespace {
 Tensor kernel_rows(const Tensor& x, const Tensor& weight, const Tensor* scales,
                    const std::optional<Tensor>& bias) {
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) return {};
-  const int64_t in = weight.size(1), out_features = weight.size(0);
+  const int64_t in = weight.dim() == 3 ? weight.size(1) * cpu::kGgufGroup : weight.size(1);
+  const int64_t out_features = weight.size(0);
   const int64_t rows = in ? x.numel() / in : 0;
   const Tensor h32 = x.reshape({rows, in}).to(at::kFloat).contiguous();
   const Tensor w = weight.contiguous();
@@ -111,7 +143,43 @@ Tensor decode_linear_q8_cpu(const Tensor& x, const Tensor& qweight, const Tensor
   return y.defined() ? y : at::linear(x, dequantize_rows(qweight, scales, x.scalar_type()), bias);
 }
 
+Tensor dequantize_gguf_cpu(const Tensor& qweight) {
+  const cpu::GgufType type = check_gguf_weight("dequantize_gguf", "qweight", qweight);
+  const Tensor w = qweight.contiguous();
+  const int64_t n = w.size(0), in = w.size(1) * cpu::kGgufGroup;
+  Tensor out = at::empty({n, in}, w.options().dtype(at::kFloat));
+  at::parallel_for(0, (n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
+    cpu::dequantize_gguf(type, w.data_ptr<uint8_t>(), n, in, t0 * kTile,
+                         std::min(t1 * kTile, n), out.data_ptr<float>());
+  });
+  return out;
+}
+
+// GGUF rows (uint8 [out, in / 32, block bytes], as the file stores the tensor) -> packed.
+Tensor pack_gguf_cpu(const Tensor& rows) {
+  const cpu::GgufType type = check_gguf_weight("pack_gguf", "rows", rows);
+  const Tensor r = rows.contiguous();
+  Tensor out = at::empty(r.sizes(), r.options());
+  cpu::pack_gguf(type, r.data_ptr<uint8_t>(), r.size(0), r.size(1) * cpu::kGgufGroup,
+                 out.data_ptr<uint8_t>());
+  return out;
+}
+
+// Up to kMaxGgufRows rows quantise x per group of 32 and stream the blocks once with integer
+// dot products (cpu/gguf_blocks.h); more rows (a long prefill, a tuning forward) dequantise
+// the weight and run sgemm in x's dtype.
+Tensor decode_linear_gguf_cpu(const Tensor& x, const Tensor& qweight,
+                              const std::optional<Tensor>& bias) {
+  check_decode_linear_gguf_args(x, qweight, bias);
+  Tensor y = kernel_rows(x, qweight, nullptr, bias);
+  return y.defined() ? y
+                     : at::linear(x, dequantize_gguf_cpu(qweight).to(x.scalar_type()), bias);
+}
+
 TORCH_LIBRARY_IMPL(eefast, CPU, m) {
+  m.impl("decode_linear_gguf", &decode_linear_gguf_cpu);
+  m.impl("dequantize_gguf", &dequantize_gguf_cpu);
+  m.impl("pack_gguf", &pack_gguf_cpu);
   m.impl("decode_linear", &decode_linear_cpu);
   m.impl("decode_linear_q8", &decode_linear_q8_cpu);
 }

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "cpu/gguf_blocks.h"
 
 namespace eefast {
 
@@ -67,10 +68,45 @@ inline at::Tensor dequantize_rows(const at::Tensor& qweight, const at::Tensor& s
 at::Tensor decode_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight,
                                 const at::Tensor& scales, const std::optional<at::Tensor>& bias);
 
+// decode_linear_gguf: y = x W^T + b with W held as GGUF blocks, qweight uint8
+// [out, in / 32, block bytes] (cpu/gguf_blocks.h). Returns the blocks' type.
+inline cpu::GgufType check_gguf_weight(const char* op, const char* name, const at::Tensor& w) {
+  cpu::GgufType type{};
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 &&
+                  cpu::gguf_type_of_block_bytes(w.size(2), &type), op, ": ", name,
+              " must be GGUF blocks, uint8 [out, in / 32, 18 (Q4_0) | 20 (Q4_1) | 34 (Q8_0)], "
+              "got ", w.scalar_type(), " ", w.sizes());
+  return type;
+}
+
+inline void check_decode_linear_gguf_args(const at::Tensor& x, const at::Tensor& qweight,
+                                          const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "decode_linear_gguf";
+  check_gguf_weight(op, "qweight", qweight);
+  const int64_t in = qweight.size(1) * cpu::kGgufGroup;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, op, ": x's last dim (", x.dim() ? x.size(-1) : 0,
+              ") must equal qweight's in features (", qweight.size(1), " blocks of 32 = ", in, ")");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": x must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK(qweight.device() == x.device(), op, ": qweight must be on x's device ", x.device());
+  if (bias) {
+    check_same_dtype_device(op, x, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == qweight.size(0), op, ": bias must be [",
+                qweight.size(0), "], got ", bias->sizes());
+  }
+}
+
+// The float32 [out, in] weight that GGUF blocks define (CPU).
+at::Tensor dequantize_gguf_cpu(const at::Tensor& qweight);
+
+at::Tensor decode_linear_gguf_cpu(const at::Tensor& x, const at::Tensor& qweight,
+                                  const std::optional<at::Tensor>& bias);
+
 // The CPU kernel without tensors around it, for decode_block: one linear of a call to
 // linear_rows_into, writing out [rows, out] (float32) = x W^T + bias.
 struct RowsLinear {
-  const at::Tensor* weight;  // float32/bf16 [out, in], or int8 with scales
+  const at::Tensor* weight;  // float32/bf16 [out, in], int8 with scales, or GGUF blocks
   const at::Tensor* scales;  // float32 [out], or nullptr
   const std::optional<at::Tensor>& bias;
   float* out;

@@ -153,7 +153,8 @@ def decode_block(
     keys and values at ``[cache_len, cache_len + q)``. ``norms`` are the input and
     post-attention RMSNorm weights; ``weights``/``biases`` the q, k, v, o, gate, up and down
     projections; with ``scales`` (float32 ``[out]`` each) the weights are int8, as in
-    ``decode_linear_q8``. On CPU in float32 each row is computed alone in a fixed order, so a
+    ``decode_linear_q8``; uint8 weights are packed GGUF blocks, as in ``decode_linear_gguf``
+    (CPU only). On CPU in float32 each row is computed alone in a fixed order, so a
     token's output does not depend on what else is in the call. Forward only.
     """
     return torch.ops.eefast.decode_block.default(
@@ -195,16 +196,15 @@ def _decode_block_fake(h, cos, sin, allowed, k_cache, v_cache, cache_len, norm1,
     for w, sc in zip(weights, scales, strict=False):
         check(w.dtype == torch.int8 and sc.dtype == torch.float32 and sc.shape == (w.shape[0],),
               op, "with scales, each weight must be int8 with float32 scales [out]")  # fmt: skip
-    same = [
-        cos,
-        sin,
-        k_cache,
-        v_cache,
-        norm1,
-        norm2,
-        *([] if scales else weights),
-        *(b for b in biases if b is not None),
-    ]
+    gguf = [w for w in weights if w.dtype == torch.uint8]
+    check(not (gguf and scales), op, "GGUF block weights take no scales")
+    for w in gguf:
+        check(w.dim() == 3 and w.shape[2] in (18, 20, 34), op,
+              "uint8 weights must be GGUF blocks [out, in / 32, 18 | 20 | 34]")  # fmt: skip
+        check_device(op, "a weight", w, h)
+    floats = [] if scales else [w for w in weights if w.dtype != torch.uint8]
+    same = [cos, sin, k_cache, v_cache, norm1, norm2, *floats,
+            *(b for b in biases if b is not None)]  # fmt: skip
     for t in same:
         check(t.dtype == h.dtype, op, "every weight, cache and cos/sin must have h's dtype")
     for t in (*same, allowed):

@@ -111,10 +111,33 @@ def decode_linear_q8(x, qweight, scales, bias=None) -> torch.Tensor:
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x with each group of 32 rounded as ``decode_linear_gguf``'s kernel multiplies it:
+    int8 steps of max|x| / 127 (ties to even), in float32."""
+    g = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(g * inv) * d).reshape(x.shape)
+
+
+def decode_linear_gguf(x, qweight, bias=None) -> torch.Tensor:
+    """What ``decode_linear_gguf`` computes, in float64 (x's dtype out): up to 64 rows (its
+    kernel) quantise the activations per group of 32; more multiply them as they are. Both
+    times the exactly dequantised blocks."""
+    from .gguf import dequantize_gguf
+
+    w = dequantize_gguf(qweight).double()
+    rows = x.numel() // max(1, x.shape[-1])
+    xq = quantize_activations(x) if 0 < rows <= 64 else x.float()
+    y = F.linear(xq.double(), w, None if bias is None else bias.double())
+    return y.to(x.dtype)
+
+
 def decode_block(h, cos, sin, allowed, k_cache, v_cache, cache_len, norms, weights,
                            biases, eps, scaling, scales=None) -> torch.Tensor:  # fmt: skip
     """Pure-torch ``decode_block`` in float32 (the test oracle); writes the caches too. With
-    ``scales``, the weights are int8 and dequantised first."""
+    ``scales``, the weights are int8 and dequantised first; uint8 weights are GGUF blocks,
+    multiplied as ``decode_linear_gguf``'s kernel does."""
     if scales:
         weights = [w.float() * s.float()[:, None] for w, s in zip(weights, scales, strict=True)]
 
@@ -123,6 +146,8 @@ def decode_block(h, cos, sin, allowed, k_cache, v_cache, cache_len, norms, weigh
 
     def lin(x, i):
         b = biases[i]
+        if weights[i].dtype == torch.uint8:
+            return decode_linear_gguf(x, weights[i], b).float()
         return F.linear(x, weights[i].float(), None if b is None else b.float())
 
     def rotate(x):  # [B, n, q, hd]
