@@ -141,12 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     ar.add_argument("--repeats", type=int, default=3)
     ar.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ar.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    lb = sub.add_parser("lowbit", help="SmolLM2 decoding: float32 vs int8 backbone (vs llama.cpp)")
+    lb = sub.add_parser(
+        "lowbit", help="SmolLM2 decoding: float32 vs int8 vs q4 backbone (vs llama.cpp)"
+    )
     lb.add_argument("--prompts", type=int, default=4)
     lb.add_argument("--new-tokens", type=int, default=128)
     lb.add_argument("--repeats", type=int, default=3)
     lb.add_argument("--gguf", type=Path, action="append", default=[],
-                    help="a GGUF file for llama.cpp (repeat; needs llama-cpp-python)")  # fmt: skip
+                    help="another GGUF file for llama.cpp besides the shipped Q4_1 (repeat; needs "
+                    "llama-cpp-python)")  # fmt: skip
     lb.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     lb.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)

@@ -1,11 +1,13 @@
 """Decoding SmolLM2 on a low-bit backbone: eefast float32 against eefast int8 (weight-only,
-``load_model(weights="int8")``), and llama.cpp on GGUF files where ``llama-cpp-python`` is
-installed (an optional benchmark dependency), side by side in one run.
+``load_model(weights="int8")``) and q4 (the shipped GGUF's own Q4_1 blocks and Q8_0 head,
+``load_model(weights="q4")``), and llama.cpp on the shipped Q4_1 file and any other GGUF
+files where ``llama-cpp-python`` is installed (an optional benchmark dependency), side by side
+in one run.
 
 Chat prompts, batch 1, greedy, ``--new-tokens`` each, the cases alternating ``--repeats``
 times; rows give median tokens/s and the median of per-repeat ratios to eefast float32. The
-quality rows: held-out perplexity of each eefast backbone (the int8 one with its int8 LM head)
-and the share of generated tokens equal to float32's before the first difference.
+quality rows: held-out perplexity of each eefast backbone (a low-bit one with its low-bit LM
+head) and the share of generated tokens equal to float32's before the first difference.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 from eefast import load_model
 from eefast.data import PROMPTS, load_documents, split_blocks, token_blocks
 from eefast.generation import generate
+from eefast.hf.loading import _smollm2_gguf
 from eefast.hf.tokens import chat_prompt_ids
-from eefast.ops import decode_linear_q8
+from eefast.nn.quantized import quantized_linear
 
 
 def _eefast_case(weights: str):
@@ -64,20 +67,26 @@ def _llama_cpp_case(gguf: Path, tokenizer, threads: int):
 
 
 @torch.no_grad()
-def _perplexity(model, tokenizer, blocks: int = 16) -> float:
+def _perplexity(model, tokenizer, blocks: int = 16, chunk: int = 32) -> float:
+    """Held-out perplexity, each sequence fed ``chunk`` tokens at a time with its KV cache,
+    so every linear sees as few rows as decoding does (a q4 backbone then rounds its
+    activations to int8 as in decoding; more than 64 rows would dequantise instead)."""
     held = split_blocks(token_blocks(tokenizer, load_documents(), 128), blocks)[1]
     head, total, count = model.get_output_embeddings(), 0.0, 0
-    for i in range(0, len(held), 4):
-        ids = held[i : i + 4]
-        h = model.base_model(ids).last_hidden_state[:, :-1]
-        if hasattr(head, "qweight"):
-            logits = decode_linear_q8(h, head.qweight, head.scales, head.bias)
-        else:
-            logits = head(h)
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-        )
-        total, count = total + float(loss), count + ids[:, 1:].numel()
+    for ids in held:
+        past, hidden = None, []
+        for i in range(0, ids.shape[0] - 1, chunk):
+            out = model.base_model(ids[None, i : min(i + chunk, ids.shape[0] - 1)],
+                                   past_key_values=past, use_cache=True)  # fmt: skip
+            past = out.past_key_values
+            h = out.last_hidden_state[0]
+            if hasattr(head, "qweight"):
+                hidden.append(quantized_linear(h, head.qweight, head.scales, head.bias))
+            else:
+                hidden.append(head(h))
+        loss = torch.nn.functional.cross_entropy(torch.cat(hidden).float(), ids[1:],
+                                                 reduction="sum")  # fmt: skip
+        total, count = total + float(loss), count + ids.shape[0] - 1
     return math.exp(total / count)
 
 
@@ -96,12 +105,11 @@ def run(prompts: int, new_tokens: int, repeats: int, ggufs: list[Path], threads:
     torch.set_num_threads(threads)
     chosen = PROMPTS[:prompts]
     cases, quality = {}, {}
-    fp32, fp_model, tokenizer = _eefast_case("fp32")
-    int8, q_model, _ = _eefast_case("int8")
-    cases["eefast fp32"], cases["eefast int8"] = fp32, int8
-    quality["eefast fp32"] = _perplexity(fp_model, tokenizer)
-    quality["eefast int8"] = _perplexity(q_model, tokenizer)
-    for gguf in ggufs:
+    for weights in ("fp32", "int8", "q4"):
+        case, model, tokenizer = _eefast_case(weights)
+        cases[f"eefast {weights}"] = case
+        quality[f"eefast {weights}"] = _perplexity(model, tokenizer)
+    for gguf in [_smollm2_gguf(), *ggufs]:
         try:
             cases[f"llama.cpp {gguf.name}"] = _llama_cpp_case(gguf, tokenizer, threads)
         except ImportError:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from eefast.exits import add_exits, load_exits, save_exits
 from eefast.generation import generate
 from eefast.hf.quantize import quantize_backbone
-from eefast.nn import Int8Linear
+from eefast.nn import QuantizedLinear
 from eefast.ops import decode_linear_q8, quantize_rows, reference
 from test_decode_linear import SHAPES, make
 from test_generation import StubTokenizer, ragged_prompts
@@ -129,7 +129,7 @@ def test_exits_of_an_int8_backbone_stay_float_and_save_like_float_ones(kind, tmp
     model = int8_model("llama")
     layers = [4] if kind == "draft" else [1, 2]
     ee = add_exits(model, layers, kind=kind, share_lm_head=False)
-    assert not any(isinstance(m, Int8Linear) for m in ee.exits.modules())
+    assert not any(isinstance(m, QuantizedLinear) for m in ee.exits.modules())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in ee.exit_parameters())
     assert not any(name.endswith(("qweight", "scales")) for name in ee.exits.state_dict())
     save_exits(ee, tmp_path)
@@ -141,12 +141,12 @@ def test_bad_backbone_requests():
     from eefast.hf import load_model
 
     model = int8_model("llama")
-    with pytest.raises(ValueError, match="already int8"):
+    with pytest.raises(ValueError, match="already low-bit"):
         quantize_backbone(model)
-    with pytest.raises(ValueError, match="must be 'int8'"):
-        quantize_backbone(tiny_model("llama"), "q4")
-    with pytest.raises(ValueError, match="4-bit blocks are not supported yet"):
-        load_model("smollm2", weights="q4")
+    with pytest.raises(ValueError, match="must be 'int8' or 'q4'"):
+        quantize_backbone(tiny_model("llama"), "q2")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_model("smollm2", weights="q2")
 
 
 def test_the_avx2_kernel_where_there_is_no_avx512():

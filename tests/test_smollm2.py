@@ -25,6 +25,22 @@ def smollm2():
     return load_model()
 
 
+def test_q4_reads_the_shipped_gguf_bit_for_bit(smollm2):
+    """load_model(weights="q4") reads the GGUF's own Q4_1 blocks and Q8_0 head: they define
+    exactly the float weights of the fp32 cache (which transformers dequantised from it)."""
+    from eefast.nn import QuantizedLinear
+    from eefast.ops import dequantize_gguf
+
+    model, _ = smollm2
+    q4, _ = load_model(weights="q4")
+    floats = dict(model.named_modules())
+    low_bit = [(n, m) for n, m in q4.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(low_bit) == 7 * 30 and {m.kind for _, m in low_bit} == {"q4_1"}
+    for name, m in low_bit:
+        assert torch.equal(m.dequantized(), floats[name].weight), name
+    assert torch.equal(dequantize_gguf(q4.lm_head.qweight), model.lm_head.weight)
+
+
 def test_exit_losses_fall_on_smollm2(smollm2):
     model, tokenizer = smollm2
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

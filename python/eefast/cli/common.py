@@ -81,10 +81,11 @@ def add_weights_argument(p: argparse.ArgumentParser) -> None:
     """--weights, for commands that decode."""
     p.add_argument(
         "--weights",
-        choices=("fp32", "bf16", "int8"),
+        choices=("fp32", "bf16", "int8", "q4"),
         default=None,
-        help="the backbone's weights: as --dtype (default), or int8: the blocks' linears "
-        "weight-only int8 (a quarter of the bytes per decoded token)",
+        help="the backbone's weights: as --dtype (default); int8: the blocks' linears "
+        "weight-only int8 (a quarter of the bytes per decoded token); q4: GGUF Q4_1 blocks, "
+        "for the default model its shipped GGUF's own (CPU only)",
     )
 
 

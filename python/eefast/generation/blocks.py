@@ -24,7 +24,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..hf.arch import ArchSpec
-from ..nn.quantized import Int8Linear
+from ..nn.quantized import QuantizedLinear
 from ..ops import decode_block, decode_linear
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -45,9 +45,11 @@ def lean_attention(layer: nn.Module):
         linears = [layer.get_submodule(name) for name in _LINEARS]
     except AttributeError:
         return None
-    kinds = {type(m) for m in linears}
-    if kinds not in ({nn.Linear}, {Int8Linear}) or any("forward" in m.__dict__ for m in linears):
-        return None  # mixed, or patched by a hook library
+    kinds = {getattr(m, "kind", type(m)) for m in linears}
+    if len(kinds) != 1 or {type(m) for m in linears} - {nn.Linear, QuantizedLinear}:
+        return None  # mixed, or another module
+    if any("forward" in m.__dict__ for m in linears):
+        return None  # patched by a hook library
     attn = layer.self_attn
     modeling = sys.modules[type(attn).__module__]
     impl = getattr(attn.config, "_attn_implementation", None)
@@ -59,7 +61,7 @@ def lean_attention(layer: nn.Module):
 @dataclass
 class FusedBlock:
     """A block's tensors and constants in ``decode_block``'s order (int8 weights come with
-    their scales)."""
+    their scales; GGUF blocks need none)."""
 
     norms: tuple[torch.Tensor, torch.Tensor]
     weights: list[torch.Tensor]
@@ -87,10 +89,11 @@ def fused_block(layer: nn.Module, spec: ArchSpec) -> FusedBlock | None:
     ):
         return None
     linears = [layer.get_submodule(name) for name in _LINEARS]
-    int8 = isinstance(linears[0], Int8Linear)
+    low_bit = isinstance(linears[0], QuantizedLinear)
+    int8 = low_bit and linears[0].kind == "int8"
     return FusedBlock(
         norms=(norms[0].weight, norms[1].weight),
-        weights=[m.qweight if int8 else m.weight for m in linears],
+        weights=[m.qweight if low_bit else m.weight for m in linears],
         biases=[m.bias for m in linears],
         eps=float(norms[0].variance_epsilon),
         scaling=float(attn.scaling),
@@ -110,7 +113,7 @@ def run_fused(block: FusedBlock, layer_idx: int, h, cos, sin, allowed, cache) ->
 
 
 def _linear(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
-    if type(m) is Int8Linear:
+    if type(m) is QuantizedLinear:
         return m(x)
     return decode_linear(x, m.weight, m.bias)
 

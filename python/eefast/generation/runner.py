@@ -13,7 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..exits.model import EarlyExitModel
 from ..hf.arch import GENERATION_ARCHS, decoder_stack
-from ..ops import decode_linear, decode_linear_q8, exit_stats
+from ..nn.quantized import quantized_linear
+from ..ops import decode_linear, exit_stats
 from .blocks import fused_block, hf_rotary, lean_attention, lean_block, run_fused
 from .cache import DecodeState
 
@@ -186,11 +187,11 @@ class Runner:
         return self.head_logits(self.ee.parts.final_norm(h))
 
     def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        """The LM head on final-normed features (its int8 copy on an int8 backbone)."""
+        """The LM head on final-normed features (its low-bit copy on a low-bit backbone)."""
         head = self.ee.parts.lm_head
         self.head_calls += 1
         if hasattr(head, "qweight"):  # hf.quantize_backbone
-            return decode_linear_q8(feats, head.qweight, head.scales, head.bias).float()
+            return quantized_linear(feats, head.qweight, head.scales, head.bias).float()
         return decode_linear(feats, head.weight, head.bias).float()
 
     def draft_features(self, x: torch.Tensor, state: DecodeState, fused: bool = True):

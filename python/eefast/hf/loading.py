@@ -75,17 +75,15 @@ def load_model(
     name: str | None = None, dtype: torch.dtype = torch.float32, device=None, weights=None
 ):
     """(model, tokenizer) in eval mode, on ``device`` (default: the CPU); ``name`` defaults to
-    the embedded SmolLM2. ``weights``: "fp32" or "bf16" (the dtype), or "int8": float32 with
-    the decoder blocks' linears weight-only int8 (``quantize_backbone``)."""
+    the embedded SmolLM2. ``weights``: "fp32" or "bf16" (the dtype); "int8": float32 with the
+    decoder blocks' linears weight-only int8; "q4": GGUF Q4_1 blocks, for the embedded
+    SmolLM2 read from its shipped GGUF file, bit for bit (``quantize_backbone``; CPU only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .quantize import WEIGHTS, quantize_backbone
 
     if weights is not None and weights not in WEIGHTS:
-        raise ValueError(
-            f"load_model: weights must be one of {WEIGHTS}, got {weights!r} (the GGUF's own "
-            "4-bit blocks are not supported yet)"
-        )
+        raise ValueError(f"load_model: weights must be one of {WEIGHTS}, got {weights!r}")
     if weights in ("fp32", "bf16"):
         dtype = torch.float32 if weights == "fp32" else torch.bfloat16
     path = resolve_model_path(name)
@@ -93,6 +91,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if device is not None:
         model.to(device)
-    if weights == "int8":
-        quantize_backbone(model)
+    if weights in ("int8", "q4"):
+        default = name in (None, DEFAULT_MODEL)
+        gguf = _smollm2_gguf() if weights == "q4" and default else None
+        quantize_backbone(model, weights, gguf=gguf)
     return model, tokenizer

@@ -1,40 +1,131 @@
-"""A low-bit frozen backbone for decoding: ``quantize_backbone(model, "int8")``.
+"""A low-bit frozen backbone for decoding: ``quantize_backbone(model, "int8" | "q4")``.
 
-Every ``nn.Linear`` (and GPT-2's ``Conv1D``) inside the decoder blocks becomes an
-``Int8Linear`` (weight-only int8, one scale per output row). The LM head keeps its float
-weight, which exits copy or share ("exits stay in full precision"), and gains an int8 copy
-(non-persistent buffers ``qweight`` and ``scales``) that generation's final logits read.
-Embeddings, norms and exits are untouched. The prefill and EE-Tuning's backbone forward
-dequantise per linear (they are GEMM-bound).
+Every ``nn.Linear`` (and GPT-2's ``Conv1D``) inside the decoder blocks becomes a
+``QuantizedLinear``:
+- ``int8``: weight-only int8, one scale per output row;
+- ``q4``: GGUF Q4_1 blocks (groups of 32 with a scale and a min), llama.cpp's format. With
+  ``gguf=path`` the blocks are read straight from that file (so the model is bit for bit the
+  one the file describes); otherwise the float weights are quantised as llama.cpp would.
+
+The LM head keeps its float weight, which exits copy or share ("exits stay in full
+precision"), and gains a low-bit copy (non-persistent buffers ``qweight`` and ``scales``) that
+generation's final logits read: int8 rows, or for ``q4`` Q8_0 blocks (the file's own head
+where it has one). Embeddings, norms and exits are untouched. The prefill and EE-Tuning's
+backbone forward dequantise per linear (they are GEMM-bound).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..nn.quantized import Int8Linear
+from ..nn.quantized import QuantizedLinear, quantize
 from ..nn.replace import replace_module
-from ..ops import quantize_rows
+from ..ops import pack_gguf
 from .arch import decoder_parts
 
-WEIGHTS = ("fp32", "bf16", "int8")
+WEIGHTS = ("fp32", "bf16", "int8", "q4")
+_BLOCKS = {"int8": "int8", "q4": "q4_1"}  # the decoder blocks' format per choice
+_HEAD = {"int8": "int8", "q4": "q8_0"}  # the LM head's low-bit copy
 
 
-def quantize_backbone(model: nn.Module, weights: str = "int8") -> nn.Module:
-    """Quantise ``model``'s decoder blocks in place (see the module docstring); returns it."""
-    if weights != "int8":
-        raise ValueError(f"quantize_backbone: weights must be 'int8', got {weights!r}")
+def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path | None = None
+                      ) -> nn.Module:  # fmt: skip
+    """Make ``model``'s decoder blocks low-bit in place (see the module docstring); returns
+    it. ``gguf``: for ``q4``, a llama GGUF file of this model to read the blocks from."""
+    if weights not in _BLOCKS:
+        raise ValueError(f"quantize_backbone: weights must be 'int8' or 'q4', got {weights!r}")
+    if gguf is not None and weights != "q4":
+        raise ValueError("quantize_backbone: a GGUF file is read only for weights='q4'")
     parts = decoder_parts(model)
-    if any(isinstance(m, Int8Linear) for m in parts.layers.modules()):
-        raise ValueError("quantize_backbone: this model's blocks are already int8")
-    for block in parts.layers:
+    if any(isinstance(m, QuantizedLinear) for m in parts.layers.modules()):
+        raise ValueError("quantize_backbone: this model's blocks are already low-bit")
+    if weights == "q4" and parts.lm_head.weight.device.type != "cpu":
+        device = parts.lm_head.weight.device
+        raise ValueError(f"quantize_backbone: q4 (GGUF blocks) runs on CPU only for now; on "
+                         f"{device} use weights='int8' or a float dtype")  # fmt: skip
+    file_blocks = _GGUFBlocks(model, gguf) if gguf is not None else None
+    for i, block in enumerate(parts.layers):
         targets = [(name, m) for name, m in block.named_modules()
                    if type(m) in (nn.Linear, Conv1D)]  # fmt: skip
         for name, linear in targets:
-            replace_module(block, name, Int8Linear.from_linear(linear))
+            path = f"{_prefix(model, parts.layers)}.{i}.{name}"
+            if file_blocks is not None:
+                low_bit = QuantizedLinear(file_blocks.read(path), None, linear.bias)
+            else:
+                _check_groups(weights, path, linear)
+                low_bit = QuantizedLinear.from_linear(linear, _BLOCKS[weights])
+            replace_module(block, name, low_bit)
     head = parts.lm_head
-    q, s = quantize_rows(head.weight)
+    if file_blocks is not None:
+        q, s = file_blocks.read_head(), None
+    else:
+        q, s = quantize(head.weight, _HEAD[weights])
     head.register_buffer("qweight", q, persistent=False)
-    head.register_buffer("scales", s.to(head.weight.device), persistent=False)
+    head.register_buffer("scales", s, persistent=False)
     return model
+
+
+def _prefix(model: nn.Module, layers: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is layers)
+
+
+def _check_groups(weights: str, path: str, linear: nn.Module) -> None:
+    n_in = linear.weight.shape[0 if type(linear) is Conv1D else 1]
+    if weights == "q4" and n_in % 32:
+        raise ValueError(f"quantize_backbone: q4 quantises groups of 32 input features; "
+                         f"{path} has {n_in}")  # fmt: skip
+
+
+class _GGUFBlocks:
+    """The Q4/Q8 blocks of a llama GGUF file, by the HF module they belong to."""
+
+    def __init__(self, model: nn.Module, path: str | Path):
+        import gguf  # the smollm2 extra; only needed to read GGUF files
+
+        self.reader = gguf.GGUFReader(str(path))
+        arch_field = self.reader.get_field("general.architecture")
+        arch = arch_field.contents() if arch_field is not None else "?"
+        if arch != "llama":
+            raise ValueError(f"quantize_backbone: reading blocks from a {arch!r} GGUF is not "
+                             "supported (llama only); leave gguf unset to quantise")  # fmt: skip
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.config = model.config
+        self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA,
+                                              self.config.num_hidden_layers)  # fmt: skip
+        self.types = {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
+                      gguf.GGMLQuantizationType.Q8_0}  # fmt: skip
+        self.path = path
+
+    def _rows(self, name: str) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise ValueError(f"quantize_backbone: {self.path} has no tensor {name}")
+        if t.tensor_type not in self.types:
+            raise ValueError(f"quantize_backbone: {self.path}'s {name} is {t.tensor_type.name};"
+                             " eefast reads Q4_0, Q4_1 and Q8_0 blocks")  # fmt: skip
+        out = int(t.shape[1])
+        return torch.from_numpy(t.data.copy()).view(out, int(t.shape[0]) // 32, -1)
+
+    def read(self, module_path: str) -> torch.Tensor:
+        """The packed blocks of the linear at ``module_path``, its rows in HF's order."""
+        name = self.names.get_name(module_path)
+        if name is None:
+            raise ValueError(f"quantize_backbone: no GGUF tensor for {module_path}")
+        rows = self._rows(name + ".weight")
+        # llama.cpp's converter interleaves each head's rotary halves in q and k; undo it.
+        heads = {"attn_q": self.config.num_attention_heads,
+                 "attn_k": self.config.num_key_value_heads}.get(name.split(".")[-1])  # fmt: skip
+        if heads is not None:
+            out = rows.shape[0]
+            rows = rows.reshape(heads, out // heads // 2, 2, *rows.shape[1:])
+            rows = rows.transpose(1, 2).reshape(out, *rows.shape[3:])
+        return pack_gguf(rows.contiguous())
+
+    def read_head(self) -> torch.Tensor:
+        """The LM head's blocks: ``output.weight``, or the tied token embedding."""
+        name = "output.weight" if "output.weight" in self.tensors else "token_embd.weight"
+        return pack_gguf(self._rows(name))
