@@ -52,6 +52,11 @@ inline __m256 halves8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Software prefetch this far ahead of the block column being summed. The kernel needs about
+// as long to multiply a tile as DRAM needs to deliver it; without prefetch the two barely
+// overlap (SmolLM2 blocks cycled from DRAM took 1.1-1.5x longer without it, 5 A/B runs).
+constexpr int64_t kPrefetchBytes = 16384;
+
 constexpr int64_t block_bytes(GgufType t) {
   return t == GgufType::kQ8_0 ? 34 : t == GgufType::kQ4_1 ? 20 : 18;
 }
@@ -67,6 +72,9 @@ inline void dot_tile(const int8_t* xq, const float* xd, const float* xs, int64_t
   for (int r = 0; r < R; ++r) acc[r] = konst[r] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < groups; ++g, tile += kStride) {
+    for (int64_t line = 0; line < kStride; line += 64) {  // prefetch never faults
+      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchBytes + line), _MM_HINT_T0);
+    }
     const uint8_t* qs = tile + kHead;
     __m256i sum[R];
     for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
