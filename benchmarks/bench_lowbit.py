@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from eefast import load_model
 from eefast.data import PROMPTS, load_documents, split_blocks, token_blocks
+from eefast.eval.llama_cpp import LlamaCpp
 from eefast.generation import generate
 from eefast.hf.loading import _smollm2_gguf
 from eefast.hf.tokens import chat_prompt_ids
@@ -45,22 +45,14 @@ def _eefast_case(weights: str):
 
 
 def _llama_cpp_case(gguf: Path, tokenizer, threads: int):
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False)
+    llm = LlamaCpp(gguf, threads)
 
     def run(prompts, new_tokens):
         toks, seconds = [], 0.0
         for p in prompts:
-            ids = chat_prompt_ids(tokenizer, p)
-            llm.reset()
-            out, t0 = [], time.perf_counter()
-            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                out.append(tok)
-                if len(out) == new_tokens:
-                    break
-            seconds += time.perf_counter() - t0
+            out, s = llm.greedy(chat_prompt_ids(tokenizer, p), new_tokens)
             toks.append(out)
+            seconds += s
         return toks, seconds
 
     return run

@@ -406,3 +406,36 @@ def test_blocks_with_hooks_run_through_their_modules():
     runner = Runner(ee)
     assert [fn is not None for fn in runner.lean] == [True, False, True, True]
     assert [block is not None for block in runner.fused] == [True, False, True, True]
+
+
+def test_bench_generate_times_another_provider_beside_eefast(tmp_path, monkeypatch):
+    """A llama.cpp provider (``--gguf``) is one more case at batch 1, fed each prompt's ids
+    and compared with HF greedy and full depth like the others."""
+    from eefast.eval import bench_generate
+
+    class Provider:  # llama.cpp's interface: a name and greedy(ids, max_new, eos)
+        name = "llama.cpp stub.gguf"
+        calls = []
+
+        def __init__(self, gguf, threads):
+            pass
+
+        def greedy(self, ids, max_new, eos=None):
+            self.calls.append(list(ids))
+            return full[len(self.calls) - 1], 0.5
+
+    monkeypatch.setattr(bench_generate, "LlamaCpp", Provider)
+    model = tiny_model("llama", initializer_range=0.2)
+    ee = add_exits(model, [2], kind="norm")
+    tok = StubTokenizer(model.config.eos_token_id)
+    prompts = ragged_prompts()[:2]
+    full = generate(ee, tok, prompts, "full", 5, chat=False).tokens
+    rows = bench_generate.run_bench(
+        ee, tok, batch_sizes=[1, 2], prompts=prompts, max_new_tokens=5, thresholds=[],
+        draft_thresholds=[], variant_thresholds=[], kv_variants=[], threads=1,
+        out=tmp_path, ggufs=["stub.gguf"], report=lambda _: None,
+    )  # fmt: skip
+    stub = [r for r in rows if r["provider"] == Provider.name]
+    assert [r["batch"] for r in stub] == [1]  # batch 1 only
+    assert Provider.calls == prompts and stub[0]["same_as_full"]
+    assert stub[0]["tokens_per_s"] == sum(len(t) for t in full) / 1.0

@@ -116,6 +116,7 @@ def cmd_bench_generate(args) -> None:
         out=args.out,
         repeats=args.repeats,
         draft_ks=args.draft_ks,
+        ggufs=args.gguf,
         report=say,
     )
 
@@ -214,5 +215,12 @@ def add_commands(sub) -> None:
         "--repeats", type=positive_int, default=1, help="alternating repeats; medians reported"
     )
     b.add_argument("--threads", type=positive_int, default=2)
+    b.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        help="llama.cpp on this GGUF file as one more provider at batch 1 (repeat; needs "
+        "llama-cpp-python; the default model ships as a Q4_1 GGUF, see docs/benchmarks.md)",
+    )
     b.add_argument("--out", default="benchmarks/results")
     b.set_defaults(func=cmd_bench_generate)

@@ -14,6 +14,7 @@ from ..generation.runner import Runner
 from ..hf.tokens import hf_greedy, pad_id, prompt_ids
 from ..io import write_json
 from .agreement import agreement
+from .llama_cpp import LlamaCpp
 
 
 def _hf_generate(model, tokenizer, batch_ids, max_new, **kw) -> tuple[list[list[int]], float]:
@@ -31,9 +32,13 @@ def _batches(ids, size):
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants, draft_ks):
-    """(name, mode, generate kwargs) per case at batch size ``bs``; mode None: HF."""
+def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants, draft_ks,
+           llama_cpp=()):  # fmt: skip
+    """(name, mode, generate kwargs) per case at batch size ``bs``; mode None: HF; mode
+    "llama.cpp": one of ``llama_cpp`` (batch 1, one sequence at a time)."""
     cases = [("hf greedy", None, {})]
+    if bs == 1:
+        cases += [(p.name, "llama.cpp", {"provider": p}) for p in llama_cpp]
     if ee.kind == "draft":  # one head on top of the model: speculative only
         cases += [("eefast full", "full", {})]
         cases += [
@@ -86,7 +91,10 @@ def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants
 def _run_case(ee, tokenizer, batches, mode, kw, max_new):
     toks, seconds, stats = [], 0.0, None
     for batch in batches:
-        if mode is None:
+        if mode == "llama.cpp":
+            runs = [kw["provider"].greedy(ids, max_new, tokenizer.eos_token_id) for ids in batch]
+            t, s = [r[0] for r in runs], sum(r[1] for r in runs)
+        elif mode is None:
             t, s = _hf_generate(ee.model, tokenizer, batch, max_new, **kw)
         else:
             res = generate(ee, tokenizer, batch, mode, max_new, **kw)
@@ -112,14 +120,17 @@ def run_bench(
     out: str | Path,
     repeats: int = 1,
     draft_ks: list[int] = (4,),
+    ggufs: list[str | Path] = (),
     report=print,
 ) -> list[dict]:
     """Every case at every batch size over the chat ``prompts``, ``repeats`` times with the
     cases alternating (so drift hits them alike); one row each with the median tokens/s, its
     ratios to HF greedy and to eefast's own full depth (medians of the per-repeat ratios),
     whether the output equals HF greedy's, acceptance, agreement, blocks and heads per token.
-    Rows are reported line by line and written to ``out`` as JSON and PNG."""
+    Each of ``ggufs`` adds llama.cpp on that file at batch 1 (``eval/llama_cpp.py``). Rows are
+    reported line by line and written to ``out`` as JSON and PNG."""
     torch.set_num_threads(threads)
+    llama_cpp = [LlamaCpp(g, threads) for g in ggufs]
     if draft_thresholds is None:
         draft_thresholds = (
             [FEATURE_DRAFT_THRESHOLD] if ee.kind == "draft" else [0.5, DRAFT_THRESHOLD, 0.7]
@@ -129,7 +140,7 @@ def run_bench(
     for bs in batch_sizes:
         batches = _batches(ids, bs)
         cases = _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants,
-                       list(draft_ks))  # fmt: skip
+                       list(draft_ks), llama_cpp)  # fmt: skip
         speeds = {name: [] for name, _, _ in cases}
         first = {}
         for _ in range(repeats):
