@@ -62,26 +62,6 @@ bool gguf_type_of_block_bytes(int64_t bytes, GgufType* type) {
   return false;
 }
 
-void quantize_activations(const float* x, int64_t rows, int64_t in, int8_t* q, float* d,
-                          float* s) {
-  const int64_t groups = in / kGgufGroup;
-  for (int64_t g = 0; g < rows * groups; ++g) {
-    const float* xg = x + g * kGgufGroup;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < kGgufGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
-    const float scale = amax / 127.0f;
-    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-    int sum = 0;
-    for (int64_t j = 0; j < kGgufGroup; ++j) {
-      const int v = static_cast<int>(std::nearbyint(xg[j] * inv));  // ties to even
-      q[g * kGgufGroup + j] = static_cast<int8_t>(v);
-      sum += v;
-    }
-    d[g] = scale;
-    s[g] = scale * static_cast<float>(sum);
-  }
-}
-
 namespace {
 
 // Copies block g of row v between the GGUF bytes `block` and the packed matrix [n, groups

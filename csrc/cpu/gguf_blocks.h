@@ -43,11 +43,13 @@ void dequantize_gguf(GgufType type, const uint8_t* packed, int64_t n, int64_t in
                      int64_t v1, float* out);
 
 // x [rows, in] (in a multiple of 32) as the kernels multiply it: q [rows, in] int8, and per
-// group of 32 its scale d [rows, in / 32] and s = d * sum(q) (what Q4's constant multiplies).
-void quantize_activations(const float* x, int64_t rows, int64_t in, int8_t* q, float* d,
-                          float* s);
+// group of 32 its scale d = max|x| / 127 [rows, in / 32] and s = d * sum(q) (what Q4's
+// constant multiplies); q = x * (1 / d) rounded to nearest even. AVX2 (the kernels' callers
+// check has_avx2_kernels()).
+void quantize_activations_avx2(const float* x, int64_t rows, int64_t in, int8_t* q, float* d,
+                               float* s);
 
-// out[r * ld + v] for r < rows and v in [v0, v1): activation row r (quantize_activations' q,
+// out[r * ld + v] for r < rows and v in [v0, v1): activation row r (quantize_activations_avx2's q,
 // d, s) times row v of the packed matrix w [n, in]. v0 is a multiple of 8; v1 too, or n.
 // AVX2 + FMA + F16C, with AVX-VNNI where the CPU has it (callers check has_avx2_kernels()).
 void dot_gguf(GgufType type, const int8_t* xq, const float* xd, const float* xs, int64_t rows,

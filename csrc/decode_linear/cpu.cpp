@@ -62,7 +62,7 @@ bool linear_rows_into(const float* x, int64_t rows, const std::vector<RowsLinear
     xq.resize(rows * in);
     xd.resize(groups);
     xs.resize(groups);
-    cpu::quantize_activations(x, rows, in, xq.data(), xd.data(), xs.data());
+    cpu::quantize_activations_avx2(x, rows, in, xq.data(), xd.data(), xs.data());
   }
   // One parallel region over every linear's outputs, in tiles of 8 (packed GGUF blocks come
   // in tiles of 8 rows): a decode step's linears are small, and a fork/join per linear costs
