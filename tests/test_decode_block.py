@@ -183,3 +183,29 @@ def test_bad_input_is_refused():
     block.weights[5] = block.weights[5][:, :10]
     with pytest.raises(RuntimeError, match=r"up_proj weight must be \[96, 64\]"):
         block.call(decode_block, h, cache, 4, allowed, pos)
+
+
+def test_the_portable_kernels_match_the_reference_too():
+    """With EEFAST_DISABLE_AVX2=1 the block's attention and linears take the portable code;
+    it must compute the same block."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, test_decode_block as t\n"
+        "from eefast.ops import decode_block\n"
+        "from eefast.ops.reference import decode_block as ref\n"
+        "b = t.Block(torch.float32, 'cpu', bias=True)\n"
+        "h = b.rand(2, 3, t.D); pos = torch.tensor([[5, 6, 7], [5, 6, 7]])\n"
+        "allowed = t.causal(torch.ones(2, 8, dtype=torch.bool), 5, 3)\n"
+        "c1 = t.filled_cache(b, 2, 8, torch.float32, 'cpu')\n"
+        "c2 = tuple(c.clone() for c in c1)\n"
+        "got = b.call(decode_block, h, c1, 5, allowed, pos)\n"
+        "want = b.call(ref, h, c2, 5, allowed, pos)\n"
+        "torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)\n"
+    )
+    path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "EEFAST_DISABLE_AVX2": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

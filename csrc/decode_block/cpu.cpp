@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/attention.h"
 #include "decode_block/decode_block.h"
 #include "decode_linear/decode_linear.h"
 
@@ -149,28 +150,8 @@ Tensor decode_block_cpu(const Tensor& h, const Tensor& cos, const Tensor& sin,
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t row = task / n.heads, head = task % n.heads, b = row / n.q;
       const int64_t base = (b * n.kv_heads + head / group) * slots * hd;
-      const float* qv = qp + task * hd;
-      const bool* sees = mask + row * n.keys;
-      float* o = out + task * hd;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n.keys; ++j) {
-        if (!sees[j]) continue;
-        p[j] = dot(qv, kc + base + j * hd, hd) * fscale;
-        top = std::max(top, p[j]);
-      }
-      std::fill_n(o, hd, 0.0f);
-      if (top == -std::numeric_limits<float>::infinity()) continue;  // sees no key: zeros
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n.keys; ++j) {
-        if (sees[j]) sum += (p[j] = std::exp(p[j] - top));
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < n.keys; ++j) {
-        if (!sees[j]) continue;
-        const float w = p[j] * inv;
-        const float* vr = vc + base + j * hd;
-        for (int64_t c = 0; c < hd; ++c) o[c] += w * vr[c];
-      }
+      cpu::attend(qp + task * hd, kc + base, vc + base, mask + row * n.keys, n.keys, hd, fscale,
+                  p.data(), out + task * hd);
     }
   });
 
