@@ -43,15 +43,6 @@ int64_t gguf_block_bytes(GgufType type) {
   return 0;
 }
 
-const char* gguf_type_name(GgufType type) {
-  switch (type) {
-    case GgufType::kQ4_0: return "Q4_0";
-    case GgufType::kQ4_1: return "Q4_1";
-    case GgufType::kQ8_0: return "Q8_0";
-  }
-  return "?";
-}
-
 bool gguf_type_of_block_bytes(int64_t bytes, GgufType* type) {
   for (GgufType t : {GgufType::kQ4_0, GgufType::kQ4_1, GgufType::kQ8_0}) {
     if (gguf_block_bytes(t) == bytes) {

@@ -31,7 +31,6 @@ constexpr int64_t kGgufGroup = 32;  // weights per block
 constexpr int64_t kGgufTile = 8;    // rows per packed tile
 
 int64_t gguf_block_bytes(GgufType type);
-const char* gguf_type_name(GgufType type);
 // The type whose blocks are `bytes` long; false if none is.
 bool gguf_type_of_block_bytes(int64_t bytes, GgufType* type);
 
