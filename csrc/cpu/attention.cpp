@@ -28,16 +28,22 @@ void attend_portable(const float* q, const float* keys, const float* values, con
   }
   std::fill_n(out, hd, 0.0f);
   if (top == -std::numeric_limits<float>::infinity()) return;  // sees no key: zeros
+  softmax_seen(p, sees, n_keys, top);
+  for (int64_t j = 0; j < n_keys; ++j) {
+    if (!sees[j]) continue;
+    const float* v = values + j * hd;
+    for (int64_t c = 0; c < hd; ++c) out[c] += p[j] * v[c];
+  }
+}
+
+void softmax_seen(float* p, const bool* sees, int64_t n_keys, float top) {
   float sum = 0.0f;
   for (int64_t j = 0; j < n_keys; ++j) {
     if (sees[j]) sum += (p[j] = std::exp(p[j] - top));
   }
   const float inv = 1.0f / sum;
   for (int64_t j = 0; j < n_keys; ++j) {
-    if (!sees[j]) continue;
-    const float w = p[j] * inv;
-    const float* v = values + j * hd;
-    for (int64_t c = 0; c < hd; ++c) out[c] += w * v[c];
+    if (sees[j]) p[j] *= inv;
   }
 }
 

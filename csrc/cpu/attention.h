@@ -17,4 +17,8 @@ void attend_portable(const float* q, const float* keys, const float* values, con
 void attend_avx2(const float* q, const float* keys, const float* values, const bool* sees,
                  int64_t n_keys, int64_t hd, float scale, float* p, float* out);
 
+// What both builds share: the seen keys' scores p (top their max) become their softmax
+// weights, summed in slot order.
+void softmax_seen(float* p, const bool* sees, int64_t n_keys, float top);
+
 }  // namespace eefast::cpu

@@ -1,10 +1,10 @@
 // decode_block's attention for one query row (attention.h) with AVX2 + FMA: eight head
-// dimensions per instruction for the scores and the weighted sum of values. The softmax's
-// exponentials stay scalar (a few hundred per row). Compiled with -mavx2 -mfma.
+// dimensions per instruction for the scores and the weighted sum of values. The softmax
+// between them is the portable one (softmax_seen: a few hundred exponentials per row).
+// Compiled with -mavx2 -mfma.
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 
 #include "cpu/attention.h"
@@ -30,14 +30,7 @@ void attend_avx2(const float* q, const float* keys, const float* values, const b
   }
   std::fill_n(out, hd, 0.0f);
   if (top == -std::numeric_limits<float>::infinity()) return;  // sees no key: zeros
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n_keys; ++j) {
-    if (sees[j]) sum += (p[j] = std::exp(p[j] - top));
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t j = 0; j < n_keys; ++j) {
-    if (sees[j]) p[j] *= inv;
-  }
+  softmax_seen(p, sees, n_keys, top);
   // Unseen slots may hold anything (even NaN), so they are skipped, not weighted by zero.
   for (int64_t c = 0; c < hd; c += 8) {
     __m256 o = _mm256_setzero_ps();

@@ -1,10 +1,10 @@
-// GGUF blocks: their sizes, the activations' quantisation and the exact dequantisation
-// (gguf_blocks.h). Portable C++; the dot kernel is gguf_kernels_avx2.cpp.
+// GGUF blocks: their sizes, packing, the exact dequantisation and the dispatch to the dot
+// kernel's builds (gguf_blocks.h). Portable C++; the kernels are gguf_kernels_*.cpp.
 #include "cpu/gguf_blocks.h"
+#include "cpu/row_kernels.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 
 namespace eefast::cpu {
@@ -151,17 +151,6 @@ void dequantize_gguf(GgufType type, const uint8_t* packed, int64_t n, int64_t in
                        out + v * in + g * kGgufGroup);
     }
   }
-}
-
-bool has_avxvnni_kernels() {
-#if defined(EEFAST_HAVE_AVXVNNI_KERNELS)
-  // EEFAST_DISABLE_AVXVNNI=1 keeps the AVX2 build of the GGUF kernel (read once; same results).
-  static const bool has = __builtin_cpu_supports("avxvnni") &&
-                          std::getenv("EEFAST_DISABLE_AVXVNNI") == nullptr;
-  return has;
-#else
-  return false;
-#endif
 }
 
 void dot_gguf(GgufType type, const int8_t* xq, const float* xd, const float* xs, int64_t rows,

@@ -62,6 +62,5 @@ void dot_gguf_avx2(GgufType type, const int8_t* xq, const float* xd, const float
 void dot_gguf_avxvnni(GgufType type, const int8_t* xq, const float* xd, const float* xs,
                       int64_t rows, int64_t in, const uint8_t* w, int64_t n, int64_t v0,
                       int64_t v1, float* out, int64_t ld);
-bool has_avxvnni_kernels();
 
 }  // namespace eefast::cpu

@@ -1,5 +1,6 @@
 // The body of dot_gguf's kernel (gguf_blocks.h), included by gguf_kernels_avx2.cpp and
-// gguf_kernels_avxvnni.cpp, which build it with and without AVX-VNNI (EEFAST_GGUF_VNNI).
+// gguf_kernels_avxvnni.cpp, which build it with and without AVX-VNNI (EEFAST_GGUF_VNNI) as
+// the entry point EEFAST_GGUF_ENTRY names.
 // Every integer sum is exact, so both builds give the same bits.
 //
 // A packed tile's 256-bit chunk holds four consecutive quants of eight rows (gguf_blocks.h):
@@ -19,8 +20,8 @@
 
 #include "cpu/gguf_blocks.h"
 
-#ifndef EEFAST_GGUF_VNNI
-#error "define EEFAST_GGUF_VNNI (0 or 1) before including gguf_kernels.h"
+#if !defined(EEFAST_GGUF_VNNI) || !defined(EEFAST_GGUF_ENTRY)
+#error "define EEFAST_GGUF_VNNI (0 or 1) and EEFAST_GGUF_ENTRY before including gguf_kernels.h"
 #endif
 
 namespace eefast::cpu {
@@ -151,4 +152,16 @@ void dot_all(const int8_t* xq, const float* xd, const float* xs, int64_t rows, i
 }
 
 }  // namespace
+
+// The entry point of this build: dot_gguf_avx2 or dot_gguf_avxvnni (gguf_blocks.h).
+void EEFAST_GGUF_ENTRY(GgufType type, const int8_t* xq, const float* xd, const float* xs,
+                       int64_t rows, int64_t in, const uint8_t* w, int64_t n, int64_t v0,
+                       int64_t v1, float* out, int64_t ld) {
+  switch (type) {
+    case GgufType::kQ4_0: return dot_all<GgufType::kQ4_0>(xq, xd, xs, rows, in, w, n, v0, v1, out, ld);
+    case GgufType::kQ4_1: return dot_all<GgufType::kQ4_1>(xq, xd, xs, rows, in, w, n, v0, v1, out, ld);
+    case GgufType::kQ8_0: return dot_all<GgufType::kQ8_0>(xq, xd, xs, rows, in, w, n, v0, v1, out, ld);
+  }
+}
+
 }  // namespace eefast::cpu

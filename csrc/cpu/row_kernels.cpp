@@ -52,6 +52,17 @@ bool has_avx512_kernels() {
 #endif
 }
 
+bool has_avxvnni_kernels() {
+#if defined(EEFAST_HAVE_AVXVNNI_KERNELS)
+  // EEFAST_DISABLE_AVXVNNI=1 keeps the AVX2 build of the GGUF kernel (read once; same bits).
+  static const bool has = has_avx2_kernels() && __builtin_cpu_supports("avxvnni") &&
+                          std::getenv("EEFAST_DISABLE_AVXVNNI") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
 void dot_logits_i8(const float* h, int64_t rows, int64_t d, const signed char* w,
                    const float* scales, int64_t n, float* logits, int64_t ld) {
 #if defined(EEFAST_HAVE_AVX512_KERNELS)

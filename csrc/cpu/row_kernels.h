@@ -56,6 +56,9 @@ void dot_logits_i8_avx512(const float* h, int64_t rows, int64_t d, const signed 
 void dot_logits_i8(const float* h, int64_t rows, int64_t d, const signed char* w,
                    const float* scales, int64_t n, float* logits, int64_t ld);
 
+// Whether the AVX-VNNI build of the GGUF block kernel (gguf_blocks.h) can run here.
+bool has_avxvnni_kernels();
+
 // Folds b (later vocab indices) into a. Ties keep a's argmax, like torch.argmax.
 void merge(SoftmaxStats& a, const SoftmaxStats& b);
 
