@@ -48,11 +48,12 @@ def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path 
         raise ValueError(f"quantize_backbone: q4 (GGUF blocks) runs on CPU only for now; on "
                          f"{device} use weights='int8' or a float dtype")  # fmt: skip
     file_blocks = _GGUFBlocks(model, gguf) if gguf is not None else None
+    prefix = next(name for name, m in model.named_modules() if m is parts.layers)
     for i, block in enumerate(parts.layers):
         targets = [(name, m) for name, m in block.named_modules()
                    if type(m) in (nn.Linear, Conv1D)]  # fmt: skip
         for name, linear in targets:
-            path = f"{_prefix(model, parts.layers)}.{i}.{name}"
+            path = f"{prefix}.{i}.{name}"
             if file_blocks is not None:
                 low_bit = QuantizedLinear(file_blocks.read(path), None, linear.bias)
             else:
@@ -67,10 +68,6 @@ def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path 
     head.register_buffer("qweight", q, persistent=False)
     head.register_buffer("scales", s, persistent=False)
     return model
-
-
-def _prefix(model: nn.Module, layers: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is layers)
 
 
 def _check_groups(weights: str, path: str, linear: nn.Module) -> None:
