@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eefast.exits import add_exits
-from eefast.generation import generate
 from eefast.hf.arch import decoder_parts
 from eefast.hf.quantize import quantize_backbone
 from eefast.nn import QuantizedLinear
@@ -27,7 +25,7 @@ from eefast.ops import (
     quantize_gguf,
     reference,
 )
-from test_generation import StubTokenizer, ragged_prompts
+from test_int8 import assert_every_mode_is_its_own_greedy, low_bit_model
 from tiny_models import tiny_model
 
 gguf = pytest.importorskip("gguf")
@@ -168,39 +166,13 @@ def test_bad_input_is_refused():
 # -- a q4 backbone ---------------------------------------------------------------------------
 
 
-def q4_model(arch):
-    return quantize_backbone(tiny_model(arch, **({"initializer_range": 0.2}
-                                                  if arch == "llama" else {})), "q4")  # fmt: skip
-
-
-@torch.no_grad()
-def own_greedy(model, prompt, new, eos):
-    """The q4 model's greedy tokens, one full uncached forward per token (at most 64 rows, so
-    every linear rounds its activations as in decoding), with the LM head's Q8_0 copy."""
-    head, seq = model.get_output_embeddings(), list(prompt)
-    for _ in range(new):
-        h = model.base_model(torch.tensor([seq])).last_hidden_state[:, -1]
-        seq.append(int(reference.decode_linear_gguf(h, head.qweight).argmax()))
-        if seq[-1] == eos:
-            break
-    return seq[len(prompt) :]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
 def test_every_mode_on_a_q4_backbone_is_its_own_greedy(arch):
-    model = q4_model(arch)
+    model = low_bit_model(arch, "q4")
     blocks = decoder_parts(model).layers
     assert {m.kind for m in blocks.modules() if isinstance(m, QuantizedLinear)} == {"q4_1"}
     assert gguf_type(model.get_output_embeddings().qweight) == "q8_0"
-    ee = add_exits(model, [1, 2], kind="norm")
-    tok = StubTokenizer(model.config.eos_token_id)
-    prompts = ragged_prompts()
-    want = [own_greedy(model, p, 16, tok.eos_token_id) for p in prompts]
-    for kw in (dict(mode="full"), dict(mode="speculative", exit_layer=2, threshold=0.0),
-               dict(mode="speculative", exits=[1, 2], threshold=0.015),
-               dict(mode="threshold", threshold=1.5)):  # fmt: skip
-        assert generate(ee, tok, prompts, max_new_tokens=16, **kw).tokens == want, kw
-        assert generate(ee, tok, prompts[:1], max_new_tokens=16, **kw).tokens == want[:1], kw
+    assert_every_mode_is_its_own_greedy(model)
 
 
 def write_llama_gguf(model, path, heads_order="llama.cpp", skip=()):

@@ -90,29 +90,31 @@ def test_bad_input_is_refused(device):
 # -- generation on an int8 backbone ------------------------------------------------------
 
 
-def int8_model(arch):
-    return quantize_backbone(tiny_model(arch, **({"initializer_range": 0.2}
-                                                  if arch == "llama" else {})))  # fmt: skip
+def low_bit_model(arch, weights="int8"):
+    config = {"initializer_range": 0.2} if arch == "llama" else {}
+    return quantize_backbone(tiny_model(arch, **config), weights)
 
 
 @torch.no_grad()
 def own_greedy(model, prompt, new, eos):
-    """The int8 model's greedy tokens, one full uncached forward per token, with the LM head's
-    int8 copy (what generation's final logits read)."""
+    """A low-bit model's greedy tokens, one full uncached forward per token, with the LM
+    head's low-bit copy (what generation's final logits read) through its reference. (Few
+    rows: a GGUF backbone's linears then round activations as in decoding.)"""
     head, seq = model.get_output_embeddings(), list(prompt)
     for _ in range(new):
         h = model.base_model(torch.tensor([seq])).last_hidden_state[:, -1]
-        seq.append(int(reference.decode_linear_q8(h, head.qweight, head.scales).argmax()))
+        if head.scales is not None:
+            logits = reference.decode_linear_q8(h, head.qweight, head.scales)
+        else:
+            logits = reference.decode_linear_gguf(h, head.qweight)
+        seq.append(int(logits.argmax()))
         if seq[-1] == eos:
             break
     return seq[len(prompt) :]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
-def test_every_mode_on_an_int8_backbone_is_its_own_greedy(arch):
-    model = int8_model(arch)
-    blocks = model.get_decoder().layers if arch != "gpt2" else model.transformer.h
-    assert all(type(m) is not torch.nn.Linear for m in blocks.modules()), "blocks are int8"
+def assert_every_mode_is_its_own_greedy(model):
+    """Every mode on ``model`` (exits 1 and 2) equals its own greedy, at batch 3 and 1."""
     ee = add_exits(model, [1, 2], kind="norm")
     tok = StubTokenizer(model.config.eos_token_id)
     prompts = ragged_prompts()
@@ -124,9 +126,17 @@ def test_every_mode_on_an_int8_backbone_is_its_own_greedy(arch):
         assert generate(ee, tok, prompts[:1], max_new_tokens=16, **kw).tokens == want[:1], kw
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_every_mode_on_an_int8_backbone_is_its_own_greedy(arch):
+    model = low_bit_model(arch)
+    blocks = model.get_decoder().layers if arch != "gpt2" else model.transformer.h
+    assert all(type(m) is not torch.nn.Linear for m in blocks.modules()), "blocks are int8"
+    assert_every_mode_is_its_own_greedy(model)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "layer", "draft"])
 def test_exits_of_an_int8_backbone_stay_float_and_save_like_float_ones(kind, tmp_path):
-    model = int8_model("llama")
+    model = low_bit_model("llama")
     layers = [4] if kind == "draft" else [1, 2]
     ee = add_exits(model, layers, kind=kind, share_lm_head=False)
     assert not any(isinstance(m, QuantizedLinear) for m in ee.exits.modules())
@@ -140,7 +150,7 @@ def test_exits_of_an_int8_backbone_stay_float_and_save_like_float_ones(kind, tmp
 def test_bad_backbone_requests():
     from eefast.hf import load_model
 
-    model = int8_model("llama")
+    model = low_bit_model("llama")
     with pytest.raises(ValueError, match="already low-bit"):
         quantize_backbone(model)
     with pytest.raises(ValueError, match="must be 'int8' or 'q4'"):
