@@ -1,5 +1,6 @@
-"""What a speculative verify step costs against its number of rows, and what one draft step of
-a draft exit costs, on SmolLM2 (``python -m benchmarks verify``).
+"""What a speculative verify step costs against its number of rows, and what one draft step
+costs (a draft exit's, and the low-bit copies' of the backbone), on SmolLM2
+(``python -m benchmarks verify``).
 
 A verify step runs every block and the LM head over the round's rows after a prompt of
 ``context`` tokens, exactly as decoding does (``decode_block``, ``decode_linear``); it is timed
@@ -17,15 +18,12 @@ import torch
 from eefast.exits import add_exits
 from eefast.generation.cache import DecodeState
 from eefast.generation.feature_draft import prefill_with_draft
+from eefast.generation.low_bit_draft import DRAFT_WEIGHTS, _draft_token, low_bit_draft
 from eefast.generation.runner import Runner
+from eefast.generation.sampling import Sampling
 from eefast.hf import load_model
 
 DRAFT_VOCAB = 5480  # the size `eefast draft-vocab` picks on the shipped chat data
-
-
-def _undo(state: DecodeState, slots: int) -> None:
-    state.valid, state.pos = state.valid[:, :slots], state.pos[:, :slots]
-    state.cache.truncate(slots)
 
 
 def run(rows: list[int], context: int, repeats: int) -> list[dict]:
@@ -38,6 +36,7 @@ def run(rows: list[int], context: int, repeats: int) -> list[dict]:
     def tokens(n: int) -> torch.Tensor:
         return torch.randint(100, 5000, (1, n), generator=gen)
 
+    copies = {weights: low_bit_draft(ee, weights) for weights in DRAFT_WEIGHTS}
     times: dict[str, list[float]] = {}
     with torch.no_grad(), runner.decode_linears():
         state = DecodeState(runner.cache_layers, 1, "cpu")
@@ -46,21 +45,28 @@ def run(rows: list[int], context: int, repeats: int) -> list[dict]:
 
         def verify(q: int) -> None:
             state.add_slots(torch.ones(1, q, dtype=torch.bool))
-            runner.final_logits(runner.run(runner.embed(tokens(q)), 0, L, state))
+            runner.final_logits(runner.run(runner.embed(tokens(q), state), 0, L, state))
 
         def draft() -> None:
             state.add_slots(torch.ones(1, 1, dtype=torch.bool))
             f = runner.draft_features(torch.randn(1, 1, 2 * d, generator=gen), state)
             runner.exit_head_stats(L, f[:, -1])
 
+        def low_bit_step(copy) -> None:
+            state.add_slots(torch.ones(1, 1, dtype=torch.bool))
+            h = runner.run(runner.embed(tokens(1), state), 0, L, state, blocks=copy.blocks)
+            _draft_token(runner, h[:, -1], copy, Sampling(), None)
+
         cases = [(f"verify {q} rows", lambda q=q: verify(q)) for q in rows]
         cases.append((f"draft step ({DRAFT_VOCAB}-token head)", draft))
+        for weights, copy in copies.items():
+            cases.append((f"{weights} draft step", lambda c=copy: low_bit_step(c)))
         for _ in range(repeats + 1):  # the first round warms up
             for name, fn in cases:
                 t0 = time.perf_counter()
                 fn()
                 times.setdefault(name, []).append(time.perf_counter() - t0)
-                _undo(state, slots)
+                state.truncate(slots)
     base = statistics.median(times[f"verify {rows[0]} rows"][1:])
     out = []
     for name, ts in times.items():

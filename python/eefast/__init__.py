@@ -45,6 +45,7 @@ _LAZY = {
     "evaluate_exits": "eval",
     "generate": "generation",
     "GenerationResult": "generation",
+    "low_bit_draft": "generation",
     "add_adapters": "adapters",
     "load_adapter": "adapters",
     "save_adapter": "adapters",

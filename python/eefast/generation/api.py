@@ -30,6 +30,7 @@ from .decode import (
     prefill,
 )
 from .feature_draft import decode_feature_draft, prefill_with_draft
+from .low_bit_draft import DRAFT_WEIGHTS, LowBitDraft, decode_low_bit_draft, low_bit_draft
 from .runner import Runner
 from .sampling import Sampling
 from .stopping import cut_at_stop, eos_ids, stop_checker
@@ -39,6 +40,8 @@ MODES = ("full", "speculative", "threshold")
 DRAFT_THRESHOLD = 0.6
 # speculative with a draft exit: the confidence a draft needs to be made and verified
 FEATURE_DRAFT_THRESHOLD = 0.5
+# speculative with a low-bit draft: the confidence a draft after the first needs
+LOW_BIT_DRAFT_THRESHOLD = 0.0
 
 
 @dataclass
@@ -80,6 +83,7 @@ def generate(
     exits: list[int] | None = None,
     min_exit: int = 1,
     draft_vocab: bool | None = None,
+    draft: str | LowBitDraft | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -111,6 +115,11 @@ def generate(
     ``draft_vocab`` cuts the exit heads to the draft vocabulary saved beside the exits
     (``eefast draft-vocab``): None uses it when there is one, True requires it, False keeps
     the whole vocabulary. Speculative output stays exact either way.
+
+    ``draft`` (speculative mode) drafts with the backbone's own low-bit copy instead of the
+    exits: "q4" or "int8" quantises it now, or pass one made once by ``low_bit_draft``
+    (llama-family float32 models on the CPU). The copy drafts up to ``draft_k`` tokens a
+    round; drafts after the first need ``threshold`` (default ``LOW_BIT_DRAFT_THRESHOLD``).
     """
     if not isinstance(ee, EarlyExitModel) or not len(ee.exits):
         raise ValueError(
@@ -154,8 +163,29 @@ def generate(
             "eefast.generate: exit_layer, exits and measure choose among exits inside the "
             "model; a draft exit has one head and drafts by its max probability"
         )
+    if draft is not None:
+        if mode != "speculative":
+            raise ValueError(f"eefast.generate: draft={draft!r} drafts for speculative mode only")
+        if isinstance(draft, str) and draft not in DRAFT_WEIGHTS:
+            raise ValueError(
+                f"eefast.generate: draft must be one of {DRAFT_WEIGHTS} or a low_bit_draft(), "
+                f"got {draft!r}"
+            )
+        if ee.kind == "layer":
+            raise ValueError(
+                "eefast.generate: a low-bit draft runs the backbone alone, and 'layer' exits "
+                "would still run their blocks on every token; load the model without them"
+            )
+        if exit_layer is not None or exits or measure != "max_prob":
+            raise ValueError(
+                "eefast.generate: exit_layer, exits and measure choose among exits; a low-bit "
+                "draft drafts from the whole backbone by its max probability"
+            )
+        feature_draft = False  # a draft exit, if any, is not used
     if threshold is None:
-        if mode == "speculative":
+        if mode == "speculative" and draft is not None:
+            threshold = LOW_BIT_DRAFT_THRESHOLD
+        elif mode == "speculative":
             threshold = FEATURE_DRAFT_THRESHOLD if feature_draft else DRAFT_THRESHOLD
         else:
             threshold = 0.9
@@ -174,6 +204,8 @@ def generate(
         )
 
     runner = Runner(ee, ee.draft_vocab if draft_vocab is not False else None)
+    if isinstance(draft, str):
+        draft = low_bit_draft(ee, draft)
     if mode == "threshold" and kv == "propagate" and not runner.propagates_kv:
         raise ValueError(
             "eefast.generate: kv='propagate' runs on llama-family models without 'layer' "
@@ -209,6 +241,11 @@ def generate(
             )
         elif mode == "full":
             stats = decode_full(runner, state, logits, out, sampling, gen)
+        elif draft is not None:
+            length = DraftLength(draft_k, adaptive)
+            stats = decode_low_bit_draft(
+                runner, state, logits, out, sampling, gen, length, threshold, draft
+            )
         elif mode == "speculative":
             draft = DraftLength(draft_k, adaptive)
             stats = decode_speculative(

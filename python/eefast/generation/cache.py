@@ -87,12 +87,15 @@ class DecodeState:
         """Mark slots [start, start + mask.shape[1]) invalid where mask is True."""
         self.valid[:, start : start + mask.shape[1]] &= ~mask
 
+    def truncate(self, slots: int) -> None:
+        """Drop every slot from ``slots`` on, in the state and every cache layer."""
+        self.valid, self.pos = self.valid[:, :slots], self.pos[:, :slots]
+        self.cache.truncate(slots)
+
     def trim(self) -> None:
         """Drop trailing slots that no sequence uses (the batch-1 case of a KV rollback)."""
         used = self.valid.any(0).nonzero()
-        keep = int(used[-1]) + 1 if len(used) else 0
-        self.valid, self.pos = self.valid[:, :keep], self.pos[:, :keep]
-        self.cache.truncate(keep)
+        self.truncate(int(used[-1]) + 1 if len(used) else 0)
 
     def select(self, rows: torch.Tensor) -> None:
         self.valid, self.pos = self.valid[rows], self.pos[rows]

@@ -196,41 +196,74 @@ def decode_speculative(
             q_probs.append(climb.q)
         m = len(drafts)
         h = _run_joining(runner, state, h, layer, L, pending)  # x0, d1..dm: [B, m + 1, d]
-        ver = runner.final_logits(h)
         d = torch.stack(drafts, 1) if m else x0.new_empty(batch, 0)
         exit_rows = torch.stack(draft_exits, 1).tolist() if m else [[] for _ in range(batch)]
-        new_x0 = torch.empty_like(x0)
-        reject = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
-        finished, all_accepted = [], True
-        if sampling.greedy:
-            target = ver.argmax(-1)  # [B, m + 1]
-        else:
-            p = sampling.probs(ver)
-        for row in range(batch):
-            if sampling.greedy:
-                match = (d[row] == target[row, :m]).long()
-                n_acc = int(match.cumprod(0).sum())
-                nxt = int(target[row, n_acc])
-            else:
-                n_acc, nxt = accept_sampled(row, d, p, q_probs, gen)
-            all_accepted &= n_acc == m
-            reject[row, 1 + n_acc :] = True  # slot 0 is x0, slots 1..m the drafts
-            emitted = d[row, :n_acc].tolist() + [nxt]
-            layers = exit_rows[row][:n_acc] + [L]
-            kept, done = out.emit(row, emitted, layers)
-            new_x0[row] = nxt
-            stats.tokens += kept
-            stats.accepted += n_acc
-            for at in layers[:kept]:
-                stats.exit_layers[at] += 1
-            finished.append(done)
-        stats.rounds += 1
-        stats.drafted += m * batch
-        state.invalidate(reject, start)
-        draft.update(all_accepted)
-        (x0,) = out.drop(finished, state, new_x0)
+        v = verify(out, stats, state, start, runner.final_logits(h), d, q_probs, sampling, gen,
+                   L, exit_rows)  # fmt: skip
+        draft.update(v.all_accepted)
+        (x0,) = out.drop(v.finished, state, v.next_token)
         state.trim()
     return stats
+
+
+@dataclass
+class Verdict:
+    """What one verify step decided, per batch row."""
+
+    next_token: torch.Tensor  # [B] the verifier's token after the accepted drafts
+    accepted: torch.Tensor  # [B] how many drafts each row accepted
+    finished: list[bool]
+    all_accepted: bool
+
+
+def verify(
+    out: Outputs,
+    stats: DecodeStats,
+    state: DecodeState,
+    start: int,
+    ver: torch.Tensor,
+    drafts: torch.Tensor,
+    q_probs: list,
+    sampling: Sampling,
+    gen,
+    top: int,
+    draft_layers: list[list[int]] | None = None,
+) -> Verdict:
+    """Accept each row's drafts against the verifier's logits ``ver`` [B, m + 1, V] over
+    x0, d1..dm (slots ``start`` ..): greedy keeps the longest prefix equal to the verifier's
+    argmaxes, sampled follows speculative sampling (``accept_sampled``). Emits the accepted
+    drafts and the verifier's next token, counts them in ``stats`` (``draft_layers``: the
+    layer each row's drafts were decided at; default ``top``, the verifier's) and marks the
+    rejected drafts' slots invalid."""
+    batch, m = drafts.shape
+    if sampling.greedy:
+        target = ver.argmax(-1)  # [B, m + 1]
+    else:
+        p = sampling.probs(ver)
+    next_token = drafts.new_empty(batch)
+    accepted = drafts.new_empty(batch)
+    reject = torch.zeros(batch, m + 1, dtype=torch.bool, device=drafts.device)
+    finished, all_accepted = [], True
+    for row in range(batch):
+        if sampling.greedy:
+            n_acc = int((drafts[row] == target[row, :m]).long().cumprod(0).sum())
+            nxt = int(target[row, n_acc])
+        else:
+            n_acc, nxt = accept_sampled(row, drafts, p, q_probs, gen)
+        all_accepted &= n_acc == m
+        reject[row, 1 + n_acc :] = True  # slot 0 is x0, slots 1..m the drafts
+        layers = draft_layers[row][:n_acc] if draft_layers is not None else [top] * n_acc
+        layers.append(top)
+        kept, done = out.emit(row, drafts[row, :n_acc].tolist() + [nxt], layers)
+        stats.tokens += kept
+        stats.accepted += n_acc
+        stats.exit_layers.update(layers[:kept])
+        next_token[row], accepted[row] = nxt, n_acc
+        finished.append(done)
+    stats.rounds += 1
+    stats.drafted += m * batch
+    state.invalidate(reject, start)
+    return Verdict(next_token, accepted, finished, all_accepted)
 
 
 def accept_sampled(row, d, p, q_probs, gen) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import torch
 
 from ..nn.exit_head import previous_features
 from .cache import DecodeState
-from .decode import DecodeStats, DraftLength, Outputs, _emit_each, accept_sampled
+from .decode import DecodeStats, DraftLength, Outputs, _emit_each, verify
 from .runner import Runner
 from .sampling import Sampling
 
@@ -93,40 +93,18 @@ def decode_feature_draft(
         dr = torch.stack(drafts, 1) if m else x0.new_empty(batch, 0)
         h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1), state), 0, L, state)
         ver_feats = runner.ee.parts.final_norm(h)  # [B, m + 1, d]
-        ver = runner.head_logits(ver_feats)
-        if sampling.greedy:
-            target = ver.argmax(-1)
-        else:
-            p = sampling.probs(ver)
-        new_x0 = torch.empty_like(x0)
-        n_acc_rows = torch.empty(batch, dtype=torch.long, device=device)
-        reject = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
-        finished, all_accepted = [], True
-        for row in range(batch):
-            if sampling.greedy:
-                n_acc = int((dr[row] == target[row, :m]).long().cumprod(0).sum())
-                nxt = int(target[row, n_acc])
-            else:
-                n_acc, nxt = accept_sampled(row, dr, p, q_probs, gen)
-            all_accepted &= n_acc == m
-            reject[row, 1 + n_acc :] = True
-            kept, done = out.emit(row, dr[row, :n_acc].tolist() + [nxt], [L] * (n_acc + 1))
-            stats.tokens += kept
-            stats.accepted += n_acc
-            stats.exit_layers[L] += kept
-            new_x0[row], n_acc_rows[row] = nxt, n_acc
-            finished.append(done)
-        stats.rounds += 1
-        stats.drafted += m * batch
-        state.invalidate(reject, start)
+        v = verify(out, stats, state, start, runner.head_logits(ver_feats), dr, q_probs,
+                   sampling, gen, L)  # fmt: skip
         if m:
-            draft.update(all_accepted)
+            draft.update(v.all_accepted)
         # The draft layer keeps slot `start` (x0 with a real feature); slots after it owe a
         # recompute with the verifier's features.
         state.cache.lengths[L] = start + 1
         owed_tok, owed_prev = dr, ver_feats[:, :m]
-        prev = ver_feats[torch.arange(batch, device=device), n_acc_rows]
-        x0, owed_tok, owed_prev, prev = out.drop(finished, state, new_x0, owed_tok, owed_prev, prev)
+        prev = ver_feats[torch.arange(batch, device=device), v.accepted]
+        x0, owed_tok, owed_prev, prev = out.drop(
+            v.finished, state, v.next_token, owed_tok, owed_prev, prev
+        )
         state.trim()
         owed = state.slots - (start + 1)
         owed_tok, owed_prev = owed_tok[:, :owed], owed_prev[:, :owed]

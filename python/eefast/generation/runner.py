@@ -15,7 +15,7 @@ from ..exits.model import EarlyExitModel
 from ..hf.arch import GENERATION_ARCHS, decoder_stack
 from ..nn.quantized import quantized_linear
 from ..ops import decode_linear, exit_stats
-from .blocks import fused_block, hf_rotary, lean_attention, lean_block, run_fused
+from .blocks import FusedBlock, fused_block, hf_rotary, lean_attention, lean_block, run_fused
 from .cache import DecodeState
 
 
@@ -127,12 +127,19 @@ class Runner:
         return mask[:, None]
 
     def run(
-        self, h: torch.Tensor, start: int, end: int, state: DecodeState, fused: bool = True
+        self,
+        h: torch.Tensor,
+        start: int,
+        end: int,
+        state: DecodeState,
+        fused: bool = True,
+        blocks: list[FusedBlock] | None = None,
     ) -> torch.Tensor:
         """Blocks [start, end) on h [batch, q, d], whose tokens are the next q slots of each
         of those layers (layers in the range must hold the same number of slots). Blocks that
         qualify run as one ``decode_block`` call each unless ``fused`` is False (the prefill,
-        whose many rows HF's attention handles better). A ``layer`` exit whose layer the run
+        whose many rows HF's attention handles better); ``blocks`` replaces the model's own
+        ``decode_block`` arguments (a low-bit draft's). A ``layer`` exit whose layer the run
         reaches (start < layer <= end) runs its block on the tokens there."""
         if start >= end:
             return h
@@ -141,14 +148,14 @@ class Runner:
         shared = self.arch.shared(self.base, h, pos, state.valid[:, : first + q])
         masks: dict = {}  # per attention window: (allowed, additive mask)
         for i in range(start, end):
-            h = self._block(i, h, state, first, pos, shared, masks, fused)
+            h = self._block(i, h, state, first, pos, shared, masks, fused, blocks)
             cache_index = self.exit_blocks.get(i + 1)
             if cache_index is not None:
                 out = self._block(cache_index, h, state, first, pos, shared, masks, fused)
                 self._exit_out[i + 1] = out
         return h
 
-    def _block(self, i, h, state, first, pos, shared, masks, fused) -> torch.Tensor:
+    def _block(self, i, h, state, first, pos, shared, masks, fused, blocks=None) -> torch.Tensor:
         """Block (cache layer) ``i`` on h, the tokens of slots first .. first + q."""
         assert state.cache.lengths[i] == first, "layers in one run must be in step"
         self.block_calls += 1
@@ -157,9 +164,10 @@ class Runner:
             allowed = self._allowed(state, first, h.shape[1], window)
             masks[window] = (allowed, self._mask(allowed))
         allowed, mask = masks[window]
-        if fused and self.fused[i] is not None:
+        fused_args = blocks[i] if blocks is not None else self.fused[i]
+        if fused and fused_args is not None:
             rotary = shared["position_embeddings"]
-            return run_fused(self.fused[i], i, h, *rotary, allowed, state.cache)
+            return run_fused(fused_args, i, h, *rotary, allowed, state.cache)
         if self.lean[i] is not None:
             rotary = shared["position_embeddings"]
             return lean_block(self.blocks[i], self.lean[i], h, rotary, mask, state.cache)

@@ -1,0 +1,136 @@
+"""Lossless speculative decoding drafted by the backbone's own low-bit copy.
+
+A float backbone's blocks and LM head are quantised once (``low_bit_draft``: GGUF Q4_1 blocks
+as llama.cpp makes them, or int8 rows; a Q8_0 or int8 head). Drafting runs every block on
+that copy, which reads a sixth (q4) or a quarter (int8) of float32's bytes per token, and
+whose argmax is the float model's on almost every token. The float model then verifies the
+drafts in one pass. SmolLM2's float weights are themselves the dequantised Q4_1 file, so its
+q4 copy differs only in how activations are rounded.
+
+The draft shares the decoding state's KV cache: a draft step reads the verifier's exact keys
+and values for every emitted token and writes its own, approximate, ones for the drafts. Those
+slots are rolled back before the verify step, which writes the exact ones in their place. So
+the draft needs no cache or prefill of its own.
+
+A round, with the last emitted token x0 at slot S:
+
+* draft: x0, then each draft, climbs the low-bit blocks one slot at a time; it stops after
+  ``draft.k`` drafts (adaptive) or at the first draft whose top probability falls below
+  ``threshold`` in every row (kept only if it is the first);
+* verify: the cache rolls back to S, and x0 and the drafts run through the float blocks at
+  once; each row accepts its own longest matching prefix (greedy) or follows speculative
+  sampling, as in ``decode_speculative``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..exits.model import EarlyExitModel
+from ..nn.quantized import quantize, quantized_linear
+from .blocks import FusedBlock
+from .cache import DecodeState
+from .decode import DecodeStats, DraftLength, Outputs, _emit_each, verify
+from .runner import Runner
+from .sampling import Sampling
+
+DRAFT_WEIGHTS = ("q4", "int8")
+_BLOCKS = {"q4": "q4_1", "int8": "int8"}
+_HEAD = {"q4": "q8_0", "int8": "int8"}
+
+
+@dataclass
+class LowBitDraft:
+    """A backbone's low-bit copy: ``decode_block`` arguments per block and the LM head's
+    (qweight, scales, bias)."""
+
+    weights: str
+    blocks: list[FusedBlock]
+    head: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def low_bit_draft(ee: EarlyExitModel, weights: str = "q4") -> LowBitDraft:
+    """Quantise ``ee``'s float backbone into a draft for ``generate(..., draft=...)``: every
+    block's linears (q4: GGUF Q4_1, int8: per-row int8) and the LM head (Q8_0 or int8). The
+    model is not changed. Llama-family blocks that run as fused ``decode_block`` calls, on
+    the CPU, in float32."""
+    if weights not in DRAFT_WEIGHTS:
+        raise ValueError(f"low_bit_draft: weights must be one of {DRAFT_WEIGHTS}, got {weights!r}")
+    runner = Runner(ee)
+    blocks = runner.fused[: runner.num_layers]
+    if any(b is None for b in blocks):
+        raise ValueError(
+            "low_bit_draft: the draft runs every block as one fused decode_block call, and "
+            f"these {ee.parts.model_type!r} blocks do not qualify; llama-family blocks do, "
+            "without adapters, hooks or patched linears"
+        )
+    if blocks[0].scales is not None or blocks[0].weights[0].dtype != torch.float32:
+        raise ValueError(
+            "low_bit_draft: the backbone must be float32 (this one is "
+            f"{blocks[0].weights[0].dtype}); a low-bit backbone is already what a draft would be"
+        )
+    head = ee.parts.lm_head
+    if head.weight.device.type != "cpu":
+        raise ValueError(f"low_bit_draft: runs on the CPU only for now, not {head.weight.device}")
+    draft_blocks = []
+    for b in blocks:
+        quantized = [quantize(w.detach(), _BLOCKS[weights]) for w in b.weights]
+        scales = [s for _, s in quantized] if weights == "int8" else None
+        draft_blocks.append(replace(b, weights=[q for q, _ in quantized], scales=scales))
+    q, s = quantize(head.weight.detach(), _HEAD[weights])
+    return LowBitDraft(weights, draft_blocks, (q, s, head.bias))
+
+
+def decode_low_bit_draft(
+    runner: Runner,
+    state: DecodeState,
+    logits: torch.Tensor,
+    out: Outputs,
+    sampling: Sampling,
+    gen,
+    draft: DraftLength,
+    threshold: float,
+    low_bit: LowBitDraft,
+) -> DecodeStats:
+    """Speculative decoding with ``low_bit`` drafting after ``prefill``: greedy output equals
+    full-depth greedy, sampled output follows the full model's distribution."""
+    stats = DecodeStats()
+    L = runner.num_layers
+    x0 = sampling.pick(logits, gen)
+    (x0,) = out.drop(_emit_each(out, stats, x0, [L] * len(x0)), state, x0)
+    while out.rows:
+        batch, device = x0.shape[0], x0.device
+        start = state.slots
+        one = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        tok, drafts, q_probs = x0, [], []
+        while len(drafts) < draft.k:
+            state.add_slots(one)
+            h = runner.run(runner.embed(tok[:, None], state), 0, L, state, blocks=low_bit.blocks)
+            tok, conf, q = _draft_token(runner, h[:, -1], low_bit, sampling, gen)
+            if drafts and not bool((conf >= threshold).any()):
+                break
+            drafts.append(tok)
+            q_probs.append(q)
+        state.truncate(start)  # the drafts' approximate KV makes way for the verifier's
+        m = len(drafts)
+        dr = torch.stack(drafts, 1)
+        state.add_slots(torch.ones(batch, m + 1, dtype=torch.bool, device=device))
+        h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1), state), 0, L, state)
+        v = verify(out, stats, state, start, runner.final_logits(h), dr, q_probs, sampling, gen, L)
+        draft.update(v.all_accepted)
+        (x0,) = out.drop(v.finished, state, v.next_token)
+        state.trim()
+    return stats
+
+
+def _draft_token(runner: Runner, h: torch.Tensor, low_bit: LowBitDraft, sampling: Sampling, gen):
+    """(token, confidence, q or None) of the low-bit head on the top hidden state h [B, d]."""
+    runner.head_calls += 1
+    logits = quantized_linear(runner.ee.parts.final_norm(h), *low_bit.head).float()
+    if sampling.greedy:
+        conf, tok = logits.softmax(-1).max(-1)
+        return tok, conf, None
+    q = sampling.probs(logits)
+    return torch.multinomial(q, 1, generator=gen).squeeze(-1), q.amax(-1), q

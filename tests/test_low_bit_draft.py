@@ -1,0 +1,164 @@
+"""Speculative decoding drafted by the backbone's own low-bit copy (``draft="q4"``/``"int8"``)
+on tiny random models: greedy output equals full depth at batch 1 and 3 (EOS and stop strings
+inside accepted blocks included), every cached K/V is the full forward's (the drafts' own were
+rolled back), sampled output follows the full model's distribution, and what it cannot do is
+refused clearly."""
+
+import copy
+
+import pytest
+import torch
+
+from eefast.exits import add_exits
+from eefast.generation import generate, low_bit_draft
+from eefast.hf.quantize import quantize_backbone
+from test_feature_draft import SAMPLED_PROMPT
+from test_generation import NEW, StubTokenizer, ragged_prompts
+from tiny_models import VOCAB, tiny_model
+
+WEIGHTS = ["q4", "int8"]
+
+
+@pytest.fixture(scope="module")
+def ee():
+    return add_exits(tiny_model("llama"), [2], kind="norm")
+
+
+def full_greedy(ee, prompts, tokenizer=None, **kw):
+    return generate(ee, tokenizer, prompts, "full", NEW, **kw)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("k,adaptive,threshold", [(1, False, 0.0), (3, False, 0.0),
+                                                  (6, True, 0.0), (4, True, 0.3)])  # fmt: skip
+def test_greedy_is_exact_at_batch_1_and_3(ee, weights, k, adaptive, threshold):
+    prompts = ragged_prompts()
+    want = full_greedy(ee, prompts).tokens
+    kw = dict(draft=low_bit_draft(ee, weights), draft_k=k, adaptive=adaptive, threshold=threshold)
+    for i, p in enumerate(prompts):
+        assert generate(ee, None, [p], "speculative", NEW, **kw).tokens[0] == want[i]
+    got = generate(ee, None, prompts, "speculative", NEW, **kw)
+    assert got.tokens == want
+    assert got.stats.accepted > 0 and got.stats.mean_accepted > 1.0
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_exact_on_other_llama_family(arch):
+    ee = add_exits(tiny_model(arch), [2], kind="norm")
+    prompts = ragged_prompts()
+    got = generate(ee, None, prompts, "speculative", NEW, draft="q4")
+    assert got.tokens == full_greedy(ee, prompts).tokens and got.stats.accepted > 0
+
+
+def test_a_draft_exit_model_drafts_from_the_low_bit_copy():
+    ee = add_exits(tiny_model("llama"), [4], kind="draft")
+    prompts = ragged_prompts()
+    got = generate(ee, None, prompts, "speculative", NEW, draft="int8")
+    assert got.tokens == full_greedy(ee, prompts).tokens and got.stats.accepted > 0
+
+
+def accepted_blocks(ee, tokenizer, prompts, **kw):
+    return generate(ee, tokenizer, prompts, "speculative", NEW, draft="int8", draft_k=6,
+                    adaptive=False, threshold=0, **kw)  # fmt: skip
+
+
+def test_eos_and_stop_strings_inside_accepted_blocks(ee):
+    prompts = ragged_prompts()
+    plain = full_greedy(ee, prompts).tokens
+    spec = accepted_blocks(ee, None, prompts)
+    assert spec.tokens == plain and spec.stats.mean_accepted > 2, "want multi-token blocks"
+    eos = plain[0][5]  # a token the first sequence emits mid-way
+    tok = StubTokenizer(eos)
+    want = full_greedy(ee, prompts, tok).tokens
+    assert want[0] == plain[0][: plain[0].index(eos) + 1]
+    assert accepted_blocks(ee, tok, prompts).tokens == want
+    tok = StubTokenizer(eos=-1)
+    stop = f"{plain[1][4]} {plain[1][5]}"
+    want = full_greedy(ee, prompts, tok, stop=[stop])
+    got = accepted_blocks(ee, tok, prompts, stop=[stop])
+    assert got.tokens == want.tokens and got.texts == want.texts
+    assert len(want.tokens[1]) < NEW
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_cached_kv_is_the_full_forwards(ee, weights, finished_caches):
+    """After a run, every block's cached K/V over the valid slots is one full forward's: the
+    drafts' approximate keys and values were rolled back and the verifier's written."""
+    for prompt in ragged_prompts():
+        got = generate(ee, None, [prompt], "speculative", NEW, draft=weights, draft_k=5,
+                       threshold=0)  # fmt: skip
+        assert got.stats.accepted > 0
+        valid, lengths, keys, values = finished_caches[-1]
+        ids = torch.tensor([prompt + got.tokens[0][:-1]])  # the last token was never fed
+        ref = ee.model(ids, use_cache=True).past_key_values
+        for i, n in enumerate(lengths):
+            # The last round's slots may hold accepted drafts past the token budget.
+            slots = valid[:n].nonzero().squeeze(1)[: ids.shape[1]]
+            assert len(slots) == ids.shape[1], f"layer {i} misses fed tokens"
+            for mine, want in ((keys[i], ref.layers[i].keys), (values[i], ref.layers[i].values)):
+                torch.testing.assert_close(mine[0][:, slots], want[0], atol=1e-4, rtol=0)
+
+
+def test_sampling_is_reproducible_and_seeded(ee):
+    prompts = ragged_prompts()
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, draft_k=3, draft="q4")
+    a = generate(ee, None, prompts, "speculative", NEW, seed=7, **kw)
+    b = generate(ee, None, prompts, "speculative", NEW, seed=7, **kw)
+    c = generate(ee, None, prompts, "speculative", NEW, seed=8, **kw)
+    assert a.tokens == b.tokens and a.tokens != c.tokens and a.stats.accepted > 0
+
+
+def test_sampled_tokens_follow_the_full_models_distribution(ee):
+    """The second new token (drafted by the q4 copy, then accepted or resampled) of many
+    sampled sequences is distributed as the full model's marginal."""
+    prompt, temp, n = SAMPLED_PROMPT, 0.5, 3000
+    with torch.no_grad():
+        p1 = (ee.model(torch.tensor([prompt])).logits[0, -1] / temp).softmax(-1)
+        pairs = torch.tensor([prompt + [t] for t in range(VOCAB)])
+        p2 = (ee.model(pairs).logits[:, -1] / temp).softmax(-1)
+    marginal = (p1 @ p2).double()
+    got = generate(ee, None, [prompt] * n, "speculative", 2, temperature=temp, seed=3,
+                   draft="q4", draft_k=2, adaptive=False, threshold=0,
+                   stop_at_eos=False)  # fmt: skip
+    assert got.stats.accepted > 0.3 * n, "want many accepted drafts"
+    second = torch.tensor([t[1] for t in got.tokens])
+    freq = torch.bincount(second, minlength=VOCAB).double() / n
+    tv = 0.5 * (freq - marginal).abs().sum()
+    noise = 0.5 * (2 * marginal * (1 - marginal) / (torch.pi * n)).sqrt().sum()  # E[TV], exact
+    assert tv < 1.4 * noise, f"total variation {tv:.3f}, sampling noise alone {noise:.3f}"
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_the_draft_is_the_low_bit_backbone_and_leaves_the_model_alone(ee, weights):
+    before = {k: v.clone() for k, v in ee.model.state_dict().items()}
+    draft = low_bit_draft(ee, weights)
+    assert all(torch.equal(v, before[k]) for k, v in ee.model.state_dict().items())
+    low_bit = quantize_backbone(copy.deepcopy(ee.model), weights)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    for block, layer in zip(draft.blocks, low_bit.model.layers, strict=True):
+        linears = [layer.get_submodule(n) for n in names]
+        assert all(torch.equal(w, m.qweight) for w, m in zip(block.weights, linears, strict=True))
+        if weights == "int8":
+            assert all(torch.equal(s, m.scales) for s, m in zip(block.scales, linears, strict=True))
+    assert torch.equal(draft.head[0], low_bit.lm_head.qweight)
+
+
+def test_what_a_low_bit_draft_cannot_do_is_refused(ee):
+    with pytest.raises(ValueError, match="drafts for speculative mode only"):
+        generate(ee, None, [[5, 6]], "full", 4, draft="q4")
+    with pytest.raises(ValueError, match="draft must be one of"):
+        generate(ee, None, [[5, 6]], "speculative", 4, draft="q2")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        low_bit_draft(ee, "fp16")
+    with pytest.raises(ValueError, match="a low-bit draft drafts from the whole backbone"):
+        generate(ee, None, [[5, 6]], "speculative", 4, draft="q4", exit_layer=2)
+    gpt2 = add_exits(tiny_model("gpt2"), [2], kind="norm")
+    with pytest.raises(ValueError, match="'gpt2' blocks do not qualify"):
+        low_bit_draft(gpt2, "q4")
+    layer = add_exits(tiny_model("llama"), [2], kind="layer")
+    with pytest.raises(ValueError, match="'layer' exits"):
+        generate(layer, None, [[5, 6]], "speculative", 4, draft="q4")
+    low_bit = add_exits(quantize_backbone(tiny_model("llama"), "int8"), [2], kind="norm")
+    with pytest.raises(ValueError, match="must be float32"):
+        low_bit_draft(low_bit, "q4")
