@@ -7,15 +7,16 @@ import torch.nn.functional as F
 
 from eefast.ops import decode_linear
 
-# (leading shape of x, in, out): one row, a verify step, the row limit (8), past it (sgemm),
-# odd widths (the kernel's 16/8/scalar tails) and empty.
+# (leading shape of x, in, out): one row, a verify step, a small batch's verify, the row limit
+# (64), past it (sgemm), odd widths (the kernel's 16/8/scalar tails) and empty.
 SHAPES = [
     ((1,), 64, 96),
     ((5,), 37, 130),
     ((2, 4), 576, 200),
     ((32,), 24, 65),
     ((3, 3), 40, 70),
-    ((40,), 48, 33),
+    ((8, 8), 48, 33),
+    ((70,), 48, 33),
     ((0,), 16, 8),
 ]
 
@@ -41,14 +42,39 @@ def test_matches_linear(device, lead, k, n, dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_gives_the_same_bits_alone_or_in_a_batch(dtype):
-    """On CPU a token's logits must not depend on how many tokens are verified with it (cuBLAS
-    makes no such promise, so CUDA is not held to it)."""
-    x, w, b = make((8,), 131, 300, dtype, "cpu", bias=True)
-    batch = decode_linear(x, w, b)
-    for i in range(8):
-        assert torch.equal(decode_linear(x[i : i + 1], w, b), batch[i : i + 1])
-    assert torch.equal(decode_linear(x[2:7], w, b), batch[2:7])
+@pytest.mark.parametrize("k", [131, 136, 576])  # scalar tail, last 8-wide step, none
+def test_a_row_gives_the_same_bits_alone_or_in_a_batch(dtype, k):
+    """On CPU a token's logits must not depend on how many tokens are verified with it, up to
+    64 rows (1-4 rows take the AVX2 kernel, more the AVX-512 tiles where the CPU has them;
+    cuBLAS makes no such promise, so CUDA is not held to it)."""
+    x, w, b = make((64,), k, 300, dtype, "cpu", bias=True)
+    alone = torch.cat([decode_linear(x[i : i + 1], w, b) for i in range(64)])
+    for rows in (2, 4, 5, 7, 8, 13, 32, 64):
+        assert torch.equal(decode_linear(x[:rows], w, b), alone[:rows]), rows
+    assert torch.equal(decode_linear(x[2:7], w, b), alone[2:7])
+
+
+def test_the_avx2_and_avx512_kernels_give_the_same_bits(tmp_path):
+    """A machine without AVX-512 (EEFAST_DISABLE_AVX512=1 here) computes every row exactly as
+    one with it does, so outputs do not depend on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    x, w, b = make((13,), 136, 70, torch.float32, "cpu", bias=True)
+    want = decode_linear(x, w, b)
+    code = (
+        "import sys, torch\n"
+        "from eefast.ops import decode_linear\n"
+        "x, w, b, want = torch.load(sys.argv[1])\n"
+        "assert torch.equal(decode_linear(x, w, b), want)\n"
+    )
+    path = tmp_path / "case.pt"
+    torch.save((x, w, b, want), path)
+    env = {**os.environ, "EEFAST_DISABLE_AVX512": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("bias", [False, True])

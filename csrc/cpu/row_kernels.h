@@ -56,6 +56,14 @@ void dot_logits_i8_avx512(const float* h, int64_t rows, int64_t d, const signed 
 void dot_logits_i8(const float* h, int64_t rows, int64_t d, const signed char* w,
                    const float* scales, int64_t n, float* logits, int64_t ld);
 
+// The float32/bf16 dot_logits with AVX-512 register tiles (4 rows x 4 weight rows): the same
+// bits as dot_logits_avx2. And the dispatcher decode-time callers use: the tiles from 5 rows
+// on where has_avx512_kernels(), else dot_logits_avx2 (callers check has_avx2_kernels()).
+void dot_logits_f_avx512(const float* h, int64_t rows, int64_t d, const void* w, bool w_bf16,
+                         int64_t n, float* logits, int64_t ld);
+void dot_logits_f(const float* h, int64_t rows, int64_t d, const void* w, bool w_bf16,
+                  int64_t n, float* logits, int64_t ld);
+
 // Whether the AVX-VNNI build of the GGUF block kernel (gguf_blocks.h) can run here.
 bool has_avxvnni_kernels();
 

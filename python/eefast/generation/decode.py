@@ -132,7 +132,7 @@ class DraftLength:
 
     k: int
     adaptive: bool = True
-    k_max: int = 7  # a verify step of k + 1 <= 8 rows stays on decode_linear's fast path
+    k_max: int = 7  # at most 8 verify rows per sequence: past that, rows cost more than drafts pay
 
     def update(self, all_accepted: bool) -> None:
         if self.adaptive:
