@@ -410,7 +410,8 @@ def test_blocks_with_hooks_run_through_their_modules():
 
 def test_bench_generate_times_another_provider_beside_eefast(tmp_path, monkeypatch):
     """A llama.cpp provider (``--gguf``) is one more case at batch 1, fed each prompt's ids
-    and compared with HF greedy and full depth like the others."""
+    and compared with HF greedy and full depth like the others; the q4 copy's speculative row
+    is there at every batch size, lossless."""
     from eefast.eval import bench_generate
 
     class Provider:  # llama.cpp's interface: a name and greedy(ids, max_new, eos)
@@ -439,3 +440,6 @@ def test_bench_generate_times_another_provider_beside_eefast(tmp_path, monkeypat
     assert [r["batch"] for r in stub] == [1]  # batch 1 only
     assert Provider.calls == prompts and stub[0]["same_as_full"]
     assert stub[0]["tokens_per_s"] == sum(len(t) for t in full) / 1.0
+    q4 = [r for r in rows if r["provider"] == "eefast speculative q4 draft"]
+    assert [r["batch"] for r in q4] == [1, 2]
+    assert all(r["same_as_full"] and r["acceptance"] > 0 for r in q4)

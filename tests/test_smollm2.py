@@ -248,8 +248,13 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
         main(["generate", *short, "--mode", mode, "--prompt", "Hi", "--exit-layers", "2"])
         said = capsys.readouterr().out
         assert ">>> Hi" in said and f"[eefast] {mode}" in said and "tokens in" in said
+    main(["generate", *short, "--mode", "speculative", "--draft", "q4", "--prompt", "Hi"])
+    assert "acceptance" in capsys.readouterr().out
     demo_generation(str(model_dir), out, 2, 6)  # the demo's last step
-    assert "output identical to full-depth greedy" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert said.count("output identical to full-depth greedy") == 2
+    assert "speculative, drafted by the backbone's q4 copy" in said
+    assert "with the same output token for token" in said
     bench = tmp_path / "bench"
     mine = tmp_path / "mine.jsonl"  # the user's own prompts
     mine.write_text('{"prompt": "Name a colour."}\n\n{"instruction": "Add 2 and 3."}\n')
@@ -285,12 +290,12 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
           "--draft-ks", "2,4"])  # fmt: skip
     rows = json.loads(next((bench / "draft").glob("generate-*.json")).read_text())
     spec = [r for r in rows if "speculative" in r["provider"]]
-    assert {r["provider"] for r in spec} == {f"eefast speculative draft k={k} conf 0.5"
-                                             for k in (2, 4)}  # fmt: skip
-    assert len(spec) == 4 and all(r["same_as_full"] and len(r["tokens_per_s_runs"]) == 2
+    want = {f"eefast speculative draft k={k} conf 0.5" for k in (2, 4)}
+    assert {r["provider"] for r in spec} == want | {"eefast speculative q4 draft"}
+    assert len(spec) == 6 and all(r["same_as_full"] and len(r["tokens_per_s_runs"]) == 2
                                   for r in spec)  # fmt: skip
     demo_generation(str(model_dir), draft, 2, 6)
-    assert "(draft exits at [4] draft" in capsys.readouterr().out
+    assert "speculative, drafted by the draft exit at [4]" in capsys.readouterr().out
 
 
 def test_finetune_seed_makes_the_run_repeatable(smollm2, tmp_path):

@@ -10,6 +10,7 @@ from ..exits import load_exits
 from ..generation import (
     CONFIDENCE_MEASURES,
     DRAFT_THRESHOLD,
+    DRAFT_WEIGHTS,
     FEATURE_DRAFT_THRESHOLD,
     KV_MODES,
     MODES,
@@ -69,6 +70,7 @@ def cmd_generate(args) -> None:
         measure=args.measure,
         kv=args.kv,
         min_exit=args.min_exit,
+        draft=args.draft,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -116,6 +118,7 @@ def cmd_bench_generate(args) -> None:
         out=args.out,
         repeats=args.repeats,
         draft_ks=args.draft_ks,
+        low_bit_drafts=args.low_bit_drafts,
         ggufs=args.gguf,
         report=say,
     )
@@ -150,6 +153,13 @@ def add_commands(sub) -> None:
         "--draft-k", type=positive_int, default=4, help="speculative: most drafts a round"
     )
     g.add_argument("--fixed-k", action="store_true", help="no adaptive draft length")
+    g.add_argument(
+        "--draft",
+        choices=DRAFT_WEIGHTS,
+        default=None,
+        help="speculative: the backbone's own low-bit copy drafts instead of the exits "
+        "(llama-family float32 models on the CPU; SmolLM2's q4 copy is its shipped GGUF's)",
+    )
     g.add_argument(
         "--threshold",
         type=finite,
@@ -210,6 +220,13 @@ def add_commands(sub) -> None:
     )
     b.add_argument(
         "--draft-ks", type=int_list, default=[4], help="draft exits: the draft lengths to time"
+    )
+    b.add_argument(
+        "--low-bit-drafts",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["q4"],
+        help="speculative rows drafted by the backbone's own low-bit copy: q4, int8 ('' for "
+        "none; skipped where the backbone cannot have one)",
     )
     b.add_argument(
         "--repeats", type=positive_int, default=1, help="alternating repeats; medians reported"

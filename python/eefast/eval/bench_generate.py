@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..generation import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD, generate
+from ..generation import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD, generate, low_bit_draft
 from ..generation.runner import Runner
 from ..hf.tokens import hf_greedy, pad_id, prompt_ids
 from ..io import write_json
@@ -33,14 +33,17 @@ def _batches(ids, size):
 
 
 def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants, draft_ks,
-           llama_cpp=()):  # fmt: skip
+           llama_cpp=(), low_bit=None):  # fmt: skip
     """(name, mode, generate kwargs) per case at batch size ``bs``; mode None: HF; mode
-    "llama.cpp": one of ``llama_cpp`` (batch 1, one sequence at a time)."""
+    "llama.cpp": one of ``llama_cpp`` (batch 1, one sequence at a time); ``low_bit``: name ->
+    a low_bit_draft of the backbone, one speculative row each."""
     cases = [("hf greedy", None, {})]
     if bs == 1:
         cases += [(p.name, "llama.cpp", {"provider": p}) for p in llama_cpp]
+    cases += [("eefast full", "full", {})]
+    cases += [(f"eefast speculative {w} draft", "speculative", {"draft": d})
+              for w, d in (low_bit or {}).items()]  # fmt: skip
     if ee.kind == "draft":  # one head on top of the model: speculative only
-        cases += [("eefast full", "full", {})]
         cases += [
             (f"eefast speculative draft k={k} conf {t}", "speculative", {"threshold": t,
                                                                          "draft_k": k})
@@ -55,7 +58,6 @@ def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants
             (f"hf assistant_early_exit={e}", None, {"assistant_early_exit": e})
             for e in ee.exit_layers
         ]
-    cases += [("eefast full", "full", {})]
     # Classic self-speculation (one exit drafts k tokens a round), then drafts from the
     # first confident exit of all of them, at each draft threshold.
     cases += [
@@ -120,6 +122,7 @@ def run_bench(
     out: str | Path,
     repeats: int = 1,
     draft_ks: list[int] = (4,),
+    low_bit_drafts: list[str] = ("q4",),
     ggufs: list[str | Path] = (),
     report=print,
 ) -> list[dict]:
@@ -127,10 +130,17 @@ def run_bench(
     cases alternating (so drift hits them alike); one row each with the median tokens/s, its
     ratios to HF greedy and to eefast's own full depth (medians of the per-repeat ratios),
     whether the output equals HF greedy's, acceptance, agreement, blocks and heads per token.
-    Each of ``ggufs`` adds llama.cpp on that file at batch 1 (``eval/llama_cpp.py``). Rows are
-    reported line by line and written to ``out`` as JSON and PNG."""
+    Each of ``ggufs`` adds llama.cpp on that file at batch 1 (``eval/llama_cpp.py``), and each
+    of ``low_bit_drafts`` a speculative row drafted by that low-bit copy of the backbone (where
+    it can have one). Rows are reported line by line and written to ``out`` as JSON and PNG."""
     torch.set_num_threads(threads)
     llama_cpp = [LlamaCpp(g, threads) for g in ggufs]
+    low_bit = {}
+    for weights in low_bit_drafts if ee.kind != "layer" else ():  # generate refuses the mix
+        try:
+            low_bit[weights] = low_bit_draft(ee, weights)
+        except ValueError as e:
+            report(f"no {weights} draft rows: {e}")
     if draft_thresholds is None:
         draft_thresholds = (
             [FEATURE_DRAFT_THRESHOLD] if ee.kind == "draft" else [0.5, DRAFT_THRESHOLD, 0.7]
@@ -140,7 +150,7 @@ def run_bench(
     for bs in batch_sizes:
         batches = _batches(ids, bs)
         cases = _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants,
-                       list(draft_ks), llama_cpp)  # fmt: skip
+                       list(draft_ks), llama_cpp, low_bit)  # fmt: skip
         speeds = {name: [] for name, _, _ in cases}
         first = {}
         for _ in range(repeats):
