@@ -1,13 +1,15 @@
 """Decoding SmolLM2 on a low-bit backbone: eefast float32 against eefast int8 (weight-only,
 ``load_model(weights="int8")``) and q4 (the shipped GGUF's own Q4_1 blocks and Q8_0 head,
-``load_model(weights="q4")``), and llama.cpp on the shipped Q4_1 file and any other GGUF
-files where ``llama-cpp-python`` is installed (an optional benchmark dependency), side by side
-in one run.
+``load_model(weights="q4")``), eefast float32 decoding speculatively with its q4 copy drafting
+(lossless), and llama.cpp on the shipped Q4_1 file and any other GGUF files where
+``llama-cpp-python`` is installed (an optional benchmark dependency), side by side in one run.
 
 Chat prompts, batch 1, greedy, ``--new-tokens`` each, the cases alternating ``--repeats``
 times; rows give median tokens/s and the median of per-repeat ratios to eefast float32. The
 quality rows: held-out perplexity of each eefast backbone (a low-bit one with its low-bit LM
-head) and the share of generated tokens equal to float32's before the first difference.
+head), the share of generated tokens equal to float32's before the first difference, and
+their agreement with float32 (the share of generated tokens equal to float32's greedy choice
+after the same prefix, as threshold mode's agreement is measured).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 
 from eefast import load_model
 from eefast.data import PROMPTS, load_documents, split_blocks, token_blocks
+from eefast.eval.agreement import agreement
 from eefast.eval.llama_cpp import LlamaCpp
-from eefast.generation import generate
+from eefast.generation import generate, low_bit_draft
 from eefast.hf.loading import _smollm2_gguf
 from eefast.hf.tokens import chat_prompt_ids
 from eefast.nn.quantized import quantized_linear
@@ -32,16 +35,20 @@ def _eefast_case(weights: str):
     from eefast import add_exits
 
     ee = add_exits(model, [8], kind="norm", share_lm_head=True)  # full depth ignores it
+    return _decode(ee, tokenizer, "full"), ee, tokenizer
 
+
+def _decode(ee, tokenizer, mode, **kw):
     def run(prompts, new_tokens):
         toks, seconds = [], 0.0
         for p in prompts:
-            res = generate(ee, tokenizer, [p], "full", new_tokens, chat=True, stop_at_eos=False)
+            res = generate(ee, tokenizer, [p], mode, new_tokens, chat=True, stop_at_eos=False,
+                           **kw)  # fmt: skip
             toks.append(res.tokens[0])
             seconds += res.seconds
         return toks, seconds
 
-    return run, model, tokenizer
+    return run
 
 
 def _llama_cpp_case(gguf: Path, tokenizer, threads: int):
@@ -98,9 +105,15 @@ def run(prompts: int, new_tokens: int, repeats: int, ggufs: list[Path], threads:
     chosen = PROMPTS[:prompts]
     cases, quality = {}, {}
     for weights in ("fp32", "int8", "q4"):
-        case, model, tokenizer = _eefast_case(weights)
+        case, ee, tokenizer = _eefast_case(weights)
         cases[f"eefast {weights}"] = case
-        quality[f"eefast {weights}"] = _perplexity(model, tokenizer)
+        quality[f"eefast {weights}"] = _perplexity(ee.model, tokenizer)
+        if weights == "fp32":
+            fp32 = ee
+            draft = low_bit_draft(ee, "q4")
+            cases["eefast fp32, q4 copy drafts (lossless)"] = _decode(
+                ee, tokenizer, "speculative", draft=draft
+            )
     for gguf in [_smollm2_gguf(), *ggufs]:
         try:
             cases[f"llama.cpp {gguf.name}"] = _llama_cpp_case(gguf, tokenizer, threads)
@@ -115,6 +128,7 @@ def run(prompts: int, new_tokens: int, repeats: int, ggufs: list[Path], threads:
             speeds[name].append(sum(len(t) for t in toks) / seconds)
             outputs.setdefault(name, toks)
     base = speeds["eefast fp32"]
+    ids = [chat_prompt_ids(tokenizer, p) for p in chosen]
     rows = []
     for name in cases:
         ratios = [a / b for a, b in zip(speeds[name], base, strict=True)]
@@ -124,6 +138,7 @@ def run(prompts: int, new_tokens: int, repeats: int, ggufs: list[Path], threads:
             "runs": [round(s, 1) for s in speeds[name]],
             "vs_eefast_fp32": round(statistics.median(ratios), 2),
             "same_prefix_as_fp32": round(_same_prefix(outputs["eefast fp32"], outputs[name]), 3),
+            "agreement_with_fp32": round(agreement(fp32, ids, outputs[name]), 3),
         }
         if name in quality:
             row["held_out_ppl"] = round(quality[name], 3)
