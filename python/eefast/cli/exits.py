@@ -153,7 +153,7 @@ def demo_generation(model_name: str, exits_dir, prompts: int, max_new_tokens: in
         )
     if ratio("exits") < 1:
         say(
-            "the tuned exits' drafts are accepted too rarely to pay here; a draft tuned on more "
+            "drafts from the tuned exits are accepted too rarely to pay here; a draft tuned on more "
             "self-distilled data drafts better (see docs/generation.md)"
         )
     best = max(drafted_by, key=ratio)
