@@ -250,6 +250,12 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
         assert ">>> Hi" in said and f"[eefast] {mode}" in said and "tokens in" in said
     main(["generate", *short, "--mode", "speculative", "--draft", "q4", "--prompt", "Hi"])
     assert "acceptance" in capsys.readouterr().out
+    # No tuned exits needed when the low-bit copy drafts; without either, one line and status 2.
+    main(["generate", *model, "--draft", "q4", "--prompt", "Hi", "--max-new-tokens", "6"])
+    assert "acceptance" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *model, "--prompt", "Hi"])
+    assert e.value.code == 2 and "give --exits" in capsys.readouterr().err
     demo_generation(str(model_dir), out, 2, 6)  # the demo's last step
     said = capsys.readouterr().out
     assert said.count("output identical to full-depth greedy") == 2

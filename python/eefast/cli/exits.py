@@ -153,8 +153,8 @@ def demo_generation(model_name: str, exits_dir, prompts: int, max_new_tokens: in
         )
     if ratio("exits") < 1:
         say(
-            "drafts from the tuned exits are accepted too rarely to pay here; a draft tuned on more "
-            "self-distilled data drafts better (see docs/generation.md)"
+            "drafts from the tuned exits are accepted too rarely to pay here; a draft tuned on "
+            "more self-distilled data drafts better (see docs/generation.md)"
         )
     best = max(drafted_by, key=ratio)
     say(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..data.prompts import PROMPTS, load_prompts
 from ..eval.agreement import CALIBRATION_THRESHOLDS, calibrate
-from ..exits import load_exits
+from ..exits import add_exits, load_exits
 from ..generation import (
     CONFIDENCE_MEASURES,
     DRAFT_THRESHOLD,
@@ -34,7 +34,15 @@ from .common import (
 
 
 def _load(args):
+    if args.exits is None and args.mode != "full" and args.draft is None:  # before loading
+        raise ValueError(
+            "give --exits (tuned exits draft), --draft q4|int8 (the backbone's low-bit copy "
+            "drafts) or --mode full"
+        )
     model, tokenizer = load(args)
+    if args.exits is None:
+        # generate() runs on an EarlyExitModel; this exit is never consulted.
+        return add_exits(model, [1], "norm", share_lm_head=True), tokenizer
     ee = load_exits(model, args.exits)
     say(f"exits at {ee.exit_layers} of {ee.num_layers} blocks ({ee.kind}) from {args.exits}")
     if ee.draft_vocab is not None:
@@ -125,10 +133,11 @@ def cmd_bench_generate(args) -> None:
 
 
 def add_commands(sub) -> None:
-    def common(p):
+    def common(p, exits_help=None):
         add_model_arguments(p, DEFAULT_MODEL)
         add_weights_argument(p)
-        p.add_argument("--exits", required=True, help="directory with exits.json (eefast tune)")
+        p.add_argument("--exits", required=exits_help is None,
+                       help=exits_help or "directory with exits.json (eefast tune)")  # fmt: skip
         p.add_argument("--max-new-tokens", type=positive_int, default=128)
         p.add_argument(
             "--no-draft-vocab",
@@ -137,7 +146,7 @@ def add_commands(sub) -> None:
         )
 
     g = sub.add_parser("generate", help="early-exit generation (speculative, threshold, full)")
-    common(g)
+    common(g, "directory with exits.json (eefast tune); not needed with --draft or --mode full")
     g.add_argument("--prompt", action="append", help="a user message (repeat for a batch)")
     g.add_argument("--mode", choices=MODES, default="speculative")
     g.add_argument(
