@@ -114,27 +114,33 @@ def test_exact_on_other_llama_family(arch):
     assert generate(ee, None, prompts, "speculative", NEW).tokens == full_greedy(ee, prompts).tokens
 
 
-def accepted_blocks(ee, tokenizer, prompts, **kw):
-    return generate(ee, tokenizer, prompts, "speculative", NEW, draft_k=6, adaptive=False,
-                    threshold=0, **kw)  # fmt: skip
+def assert_eos_and_stop_inside_accepted_blocks(ee, **draft_kw):
+    """Speculative output (blocks of up to 6 accepted drafts, drafted as ``draft_kw`` says)
+    ends at an EOS or a stop string inside an accepted block exactly where full depth does."""
 
+    def accepted_blocks(tokenizer, **kw):
+        return generate(ee, tokenizer, prompts, "speculative", NEW, draft_k=6, adaptive=False,
+                        threshold=0, **draft_kw, **kw)  # fmt: skip
 
-def test_eos_and_stop_strings_inside_accepted_blocks(draft_ee):
     prompts = ragged_prompts()
-    plain = full_greedy(draft_ee, prompts).tokens
-    spec = accepted_blocks(draft_ee, None, prompts)
+    plain = full_greedy(ee, prompts).tokens
+    spec = accepted_blocks(None)
     assert spec.tokens == plain and spec.stats.mean_accepted > 2, "want multi-token blocks"
     eos = plain[0][5]  # a token the first sequence emits mid-way
     tok = StubTokenizer(eos)
-    want = full_greedy(draft_ee, prompts, tok).tokens
+    want = full_greedy(ee, prompts, tok).tokens
     assert want[0] == plain[0][: plain[0].index(eos) + 1]
-    assert accepted_blocks(draft_ee, tok, prompts).tokens == want
+    assert accepted_blocks(tok).tokens == want
     tok = StubTokenizer(eos=-1)
     stop = f"{plain[1][4]} {plain[1][5]}"
-    want = full_greedy(draft_ee, prompts, tok, stop=[stop])
-    got = accepted_blocks(draft_ee, tok, prompts, stop=[stop])
+    want = full_greedy(ee, prompts, tok, stop=[stop])
+    got = accepted_blocks(tok, stop=[stop])
     assert got.tokens == want.tokens and got.texts == want.texts
     assert len(want.tokens[1]) < NEW
+
+
+def test_eos_and_stop_strings_inside_accepted_blocks(draft_ee):
+    assert_eos_and_stop_inside_accepted_blocks(draft_ee)
 
 
 def test_cached_kv_is_the_full_forwards(draft_ee, finished_caches):
@@ -183,24 +189,31 @@ def test_sampling_is_reproducible_and_seeded(draft_ee):
     assert a.tokens == b.tokens and a.tokens != c.tokens and a.stats.accepted > 0
 
 
-def test_sampled_tokens_follow_the_full_models_distribution(draft_ee):
-    """The second new token (drafted, then accepted or resampled) of many sampled sequences is
-    distributed as the full model's marginal: sum over t1 of p(t1) p(t2 | t1). The tiny
-    model's logits are flat, so a low temperature makes its drafts often accepted."""
-    prompt, temp, n = SAMPLED_PROMPT, 0.1, 3000
+def assert_sampled_tokens_follow_the_full_model(ee, temp, accepted_share, **draft_kw):
+    """The second new token (drafted, then accepted or resampled) of 3,000 sampled sequences
+    is distributed as the full model's marginal: sum over t1 of p(t1) p(t2 | t1); at least
+    ``accepted_share`` of them must have been accepted drafts."""
+    prompt, n = SAMPLED_PROMPT, 3000
     with torch.no_grad():
-        p1 = (draft_ee.model(torch.tensor([prompt])).logits[0, -1] / temp).softmax(-1)
+        p1 = (ee.model(torch.tensor([prompt])).logits[0, -1] / temp).softmax(-1)
         pairs = torch.tensor([prompt + [t] for t in range(VOCAB)])
-        p2 = (draft_ee.model(pairs).logits[:, -1] / temp).softmax(-1)
+        p2 = (ee.model(pairs).logits[:, -1] / temp).softmax(-1)
     marginal = (p1 @ p2).double()
-    got = generate(draft_ee, None, [prompt] * n, "speculative", 2, temperature=temp, seed=3,
-                   draft_k=2, adaptive=False, threshold=0, stop_at_eos=False)  # fmt: skip
-    assert got.stats.accepted > 0.2 * n, "want many accepted drafts"
+    got = generate(ee, None, [prompt] * n, "speculative", 2, temperature=temp, seed=3,
+                   draft_k=2, adaptive=False, threshold=0, stop_at_eos=False,
+                   **draft_kw)  # fmt: skip
+    assert got.stats.accepted > accepted_share * n, "want many accepted drafts"
     second = torch.tensor([t[1] for t in got.tokens])
     freq = torch.bincount(second, minlength=VOCAB).double() / n
     tv = 0.5 * (freq - marginal).abs().sum()
     noise = 0.5 * (2 * marginal * (1 - marginal) / (torch.pi * n)).sqrt().sum()  # E[TV], exact
     assert tv < 1.4 * noise, f"total variation {tv:.3f}, sampling noise alone {noise:.3f}"
+
+
+def test_sampled_tokens_follow_the_full_models_distribution(draft_ee):
+    """The tiny model's logits are flat, so a low temperature makes its drafts often
+    accepted."""
+    assert_sampled_tokens_follow_the_full_model(draft_ee, 0.1, 0.2)
 
 
 def test_save_load_round_trip_generates_the_same(draft_ee, tmp_path):

@@ -12,9 +12,12 @@ import torch
 from eefast.exits import add_exits
 from eefast.generation import generate, low_bit_draft
 from eefast.hf.quantize import quantize_backbone
-from test_feature_draft import SAMPLED_PROMPT
-from test_generation import NEW, StubTokenizer, ragged_prompts
-from tiny_models import VOCAB, tiny_model
+from test_feature_draft import (
+    assert_eos_and_stop_inside_accepted_blocks,
+    assert_sampled_tokens_follow_the_full_model,
+)
+from test_generation import NEW, ragged_prompts
+from tiny_models import tiny_model
 
 WEIGHTS = ["q4", "int8"]
 
@@ -57,27 +60,8 @@ def test_a_draft_exit_model_drafts_from_the_low_bit_copy():
     assert got.tokens == full_greedy(ee, prompts).tokens and got.stats.accepted > 0
 
 
-def accepted_blocks(ee, tokenizer, prompts, **kw):
-    return generate(ee, tokenizer, prompts, "speculative", NEW, draft="int8", draft_k=6,
-                    adaptive=False, threshold=0, **kw)  # fmt: skip
-
-
 def test_eos_and_stop_strings_inside_accepted_blocks(ee):
-    prompts = ragged_prompts()
-    plain = full_greedy(ee, prompts).tokens
-    spec = accepted_blocks(ee, None, prompts)
-    assert spec.tokens == plain and spec.stats.mean_accepted > 2, "want multi-token blocks"
-    eos = plain[0][5]  # a token the first sequence emits mid-way
-    tok = StubTokenizer(eos)
-    want = full_greedy(ee, prompts, tok).tokens
-    assert want[0] == plain[0][: plain[0].index(eos) + 1]
-    assert accepted_blocks(ee, tok, prompts).tokens == want
-    tok = StubTokenizer(eos=-1)
-    stop = f"{plain[1][4]} {plain[1][5]}"
-    want = full_greedy(ee, prompts, tok, stop=[stop])
-    got = accepted_blocks(ee, tok, prompts, stop=[stop])
-    assert got.tokens == want.tokens and got.texts == want.texts
-    assert len(want.tokens[1]) < NEW
+    assert_eos_and_stop_inside_accepted_blocks(ee, draft="int8")
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
@@ -109,23 +93,8 @@ def test_sampling_is_reproducible_and_seeded(ee):
 
 
 def test_sampled_tokens_follow_the_full_models_distribution(ee):
-    """The second new token (drafted by the q4 copy, then accepted or resampled) of many
-    sampled sequences is distributed as the full model's marginal."""
-    prompt, temp, n = SAMPLED_PROMPT, 0.5, 3000
-    with torch.no_grad():
-        p1 = (ee.model(torch.tensor([prompt])).logits[0, -1] / temp).softmax(-1)
-        pairs = torch.tensor([prompt + [t] for t in range(VOCAB)])
-        p2 = (ee.model(pairs).logits[:, -1] / temp).softmax(-1)
-    marginal = (p1 @ p2).double()
-    got = generate(ee, None, [prompt] * n, "speculative", 2, temperature=temp, seed=3,
-                   draft="q4", draft_k=2, adaptive=False, threshold=0,
-                   stop_at_eos=False)  # fmt: skip
-    assert got.stats.accepted > 0.3 * n, "want many accepted drafts"
-    second = torch.tensor([t[1] for t in got.tokens])
-    freq = torch.bincount(second, minlength=VOCAB).double() / n
-    tv = 0.5 * (freq - marginal).abs().sum()
-    noise = 0.5 * (2 * marginal * (1 - marginal) / (torch.pi * n)).sqrt().sum()  # E[TV], exact
-    assert tv < 1.4 * noise, f"total variation {tv:.3f}, sampling noise alone {noise:.3f}"
+    """The second token, drafted by the q4 copy, then accepted or resampled."""
+    assert_sampled_tokens_follow_the_full_model(ee, 0.5, 0.3, draft="q4")
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
