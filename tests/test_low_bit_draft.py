@@ -1,8 +1,8 @@
 """Speculative decoding drafted by the backbone's own low-bit copy (``draft="q4"``/``"int8"``)
-on tiny random models: greedy output equals full depth at batch 1 and 3 (EOS and stop strings
-inside accepted blocks included), every cached K/V is the full forward's (the drafts' own were
-rolled back), sampled output follows the full model's distribution, and what it cannot do is
-refused clearly."""
+on tiny random models: greedy output equals full depth at batch 1 and 3 on all eight
+architectures (EOS and stop strings inside accepted blocks included), every cached K/V is the
+full forward's (the drafts' own were rolled back), sampled output follows the full model's
+distribution, and what it cannot do is refused clearly."""
 
 import copy
 
@@ -11,13 +11,14 @@ import torch
 
 from eefast.exits import add_exits
 from eefast.generation import generate, low_bit_draft
+from eefast.generation.blocks import FusedBlock
 from eefast.hf.quantize import quantize_backbone
 from test_feature_draft import (
     assert_eos_and_stop_inside_accepted_blocks,
     assert_sampled_tokens_follow_the_full_model,
 )
 from test_generation import NEW, ragged_prompts
-from tiny_models import tiny_model
+from tiny_models import ARCH_NAMES, tiny_model
 
 WEIGHTS = ["q4", "int8"]
 
@@ -45,12 +46,21 @@ def test_greedy_is_exact_at_batch_1_and_3(ee, weights, k, adaptive, threshold):
     assert got.stats.accepted > 0 and got.stats.mean_accepted > 1.0
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_exact_on_other_llama_family(arch):
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("arch", [a for a in ARCH_NAMES if a != "llama"])
+def test_exact_on_every_other_architecture(arch, weights):
+    """The llama family drafts through decode_block, the others through their own block
+    modules with low-bit linears."""
     ee = add_exits(tiny_model(arch), [2], kind="norm")
+    draft = low_bit_draft(ee, weights)
+    fused = [isinstance(b, FusedBlock) for b in draft.blocks]
+    assert fused == [arch in ("mistral", "qwen2")] * 4
     prompts = ragged_prompts()
-    got = generate(ee, None, prompts, "speculative", NEW, draft="q4")
-    assert got.tokens == full_greedy(ee, prompts).tokens and got.stats.accepted > 0
+    want = full_greedy(ee, prompts).tokens
+    for p, tokens in zip(prompts, want, strict=True):
+        assert generate(ee, None, [p], "speculative", NEW, draft=draft).tokens[0] == tokens
+    got = generate(ee, None, prompts, "speculative", NEW, draft=draft)
+    assert got.tokens == want and got.stats.accepted > 0
 
 
 def test_a_draft_exit_model_drafts_from_the_low_bit_copy():
@@ -122,9 +132,13 @@ def test_what_a_low_bit_draft_cannot_do_is_refused(ee):
         low_bit_draft(ee, "fp16")
     with pytest.raises(ValueError, match="a low-bit draft drafts from the whole backbone"):
         generate(ee, None, [[5, 6]], "speculative", 4, draft="q4", exit_layer=2)
-    gpt2 = add_exits(tiny_model("gpt2"), [2], kind="norm")
-    with pytest.raises(ValueError, match="'gpt2' blocks do not qualify"):
-        low_bit_draft(gpt2, "q4")
+    hooked = add_exits(tiny_model("llama"), [2], kind="norm")
+    hooked.model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ValueError, match="block 1 has hooks"):
+        low_bit_draft(hooked, "int8")
+    odd = add_exits(tiny_model("llama", hidden_size=48, num_attention_heads=4), [2], kind="norm")
+    with pytest.raises(ValueError, match="groups of 32"):
+        low_bit_draft(odd, "q4")
     layer = add_exits(tiny_model("llama"), [2], kind="layer")
     with pytest.raises(ValueError, match="'layer' exits"):
         generate(layer, None, [[5, 6]], "speculative", 4, draft="q4")

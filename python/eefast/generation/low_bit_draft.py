@@ -2,10 +2,11 @@
 
 A float backbone's blocks and LM head are quantised once (``low_bit_draft``: GGUF Q4_1 blocks
 as llama.cpp makes them, or int8 rows; a Q8_0 or int8 head). Drafting runs every block on
-that copy, which reads a sixth (q4) or a quarter (int8) of float32's bytes per token, and
-whose argmax is the float model's on almost every token. The float model then verifies the
-drafts in one pass. SmolLM2's float weights are themselves the dequantised Q4_1 file, so its
-q4 copy differs only in how activations are rounded.
+that copy (one ``decode_block`` call per llama-family block, the block module's own code on
+the other architectures), which reads a sixth (q4) or a quarter (int8) of float32's bytes per
+token, and whose argmax is the float model's on almost every token. The float model then
+verifies the drafts in one pass. SmolLM2's float weights are themselves the dequantised Q4_1
+file, so its q4 copy differs only in how activations are rounded.
 
 The draft shares the decoding state's KV cache: a draft step reads the verifier's exact keys
 and values for every emitted token and writes its own, approximate, ones for the drafts. Those
@@ -24,63 +25,67 @@ A round, with the last emitted token x0 at slot S:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import copy
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..exits.model import EarlyExitModel
-from ..nn.quantized import quantize, quantized_linear
-from .blocks import FusedBlock
+from ..hf.quantize import quantize_block
+from ..nn.quantized import QuantizedLinear, quantize, quantized_linear
+from .blocks import FusedBlock, fused_block
 from .cache import DecodeState
 from .decode import DecodeStats, DraftLength, Outputs, _emit_each, verify
 from .runner import Runner
 from .sampling import Sampling
 
 DRAFT_WEIGHTS = ("q4", "int8")
-_BLOCKS = {"q4": "q4_1", "int8": "int8"}
 _HEAD = {"q4": "q8_0", "int8": "int8"}
 
 
 @dataclass
 class LowBitDraft:
-    """A backbone's low-bit copy: ``decode_block`` arguments per block and the LM head's
-    (qweight, scales, bias)."""
+    """A backbone's low-bit copy: per block, ``decode_block``'s arguments where the block
+    qualifies for it (the llama family), else a low-bit copy of the block module; and the LM
+    head's (qweight, scales, bias)."""
 
     weights: str
-    blocks: list[FusedBlock]
+    blocks: list[FusedBlock | nn.Module]
     head: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def low_bit_draft(ee: EarlyExitModel, weights: str = "q4") -> LowBitDraft:
-    """Quantise ``ee``'s float backbone into a draft for ``generate(..., draft=...)``: every
-    block's linears (q4: GGUF Q4_1, int8: per-row int8) and the LM head (Q8_0 or int8). The
-    model is not changed. Llama-family blocks that run as fused ``decode_block`` calls, on
-    the CPU, in float32."""
+    """Quantise ``ee``'s float32 backbone into a draft for ``generate(..., draft=...)``: a copy
+    of every block with its linears low-bit (q4: GGUF Q4_1, int8: per-row int8; what
+    ``quantize_backbone`` makes) and the LM head (Q8_0 or int8). The model is not changed.
+    Blocks with hooks or adapters are refused (merge adapters first); q4 runs on the CPU."""
     if weights not in DRAFT_WEIGHTS:
         raise ValueError(f"low_bit_draft: weights must be one of {DRAFT_WEIGHTS}, got {weights!r}")
-    runner = Runner(ee)
-    blocks = runner.fused[: runner.num_layers]
-    if any(b is None for b in blocks):
+    parts = ee.parts
+    head = parts.lm_head
+    if head.weight.dtype != torch.float32 or any(
+        isinstance(m, QuantizedLinear) for m in parts.layers.modules()
+    ):
         raise ValueError(
-            "low_bit_draft: the draft runs every block as one fused decode_block call, and "
-            f"these {ee.parts.model_type!r} blocks do not qualify; llama-family blocks do, "
-            "without adapters, hooks or patched linears"
+            "low_bit_draft: the backbone must be float32 (its LM head is "
+            f"{head.weight.dtype}); a low-bit backbone is already what a draft would be"
         )
-    if blocks[0].scales is not None or blocks[0].weights[0].dtype != torch.float32:
-        raise ValueError(
-            "low_bit_draft: the backbone must be float32 (this one is "
-            f"{blocks[0].weights[0].dtype}); a low-bit backbone is already what a draft would be"
-        )
-    head = ee.parts.lm_head
-    if head.weight.device.type != "cpu":
-        raise ValueError(f"low_bit_draft: runs on the CPU only for now, not {head.weight.device}")
-    draft_blocks = []
-    for b in blocks:
-        quantized = [quantize(w.detach(), _BLOCKS[weights]) for w in b.weights]
-        scales = [s for _, s in quantized] if weights == "int8" else None
-        draft_blocks.append(replace(b, weights=[q for q, _ in quantized], scales=scales))
+    if weights == "q4" and head.weight.device.type != "cpu":
+        device = head.weight.device
+        raise ValueError(f"low_bit_draft: q4 runs on the CPU only for now, not {device}")
+    blocks = []
+    for i, layer in enumerate(parts.layers):
+        if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+            raise ValueError(f"low_bit_draft: block {i} has hooks (adapters?); merge them first")
+        low_bit = quantize_block(copy.deepcopy(layer), weights, f"block {i}")
+        left = [type(m).__name__ for m in low_bit.modules() if not isinstance(m, QuantizedLinear)
+                and getattr(m, "weight", None) is not None and m.weight.dim() == 2]  # fmt: skip
+        if left:
+            raise ValueError(f"low_bit_draft: block {i} has modules it cannot quantise: {left}")
+        blocks.append(fused_block(low_bit, parts.spec) or low_bit)
     q, s = quantize(head.weight.detach(), _HEAD[weights])
-    return LowBitDraft(weights, draft_blocks, (q, s, head.bias))
+    return LowBitDraft(weights, blocks, (q, s, head.bias))
 
 
 def decode_low_bit_draft(

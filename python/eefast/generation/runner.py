@@ -133,14 +133,15 @@ class Runner:
         end: int,
         state: DecodeState,
         fused: bool = True,
-        blocks: list[FusedBlock] | None = None,
+        blocks: list[FusedBlock | nn.Module] | None = None,
     ) -> torch.Tensor:
         """Blocks [start, end) on h [batch, q, d], whose tokens are the next q slots of each
         of those layers (layers in the range must hold the same number of slots). Blocks that
         qualify run as one ``decode_block`` call each unless ``fused`` is False (the prefill,
         whose many rows HF's attention handles better); ``blocks`` replaces the model's own
-        ``decode_block`` arguments (a low-bit draft's). A ``layer`` exit whose layer the run
-        reaches (start < layer <= end) runs its block on the tokens there."""
+        blocks (a low-bit draft's: ``decode_block`` arguments or block modules). A ``layer``
+        exit whose layer the run reaches (start < layer <= end) runs its block on the tokens
+        there."""
         if start >= end:
             return h
         first, q = state.cache.lengths[start], h.shape[1]
@@ -164,14 +165,15 @@ class Runner:
             allowed = self._allowed(state, first, h.shape[1], window)
             masks[window] = (allowed, self._mask(allowed))
         allowed, mask = masks[window]
-        fused_args = blocks[i] if blocks is not None else self.fused[i]
-        if fused and fused_args is not None:
+        block = self.blocks[i] if blocks is None else blocks[i]
+        fused_args = self.fused[i] if blocks is None else block
+        if fused and isinstance(fused_args, FusedBlock):
             rotary = shared["position_embeddings"]
             return run_fused(fused_args, i, h, *rotary, allowed, state.cache)
-        if self.lean[i] is not None:
+        if blocks is None and self.lean[i] is not None:
             rotary = shared["position_embeddings"]
-            return lean_block(self.blocks[i], self.lean[i], h, rotary, mask, state.cache)
-        out = self.arch.call(self.blocks[i], h, mask, state.cache, pos, shared)
+            return lean_block(block, self.lean[i], h, rotary, mask, state.cache)
+        out = self.arch.call(block, h, mask, state.cache, pos, shared)
         return out[0] if isinstance(out, tuple) else out
 
     def propagate_kv(self, h: torch.Tensor, start: int, end: int, state: DecodeState) -> None:

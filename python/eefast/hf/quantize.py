@@ -50,16 +50,7 @@ def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path 
     file_blocks = _GGUFBlocks(model, gguf) if gguf is not None else None
     prefix = next(name for name, m in model.named_modules() if m is parts.layers)
     for i, block in enumerate(parts.layers):
-        targets = [(name, m) for name, m in block.named_modules()
-                   if type(m) in (nn.Linear, Conv1D)]  # fmt: skip
-        for name, linear in targets:
-            path = f"{prefix}.{i}.{name}"
-            if file_blocks is not None:
-                low_bit = QuantizedLinear(file_blocks.read(path), None, linear.bias)
-            else:
-                _check_groups(weights, path, linear)
-                low_bit = QuantizedLinear.from_linear(linear, _BLOCKS[weights])
-            replace_module(block, name, low_bit)
+        quantize_block(block, weights, f"{prefix}.{i}", file_blocks)
     head = parts.lm_head
     if file_blocks is not None:
         q, s = file_blocks.read_head(), None
@@ -68,6 +59,21 @@ def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path 
     head.register_buffer("qweight", q, persistent=False)
     head.register_buffer("scales", s, persistent=False)
     return model
+
+
+def quantize_block(block: nn.Module, weights: str, path: str, file_blocks=None) -> nn.Module:
+    """Make one decoder block's linears (and GPT-2's ``Conv1D``) ``QuantizedLinear`` in
+    place, from ``file_blocks`` (a GGUF file's, for q4) or quantised from their float weights;
+    ``path`` is the block's module path, for the file and for errors. Returns the block."""
+    targets = [(name, m) for name, m in block.named_modules() if type(m) in (nn.Linear, Conv1D)]
+    for name, linear in targets:
+        if file_blocks is not None:
+            low_bit = QuantizedLinear(file_blocks.read(f"{path}.{name}"), None, linear.bias)
+        else:
+            _check_groups(weights, f"{path}.{name}", linear)
+            low_bit = QuantizedLinear.from_linear(linear, _BLOCKS[weights])
+        replace_module(block, name, low_bit)
+    return block
 
 
 def _check_groups(weights: str, path: str, linear: nn.Module) -> None:
