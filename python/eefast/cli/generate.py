@@ -212,8 +212,8 @@ def add_commands(sub) -> None:
         "--draft-thresholds",
         type=float_list,
         default=None,
-        help="speculative rows, one per draft threshold (default 0.5,0.6,0.7; 0.5 for a draft "
-        "exit)",
+        help="speculative rows, one per draft threshold (default 0.5,0.6,0.7; "
+        f"{FEATURE_DRAFT_THRESHOLD} for a draft exit)",
     )
     b.add_argument(
         "--variant-thresholds",
