@@ -145,3 +145,6 @@ def test_what_a_low_bit_draft_cannot_do_is_refused(ee):
     low_bit = add_exits(quantize_backbone(tiny_model("llama"), "int8"), [2], kind="norm")
     with pytest.raises(ValueError, match="must be float32"):
         low_bit_draft(low_bit, "q4")
+    bf16 = add_exits(tiny_model("llama").to(torch.bfloat16), [2], kind="norm")
+    with pytest.raises(ValueError, match="must be float32, not torch.bfloat16"):
+        low_bit_draft(bf16, "int8")

@@ -248,9 +248,9 @@ def generate(
                 runner, state, logits, out, sampling, gen, length, threshold, draft
             )
         elif mode == "speculative":
-            draft = DraftLength(draft_k, adaptive)
+            length = DraftLength(draft_k, adaptive)
             stats = decode_speculative(
-                runner, state, logits, out, sampling, gen, drafting, draft, threshold, measure
+                runner, state, logits, out, sampling, gen, drafting, length, threshold, measure
             )
         else:
             stats = decode_threshold(runner, state, logits, out, active, threshold, measure, kv)

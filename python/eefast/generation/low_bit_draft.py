@@ -64,13 +64,13 @@ def low_bit_draft(ee: EarlyExitModel, weights: str = "q4") -> LowBitDraft:
         raise ValueError(f"low_bit_draft: weights must be one of {DRAFT_WEIGHTS}, got {weights!r}")
     parts = ee.parts
     head = parts.lm_head
-    if head.weight.dtype != torch.float32 or any(
-        isinstance(m, QuantizedLinear) for m in parts.layers.modules()
-    ):
+    if any(isinstance(m, QuantizedLinear) for m in parts.layers.modules()):
         raise ValueError(
-            "low_bit_draft: the backbone must be float32 (its LM head is "
-            f"{head.weight.dtype}); a low-bit backbone is already what a draft would be"
+            "low_bit_draft: the backbone must be float32, and this one's blocks are already "
+            "low-bit (what a draft would be); decode it as it is"
         )
+    if head.weight.dtype != torch.float32:
+        raise ValueError(f"low_bit_draft: the backbone must be float32, not {head.weight.dtype}")
     if weights == "q4" and head.weight.device.type != "cpu":
         device = head.weight.device
         raise ValueError(f"low_bit_draft: q4 runs on the CPU only for now, not {device}")
