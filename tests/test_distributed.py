@@ -198,6 +198,15 @@ def long_run(model_dir, out: Path, timeout: float):
         proc.wait()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` is still running (a zombie waiting for its parent is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_killed_rank_stops_every_rank(model_dir, tmp_path):
     with long_run(model_dir, tmp_path / "run", timeout=30) as (proc, pid):
         os.kill(pid, signal.SIGKILL)
@@ -208,8 +217,14 @@ def test_a_killed_rank_stops_every_rank(model_dir, tmp_path):
 
 def test_a_hung_rank_times_out_with_a_clear_error(model_dir, tmp_path):
     with long_run(model_dir, tmp_path / "run", timeout=5) as (proc, pid):
+        rank0 = int((tmp_path / "run" / "pid.0").read_text())
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(12)  # rank 0 gives up after 5 s; then let torchrun's SIGTERM reach rank 1
+        # Rank 0 may run ahead for a while (its sends land in socket buffers) before it waits
+        # on rank 1 and gives up 5 s later; rank 1 resumes only once rank 0 has exited, so
+        # that torchrun's SIGTERM reaches it and nothing can rescue the run.
+        deadline = time.time() + 90
+        while _alive(rank0) and time.time() < deadline:
+            time.sleep(0.2)
         os.kill(pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
