@@ -92,18 +92,19 @@ def test_matches_its_reference(kind, lead, n_in, out, dtype, bias):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_row_gives_the_same_bits_alone_or_in_a_batch(kind):
     x = torch.randn(8, 96)
-    q = quantize_gguf(weight(43, 96), kind)  # five tiles of 8 rows and a tail of 3
+    q = quantize_gguf(weight(43, 96), kind)  # two tiles of 16 rows and a tail of 11
     alone = torch.cat([decode_linear_gguf(x[i : i + 1], q) for i in range(8)])
     for rows in (2, 3, 5, 8):
         assert torch.equal(decode_linear_gguf(x[:rows], q), alone[:rows]), rows
 
 
-def test_both_kernel_builds_and_the_portable_path():
-    """This CPU may take the AVX-VNNI build; the AVX2 build (EEFAST_DISABLE_AVXVNNI=1) must give
-    the same bits, and without AVX2 (EEFAST_DISABLE_AVX2=1) the weight is dequantised."""
+def test_every_kernel_build_and_the_portable_path():
+    """This CPU may take the AVX-512 VNNI or the AVX-VNNI build; the 256-bit builds
+    (EEFAST_DISABLE_AVX512=1) and the AVX2 one (and EEFAST_DISABLE_AVXVNNI=1) must give the
+    same bits, and without AVX2 (EEFAST_DISABLE_AVX2=1) the weight is dequantised."""
     code = (
         "import sys, torch, eefast; from eefast.ops import decode_linear_gguf, quantize_gguf\n"
-        "torch.manual_seed(0); x = torch.randn(5, 96)\n"
+        "torch.manual_seed(0); x = torch.randn(7, 96)\n"
         "for k in ('q4_0', 'q4_1', 'q8_0'):\n"
         "    y = decode_linear_gguf(x, quantize_gguf(torch.randn(43, 96), k))\n"
         "    sys.stdout.buffer.write(y.numpy().tobytes())\n"
@@ -115,7 +116,10 @@ def test_both_kernel_builds_and_the_portable_path():
         assert done.returncode == 0, done.stderr[-2000:]
         return torch.frombuffer(bytearray(done.stdout), dtype=torch.float32)
 
-    default, avx2, portable = run(), run(EEFAST_DISABLE_AVXVNNI="1"), run(EEFAST_DISABLE_AVX2="1")
+    default, portable = run(), run(EEFAST_DISABLE_AVX2="1")
+    avx256 = run(EEFAST_DISABLE_AVX512="1")
+    avx2 = run(EEFAST_DISABLE_AVX512="1", EEFAST_DISABLE_AVXVNNI="1")
+    assert torch.equal(default, avx256)
     assert torch.equal(default, avx2)
     assert (portable - default).norm() < 0.02 * default.norm()  # float activations there
 

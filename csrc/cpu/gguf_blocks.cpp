@@ -77,7 +77,9 @@ void move_block(GgufType type, uint8_t* packed, int64_t n, int64_t groups, int64
   }
   const int64_t quants = type == GgufType::kQ8_0 ? 32 : 16;
   uint8_t* q = block + bytes - quants;
-  for (int64_t c = 0; c < quants / 4; ++c) move(tile + head + 32 * c + 4 * j, q + 4 * c, 4);
+  for (int64_t c = 0; c < quants / 4; ++c) {
+    move(tile + head + 4 * kGgufTile * c + 4 * j, q + 4 * c, 4);
+  }
 }
 
 // One GGUF block's 32 weights.
@@ -129,7 +131,7 @@ void dequantize_gguf(GgufType type, const uint8_t* packed, int64_t n, int64_t in
         const float m = q4_1 ? half_to_float(tile + 2 * kGgufTile + 2 * j) : 0.0f;
         float* o = out + (v + j) * in + g * kGgufGroup;
         for (int64_t c = 0; c < (q8 ? 8 : 4); ++c) {
-          const uint8_t* q = tile + head + 32 * c + 4 * j;
+          const uint8_t* q = tile + head + 4 * kGgufTile * c + 4 * j;
           for (int64_t b = 0; b < 4; ++b) {
             if (q8) {
               o[4 * c + b] = d * static_cast<float>(static_cast<int8_t>(q[b]));
@@ -156,6 +158,11 @@ void dequantize_gguf(GgufType type, const uint8_t* packed, int64_t n, int64_t in
 void dot_gguf(GgufType type, const int8_t* xq, const float* xd, const float* xs, int64_t rows,
               int64_t in, const uint8_t* w, int64_t n, int64_t v0, int64_t v1, float* out,
               int64_t ld) {
+#if defined(EEFAST_HAVE_AVX512VNNI_KERNELS)
+  if (has_avx512vnni_kernels()) {
+    return dot_gguf_avx512vnni(type, xq, xd, xs, rows, in, w, n, v0, v1, out, ld);
+  }
+#endif
 #if defined(EEFAST_HAVE_AVXVNNI_KERNELS)
   if (has_avxvnni_kernels()) return dot_gguf_avxvnni(type, xq, xd, xs, rows, in, w, n, v0, v1, out, ld);
 #endif

@@ -1,13 +1,18 @@
-// The body of dot_gguf's kernel (gguf_blocks.h), included by gguf_kernels_avx2.cpp and
-// gguf_kernels_avxvnni.cpp, which build it with and without AVX-VNNI (EEFAST_GGUF_VNNI) as
-// the entry point EEFAST_GGUF_ENTRY names.
-// Every integer sum is exact, so both builds give the same bits.
+// The body of dot_gguf's kernel (gguf_blocks.h), included by gguf_kernels_avx2.cpp,
+// gguf_kernels_avxvnni.cpp and gguf_kernels_avx512vnni.cpp, which build it with 256-bit
+// registers without and with AVX-VNNI, or with 512-bit ones and AVX-512 VNNI
+// (EEFAST_GGUF_VNNI: 0, 1 or 512), as the entry point EEFAST_GGUF_ENTRY names.
+// Every integer sum is exact and every float operation is the same per output lane, so all
+// builds give the same bits.
 //
-// A packed tile's 256-bit chunk holds four consecutive quants of eight rows (gguf_blocks.h):
-// one u8 x s8 dot against those four activations, broadcast, gives each row's partial sum in
-// its own lane. Per block column and activation row: the integer sums of the 8 rows, one
-// conversion, one FMA with d * d_x, and for Q4 one FMA with the constant term (m, or -8 d)
-// times the activations' group sum s. The out % 8 plain rows after the tiles are packed into
+// A packed tile's 64-byte chunk holds four consecutive quants of sixteen rows
+// (gguf_blocks.h): one u8 x s8 dot against those four activations, broadcast, gives each
+// row's partial sum in its own lane. The 512-bit build takes the sixteen rows at once; the
+// 256-bit ones take each half of eight in turn (the tile stays in L1 for the second).
+// Per block column and activation row: the integer sums of the rows, one conversion, one FMA
+// with d * d_x, and for Q4 one FMA with the constant term (m, or -8 d) times the activations'
+// group sum s. Two integer sums per row (low and high nibbles; even and odd Q8_0 chunks)
+// halve the chain of dependent dots. The out % 16 plain rows after the tiles are packed into
 // a zero-padded tile per call, so they take the same arithmetic.
 #pragma once
 
@@ -21,14 +26,60 @@
 #include "cpu/gguf_blocks.h"
 
 #if !defined(EEFAST_GGUF_VNNI) || !defined(EEFAST_GGUF_ENTRY)
-#error "define EEFAST_GGUF_VNNI (0 or 1) and EEFAST_GGUF_ENTRY before including gguf_kernels.h"
+#error "define EEFAST_GGUF_VNNI (0, 1 or 512) and EEFAST_GGUF_ENTRY before including gguf_kernels.h"
 #endif
 
 namespace eefast::cpu {
 namespace {
 
+#if EEFAST_GGUF_VNNI == 512
+// 512-bit registers: a whole tile of 16 rows per pass.
+using VecI = __m512i;
+using VecF = __m512;
+constexpr int kLanes = 16;
+inline VecI zero_i() { return _mm512_setzero_si512(); }
+inline VecF zero_f() { return _mm512_setzero_ps(); }
+inline VecI load_i(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline VecI set1_i8(char v) { return _mm512_set1_epi8(v); }
+inline VecI and_i(VecI a, VecI b) { return _mm512_and_si512(a, b); }
+inline VecI high_nibbles(VecI raw) { return _mm512_srli_epi16(raw, 4); }
+inline VecI add_i32(VecI a, VecI b) { return _mm512_add_epi32(a, b); }
+inline VecI dot4(VecI acc, VecI u, VecI s) { return _mm512_dpbusd_epi32(acc, u, s); }
+// |w| and x with w's sign: u8 x s8 dots of int8 x int8 (no saturation: |x| <= 127).
+inline VecI abs_i8(VecI w) { return _mm512_abs_epi8(w); }
+inline VecI sign_i8(VecI x, VecI w) {
+  return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+}
+inline VecI bcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+inline VecF halves(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline VecF set1_f(float v) { return _mm512_set1_ps(v); }
+inline VecF mul_f(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF add_f(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF to_float(VecI v) { return _mm512_cvtepi32_ps(v); }
+inline void store_f(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+#else
+// 256-bit registers: half a tile (8 rows) per pass.
+using VecI = __m256i;
+using VecF = __m256;
+constexpr int kLanes = 8;
+inline VecI zero_i() { return _mm256_setzero_si256(); }
+inline VecF zero_f() { return _mm256_setzero_ps(); }
+inline VecI load_i(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline VecI set1_i8(char v) { return _mm256_set1_epi8(v); }
+inline VecI and_i(VecI a, VecI b) { return _mm256_and_si256(a, b); }
+inline VecI high_nibbles(VecI raw) { return _mm256_srli_epi16(raw, 4); }
+inline VecI add_i32(VecI a, VecI b) { return _mm256_add_epi32(a, b); }
 // acc + the sums of four u8 x s8 products per 32-bit lane.
-inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+inline VecI dot4(VecI acc, VecI u, VecI s) {
 #if EEFAST_GGUF_VNNI
   return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
@@ -36,22 +87,25 @@ inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 #endif
 }
-
-inline __m256i bcast4(const int8_t* x) {
+inline VecI abs_i8(VecI w) { return _mm256_sign_epi8(w, w); }
+inline VecI sign_i8(VecI x, VecI w) { return _mm256_sign_epi8(x, w); }
+inline VecI bcast4(const int8_t* x) {
   int32_t v;
   std::memcpy(&v, x, 4);
   return _mm256_set1_epi32(v);
 }
-
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-inline __m256 halves8(const uint8_t* p) {
+inline VecF halves(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline VecF set1_f(float v) { return _mm256_set1_ps(v); }
+inline VecF mul_f(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF add_f(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF to_float(VecI v) { return _mm256_cvtepi32_ps(v); }
+inline void store_f(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+#endif
+
+constexpr int kPasses = kGgufTile / kLanes;  // passes over a tile, kLanes rows each
 
 // Software prefetch this far ahead of the block column being summed. The kernel needs about
 // as long to multiply a tile as DRAM needs to deliver it; without prefetch the two barely
@@ -62,56 +116,57 @@ constexpr int64_t block_bytes(GgufType t) {
   return t == GgufType::kQ8_0 ? 34 : t == GgufType::kQ4_1 ? 20 : 18;
 }
 
-// out[r * ld + j], j < 8, for R activation rows and one tile of 8 packed rows.
+// out[r * ld + j], j < kLanes, for R activation rows and rows pass * kLanes.. of one tile.
 template <GgufType T, int R>
 inline void dot_tile(const int8_t* xq, const float* xd, const float* xs, int64_t in,
-                     const uint8_t* tile, float* out, int64_t ld) {
+                     const uint8_t* tile, int pass, float* out, int64_t ld) {
   constexpr int64_t kStride = kGgufTile * block_bytes(T);  // one block column of the tile
   constexpr int64_t kHead = (T == GgufType::kQ4_1 ? 4 : 2) * kGgufTile;  // d (and m)
-  const int64_t groups = in / kGgufGroup;
-  __m256 acc[R], konst[R];
-  for (int r = 0; r < R; ++r) acc[r] = konst[r] = _mm256_setzero_ps();
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  constexpr int64_t kChunk = 4 * kGgufTile;  // bytes of four quants of every row
+  const int64_t groups = in / kGgufGroup, lane0 = pass * kLanes;
+  VecF acc[R], konst[R];
+  for (int r = 0; r < R; ++r) acc[r] = konst[r] = zero_f();
+  const VecI low4 = set1_i8(0x0F);
   for (int64_t g = 0; g < groups; ++g, tile += kStride) {
-    for (int64_t line = 0; line < kStride; line += 64) {  // prefetch never faults
-      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchBytes + line), _MM_HINT_T0);
+    if (pass == 0) {
+      for (int64_t line = 0; line < kStride; line += 64) {  // prefetch never faults
+        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchBytes + line), _MM_HINT_T0);
+      }
     }
-    const uint8_t* qs = tile + kHead;
-    __m256i sum[R];
-    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+    const uint8_t* qs = tile + kHead + 4 * lane0;
+    VecI even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = zero_i();
     if constexpr (T == GgufType::kQ8_0) {
-      for (int c = 0; c < 8; ++c) {  // quants 4c..4c+3; |w| against x with w's sign
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-        const __m256i u = _mm256_sign_epi8(w, w);
+      for (int c = 0; c < 8; c += 2) {  // quants 4c..4c+3 and 4c+4..4c+7
+        const VecI w0 = load_i(qs + kChunk * c), w1 = load_i(qs + kChunk * (c + 1));
+        const VecI u0 = abs_i8(w0), u1 = abs_i8(w1);
         for (int r = 0; r < R; ++r) {
-          const __m256i x = bcast4(xq + r * in + g * kGgufGroup + 4 * c);
-          sum[r] = dot4(sum[r], u, _mm256_sign_epi8(x, w));
+          const int8_t* x = xq + r * in + g * kGgufGroup + 4 * c;
+          even[r] = dot4(even[r], u0, sign_i8(bcast4(x), w0));
+          odd[r] = dot4(odd[r], u1, sign_i8(bcast4(x + 4), w1));
         }
       }
     } else {
       for (int c = 0; c < 4; ++c) {  // low nibbles: quants 4c..4c+3; high: 16 + 4c..
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-        const __m256i lo = _mm256_and_si256(raw, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        const VecI raw = load_i(qs + kChunk * c);
+        const VecI lo = and_i(raw, low4), hi = and_i(high_nibbles(raw), low4);
         for (int r = 0; r < R; ++r) {
           const int8_t* x = xq + r * in + g * kGgufGroup + 4 * c;
-          sum[r] = dot4(dot4(sum[r], lo, bcast4(x)), hi, bcast4(x + 16));
+          even[r] = dot4(even[r], lo, bcast4(x));
+          odd[r] = dot4(odd[r], hi, bcast4(x + 16));
         }
       }
     }
-    const __m256 d = halves8(tile);
-    const __m256 m = T == GgufType::kQ4_1 ? halves8(tile + 2 * kGgufTile)
-                                           : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+    const VecF d = halves(tile + 2 * lane0);
+    const VecF m = T == GgufType::kQ4_1 ? halves(tile + 2 * kGgufTile + 2 * lane0)
+                                         : mul_f(d, set1_f(-8.0f));
     for (int r = 0; r < R; ++r) {
       const int64_t at = r * groups + g;
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]),
-                               _mm256_mul_ps(d, _mm256_set1_ps(xd[at])), acc[r]);
-      if constexpr (T != GgufType::kQ8_0) {
-        konst[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[at]), konst[r]);
-      }
+      acc[r] = fmadd(to_float(add_i32(even[r], odd[r])), mul_f(d, set1_f(xd[at])), acc[r]);
+      if constexpr (T != GgufType::kQ8_0) konst[r] = fmadd(m, set1_f(xs[at]), konst[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ld, _mm256_add_ps(acc[r], konst[r]));
+  for (int r = 0; r < R; ++r) store_f(out + r * ld, add_f(acc[r], konst[r]));
 }
 
 template <GgufType T>
@@ -121,18 +176,22 @@ void dot_all(const int8_t* xq, const float* xd, const float* xs, int64_t rows, i
   const int64_t tile_bytes = groups * kGgufTile * block_bytes(T);
   // Every activation row against one tile, four rows at a time.
   auto dot_tiles = [&](const uint8_t* tile, float* o, int64_t ldo) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      dot_tile<T, 4>(xq + r * in, xd + r * groups, xs + r * groups, in, tile, o + r * ldo, ldo);
-    }
-    const int8_t* q = xq + r * in;
-    const float* d = xd + r * groups;
-    const float* s = xs + r * groups;
-    switch (rows - r) {
-      case 3: dot_tile<T, 3>(q, d, s, in, tile, o + r * ldo, ldo); break;
-      case 2: dot_tile<T, 2>(q, d, s, in, tile, o + r * ldo, ldo); break;
-      case 1: dot_tile<T, 1>(q, d, s, in, tile, o + r * ldo, ldo); break;
-      default: break;
+    for (int pass = 0; pass < kPasses; ++pass) {
+      float* p = o + pass * kLanes;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) {
+        dot_tile<T, 4>(xq + r * in, xd + r * groups, xs + r * groups, in, tile, pass,
+                       p + r * ldo, ldo);
+      }
+      const int8_t* q = xq + r * in;
+      const float* d = xd + r * groups;
+      const float* s = xs + r * groups;
+      switch (rows - r) {
+        case 3: dot_tile<T, 3>(q, d, s, in, tile, pass, p + r * ldo, ldo); break;
+        case 2: dot_tile<T, 2>(q, d, s, in, tile, pass, p + r * ldo, ldo); break;
+        case 1: dot_tile<T, 1>(q, d, s, in, tile, pass, p + r * ldo, ldo); break;
+        default: break;
+      }
     }
   };
   for (int64_t v = v0; v < std::min(v1, tiled); v += kGgufTile) {
@@ -140,9 +199,9 @@ void dot_all(const int8_t* xq, const float* xd, const float* xs, int64_t rows, i
   }
   if (v1 > tiled) {  // the tail rows, packed into one zero-padded tile
     const int64_t row_bytes = groups * block_bytes(T);
-    std::vector<uint8_t> rows8(tile_bytes, 0), tile(tile_bytes);
-    std::memcpy(rows8.data(), w + tiled * row_bytes, (n - tiled) * row_bytes);
-    pack_gguf(T, rows8.data(), kGgufTile, in, tile.data());
+    std::vector<uint8_t> rows16(tile_bytes, 0), tile(tile_bytes);
+    std::memcpy(rows16.data(), w + tiled * row_bytes, (n - tiled) * row_bytes);
+    pack_gguf(T, rows16.data(), kGgufTile, in, tile.data());
     std::vector<float> o(rows * kGgufTile);
     dot_tiles(tile.data(), o.data(), kGgufTile);
     for (int64_t r = 0; r < rows; ++r) {
@@ -153,7 +212,7 @@ void dot_all(const int8_t* xq, const float* xd, const float* xs, int64_t rows, i
 
 }  // namespace
 
-// The entry point of this build: dot_gguf_avx2 or dot_gguf_avxvnni (gguf_blocks.h).
+// The entry point of this build: dot_gguf_avx2, _avxvnni or _avx512vnni (gguf_blocks.h).
 void EEFAST_GGUF_ENTRY(GgufType type, const int8_t* xq, const float* xd, const float* xs,
                        int64_t rows, int64_t in, const uint8_t* w, int64_t n, int64_t v0,
                        int64_t v1, float* out, int64_t ld) {

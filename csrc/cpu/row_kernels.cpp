@@ -63,6 +63,16 @@ bool has_avxvnni_kernels() {
 #endif
 }
 
+bool has_avx512vnni_kernels() {
+#if defined(EEFAST_HAVE_AVX512VNNI_KERNELS)
+  // EEFAST_DISABLE_AVX512=1 keeps the 256-bit builds of the GGUF kernel too (same bits).
+  static const bool has = has_avx512_kernels() && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void dot_logits_i8(const float* h, int64_t rows, int64_t d, const signed char* w,
                    const float* scales, int64_t n, float* logits, int64_t ld) {
 #if defined(EEFAST_HAVE_AVX512_KERNELS)

@@ -66,6 +66,8 @@ void dot_logits_f(const float* h, int64_t rows, int64_t d, const void* w, bool w
 
 // Whether the AVX-VNNI build of the GGUF block kernel (gguf_blocks.h) can run here.
 bool has_avxvnni_kernels();
+// Whether its AVX-512 VNNI build can run here.
+bool has_avx512vnni_kernels();
 
 // Folds b (later vocab indices) into a. Ties keep a's argmax, like torch.argmax.
 void merge(SoftmaxStats& a, const SoftmaxStats& b);

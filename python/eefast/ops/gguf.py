@@ -4,8 +4,9 @@
 A GGUF tensor stores each row of ``in`` weights as ``in / 32`` blocks: Q4_0 (18 bytes: fp16
 scale d, 32 nibbles; w = d (q - 8)), Q4_1 (20 bytes: d, fp16 min m, 32 nibbles; w = d q + m)
 and Q8_0 (34 bytes: d, 32 int8; w = d q). eefast keeps such a matrix as uint8 ``[out, in / 32,
-block bytes]`` "packed": the same bytes regrouped in tiles of 8 rows, so one 256-bit load
-feeds eight output rows (``csrc/cpu/gguf_blocks.h``). The block size names the type.
+block bytes]`` "packed": the same bytes regrouped in tiles of 16 rows, so one 512-bit load
+feeds sixteen output rows, or one 256-bit load eight (``csrc/cpu/gguf_blocks.h``). The block
+size names the type.
 
 Schemas and kernels: ``csrc/decode_linear/`` and ``csrc/cpu/gguf_*``. CPU only for now; on
 CUDA the ops say so.
