@@ -126,11 +126,28 @@ def assert_every_mode_is_its_own_greedy(model):
         assert generate(ee, tok, prompts[:1], max_new_tokens=16, **kw).tokens == want[:1], kw
 
 
+def block_formats(model):
+    return {m.kind for m in model.modules() if isinstance(m, QuantizedLinear)}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
 def test_every_mode_on_an_int8_backbone_is_its_own_greedy(arch):
+    """On the CPU with widths in groups of 32, int8 is GGUF Q8_0 blocks (head included)."""
     model = low_bit_model(arch)
     blocks = model.get_decoder().layers if arch != "gpt2" else model.transformer.h
     assert all(type(m) is not torch.nn.Linear for m in blocks.modules()), "blocks are int8"
+    assert block_formats(model) == {"q8_0"}
+    assert model.get_output_embeddings().scales is None  # a Q8_0 head copy
+    assert_every_mode_is_its_own_greedy(model)
+
+
+def test_int8_is_per_row_where_a_width_is_not_in_groups_of_32():
+    """Weight-only int8 with a scale per output row (what CUDA gets too) where Q8_0's groups
+    do not fit: hidden width 48."""
+    model = tiny_model("llama", hidden_size=48, initializer_range=0.2)
+    model = quantize_backbone(model, "int8")
+    assert block_formats(model) == {"int8"}
+    assert model.get_output_embeddings().scales is not None
     assert_every_mode_is_its_own_greedy(model)
 
 

@@ -63,6 +63,15 @@ def test_exact_on_every_other_architecture(arch, weights):
     assert got.tokens == want and got.stats.accepted > 0
 
 
+def test_a_per_row_int8_copy_drafts_where_widths_are_not_in_groups_of_32():
+    ee = add_exits(tiny_model("llama", hidden_size=48), [2], kind="norm")
+    draft = low_bit_draft(ee, "int8")
+    assert all(b.scales is not None for b in draft.blocks) and draft.head[1] is not None
+    prompts = ragged_prompts()
+    got = generate(ee, None, prompts, "speculative", NEW, draft=draft)
+    assert got.tokens == full_greedy(ee, prompts).tokens and got.stats.accepted > 0
+
+
 def test_a_draft_exit_model_drafts_from_the_low_bit_copy():
     ee = add_exits(tiny_model("llama"), [4], kind="draft")
     prompts = ragged_prompts()
@@ -118,7 +127,8 @@ def test_the_draft_is_the_low_bit_backbone_and_leaves_the_model_alone(ee, weight
     for block, layer in zip(draft.blocks, low_bit.model.layers, strict=True):
         linears = [layer.get_submodule(n) for n in names]
         assert all(torch.equal(w, m.qweight) for w, m in zip(block.weights, linears, strict=True))
-        if weights == "int8":
+        assert (block.scales is None) == all(m.scales is None for m in linears)
+        if block.scales is not None:
             assert all(torch.equal(s, m.scales) for s, m in zip(block.scales, linears, strict=True))
     assert torch.equal(draft.head[0], low_bit.lm_head.qweight)
 

@@ -1,10 +1,11 @@
 """Lossless speculative decoding drafted by the backbone's own low-bit copy.
 
-A float backbone's blocks and LM head are quantised once (``low_bit_draft``: GGUF Q4_1 blocks
-as llama.cpp makes them, or int8 rows; a Q8_0 or int8 head). Drafting runs every block on
-that copy (one ``decode_block`` call per llama-family block, the block module's own code on
-the other architectures), which reads a sixth (q4) or a quarter (int8) of float32's bytes per
-token, and whose argmax is the float model's on almost every token. The float model then
+A float backbone's blocks and LM head are quantised once (``low_bit_draft``: GGUF Q4_1 or
+Q8_0 blocks as llama.cpp makes them, in the formats ``quantize_backbone`` picks). Drafting
+runs every block on that copy (one ``decode_block`` call per llama-family block, the block
+module's own code on the other architectures), which reads a sixth (q4) or about a quarter
+(int8) of float32's bytes per token, and whose argmax is the float model's on almost every
+token. The float model then
 verifies the drafts in one pass. SmolLM2's float weights are themselves the dequantised Q4_1
 file, so its q4 copy differs only in how activations are rounded.
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from ..exits.model import EarlyExitModel
-from ..hf.quantize import quantize_block
+from ..hf.quantize import formats, quantize_block
 from ..nn.quantized import QuantizedLinear, quantize, quantized_linear
 from .blocks import FusedBlock, fused_block
 from .cache import DecodeState
@@ -41,7 +42,6 @@ from .runner import Runner
 from .sampling import Sampling
 
 DRAFT_WEIGHTS = ("q4", "int8")
-_HEAD = {"q4": "q8_0", "int8": "int8"}
 
 
 @dataclass
@@ -57,8 +57,8 @@ class LowBitDraft:
 
 def low_bit_draft(ee: EarlyExitModel, weights: str = "q4") -> LowBitDraft:
     """Quantise ``ee``'s float32 backbone into a draft for ``generate(..., draft=...)``: a copy
-    of every block with its linears low-bit (q4: GGUF Q4_1, int8: per-row int8; what
-    ``quantize_backbone`` makes) and the LM head (Q8_0 or int8). The model is not changed.
+    of every block with its linears low-bit and of the LM head, in the formats
+    ``quantize_backbone`` uses (``hf.quantize.formats``). The model is not changed.
     Blocks with hooks or adapters are refused (merge adapters first); q4 runs on the CPU."""
     if weights not in DRAFT_WEIGHTS:
         raise ValueError(f"low_bit_draft: weights must be one of {DRAFT_WEIGHTS}, got {weights!r}")
@@ -75,16 +75,17 @@ def low_bit_draft(ee: EarlyExitModel, weights: str = "q4") -> LowBitDraft:
         device = head.weight.device
         raise ValueError(f"low_bit_draft: q4 runs on the CPU only for now, not {device}")
     blocks = []
+    block_format, head_format = formats(ee.model, weights)
     for i, layer in enumerate(parts.layers):
         if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
             raise ValueError(f"low_bit_draft: block {i} has hooks (adapters?); merge them first")
-        low_bit = quantize_block(copy.deepcopy(layer), weights, f"block {i}")
+        low_bit = quantize_block(copy.deepcopy(layer), block_format, f"block {i}")
         left = [type(m).__name__ for m in low_bit.modules() if not isinstance(m, QuantizedLinear)
                 and getattr(m, "weight", None) is not None and m.weight.dim() == 2]  # fmt: skip
         if left:
             raise ValueError(f"low_bit_draft: block {i} has modules it cannot quantise: {left}")
         blocks.append(fused_block(low_bit, parts.spec) or low_bit)
-    q, s = quantize(head.weight.detach(), _HEAD[weights])
+    q, s = quantize(head.weight.detach(), head_format)
     return LowBitDraft(weights, blocks, (q, s, head.bias))
 
 

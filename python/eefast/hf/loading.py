@@ -76,8 +76,9 @@ def load_model(
 ):
     """(model, tokenizer) in eval mode, on ``device`` (default: the CPU); ``name`` defaults to
     the embedded SmolLM2. ``weights``: "fp32" or "bf16" (the dtype); "int8": float32 with the
-    decoder blocks' linears weight-only int8; "q4": GGUF Q4_1 blocks, for the embedded
-    SmolLM2 read from its shipped GGUF file, bit for bit (``quantize_backbone``; CPU only)."""
+    decoder blocks' linears int8 (GGUF Q8_0 blocks on the CPU); "q4": GGUF Q4_1 blocks, for
+    the embedded SmolLM2 read from its shipped GGUF file, bit for bit (``quantize_backbone``;
+    CPU only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .quantize import WEIGHTS, quantize_backbone

@@ -1,16 +1,19 @@
 """A low-bit frozen backbone for decoding: ``quantize_backbone(model, "int8" | "q4")``.
 
 Every ``nn.Linear`` (and GPT-2's ``Conv1D``) inside the decoder blocks becomes a
-``QuantizedLinear``:
-- ``int8``: weight-only int8, one scale per output row;
+``QuantizedLinear`` (``formats`` says which format):
+- ``int8``: GGUF Q8_0 blocks (groups of 32 int8 weights with an fp16 scale), multiplied with
+  llama.cpp's int8 arithmetic, on the CPU where every block linear's input width is a
+  multiple of 32; otherwise (CUDA, other widths) weight-only int8 with one scale per output
+  row, whose kernel keeps float activations but converts every weight (1.3x slower here);
 - ``q4``: GGUF Q4_1 blocks (groups of 32 with a scale and a min), llama.cpp's format. With
   ``gguf=path`` the blocks are read straight from that file (so the model is bit for bit the
   one the file describes); otherwise the float weights are quantised as llama.cpp would.
 
 The LM head keeps its float weight, which exits copy or share ("exits stay in full
 precision"), and gains a low-bit copy (non-persistent buffers ``qweight`` and ``scales``) that
-generation's final logits read: int8 rows, or for ``q4`` Q8_0 blocks (the file's own head
-where it has one). Embeddings, norms and exits are untouched. The prefill and EE-Tuning's
+generation's final logits read, Q8_0 blocks (for ``q4`` the file's own head where it has one)
+or int8 rows. Embeddings, norms and exits are untouched. The prefill and EE-Tuning's
 backbone forward dequantise per linear (they are GEMM-bound).
 """
 
@@ -28,15 +31,26 @@ from ..ops import pack_gguf
 from .arch import decoder_parts
 
 WEIGHTS = ("fp32", "bf16", "int8", "q4")
-_BLOCKS = {"int8": "int8", "q4": "q4_1"}  # the decoder blocks' format per choice
-_HEAD = {"int8": "int8", "q4": "q8_0"}  # the LM head's low-bit copy
+
+
+def formats(model: nn.Module, weights: str) -> tuple[str, str]:
+    """(the decoder blocks' format, the LM head copy's) for ``weights`` ("int8" or "q4") on
+    ``model`` (a QuantizedLinear kind: "q4_1", "q8_0" or "int8"; see the module docstring)."""
+    if weights == "q4":
+        return "q4_1", "q8_0"
+    parts = decoder_parts(model)
+    widths = [_in_features(m) for m in parts.layers.modules() if type(m) in (nn.Linear, Conv1D)]
+    on_cpu = parts.lm_head.weight.device.type == "cpu"
+    if on_cpu and all(n % 32 == 0 for n in [*widths, parts.lm_head.weight.shape[1]]):
+        return "q8_0", "q8_0"
+    return "int8", "int8"
 
 
 def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path | None = None
                       ) -> nn.Module:  # fmt: skip
     """Make ``model``'s decoder blocks low-bit in place (see the module docstring); returns
     it. ``gguf``: for ``q4``, a llama GGUF file of this model to read the blocks from."""
-    if weights not in _BLOCKS:
+    if weights not in ("int8", "q4"):
         raise ValueError(f"quantize_backbone: weights must be 'int8' or 'q4', got {weights!r}")
     if gguf is not None and weights != "q4":
         raise ValueError("quantize_backbone: a GGUF file is read only for weights='q4'")
@@ -49,38 +63,39 @@ def quantize_backbone(model: nn.Module, weights: str = "int8", gguf: str | Path 
                          f"{device} use weights='int8' or a float dtype")  # fmt: skip
     file_blocks = _GGUFBlocks(model, gguf) if gguf is not None else None
     prefix = next(name for name, m in model.named_modules() if m is parts.layers)
+    block_format, head_format = formats(model, weights)
     for i, block in enumerate(parts.layers):
-        quantize_block(block, weights, f"{prefix}.{i}", file_blocks)
+        quantize_block(block, block_format, f"{prefix}.{i}", file_blocks)
     head = parts.lm_head
     if file_blocks is not None:
         q, s = file_blocks.read_head(), None
     else:
-        q, s = quantize(head.weight, _HEAD[weights])
+        q, s = quantize(head.weight, head_format)
     head.register_buffer("qweight", q, persistent=False)
     head.register_buffer("scales", s, persistent=False)
     return model
 
 
-def quantize_block(block: nn.Module, weights: str, path: str, file_blocks=None) -> nn.Module:
-    """Make one decoder block's linears (and GPT-2's ``Conv1D``) ``QuantizedLinear`` in
-    place, from ``file_blocks`` (a GGUF file's, for q4) or quantised from their float weights;
-    ``path`` is the block's module path, for the file and for errors. Returns the block."""
+def quantize_block(block: nn.Module, kind: str, path: str, file_blocks=None) -> nn.Module:
+    """Make one decoder block's linears (and GPT-2's ``Conv1D``) ``QuantizedLinear`` of format
+    ``kind`` in place, from ``file_blocks`` (a GGUF file's, for q4) or quantised from their
+    float weights; ``path`` is the block's module path, for the file and for errors. Returns
+    the block."""
     targets = [(name, m) for name, m in block.named_modules() if type(m) in (nn.Linear, Conv1D)]
     for name, linear in targets:
         if file_blocks is not None:
             low_bit = QuantizedLinear(file_blocks.read(f"{path}.{name}"), None, linear.bias)
         else:
-            _check_groups(weights, f"{path}.{name}", linear)
-            low_bit = QuantizedLinear.from_linear(linear, _BLOCKS[weights])
+            if kind != "int8" and _in_features(linear) % 32:
+                raise ValueError(f"quantize_backbone: q4 quantises groups of 32 input features;"
+                                 f" {path}.{name} has {_in_features(linear)}")  # fmt: skip
+            low_bit = QuantizedLinear.from_linear(linear, kind)
         replace_module(block, name, low_bit)
     return block
 
 
-def _check_groups(weights: str, path: str, linear: nn.Module) -> None:
-    n_in = linear.weight.shape[0 if type(linear) is Conv1D else 1]
-    if weights == "q4" and n_in % 32:
-        raise ValueError(f"quantize_backbone: q4 quantises groups of 32 input features; "
-                         f"{path} has {n_in}")  # fmt: skip
+def _in_features(linear: nn.Module) -> int:
+    return linear.weight.shape[0 if type(linear) is Conv1D else 1]
 
 
 class _GGUFBlocks:
