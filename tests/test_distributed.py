@@ -193,8 +193,12 @@ def long_run(model_dir, out: Path, timeout: float):
             time.sleep(0.2)
         yield proc, int((out / "pid.1").read_text())
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts its workers in sessions of their own: kill them by pid as well.
+        pids = [int(f.read_text()) for f in out.glob("pid.*") if f.read_text().strip()]
+        for kill in [lambda: os.killpg(proc.pid, signal.SIGKILL),
+                     *[lambda p=p: os.kill(p, signal.SIGKILL) for p in pids]]:  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                kill()
         proc.wait()
 
 
@@ -225,6 +229,7 @@ def test_a_hung_rank_times_out_with_a_clear_error(model_dir, tmp_path):
         deadline = time.time() + 90
         while _alive(rank0) and time.time() < deadline:
             time.sleep(0.2)
+        assert not _alive(rank0), "rank 0 did not give up on the stopped rank 1 within 90 s"
         os.kill(pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0

@@ -86,13 +86,15 @@ class Parallel:
         if not self.active:
             return
         P, D = layout.stages, layout.replicas
-        # Every rank creates every group, in the same order (torch.distributed's rule).
+        # Every rank creates every group, in the same order (torch.distributed's rule). A new
+        # group's timeout is not the world's but torch's default (30 min): pass ours.
+        timeout = timedelta(seconds=timeout_s)
         for r in range(D):
-            group = dist.new_group([r * P + s for s in range(P)])
+            group = dist.new_group([r * P + s for s in range(P)], timeout=timeout)
             if r == layout.replica:
                 self.stage_group = group  # the stages of my replica
         for s in range(P):
-            group = dist.new_group([r * P + s for r in range(D)])
+            group = dist.new_group([r * P + s for r in range(D)], timeout=timeout)
             if s == layout.stage:
                 self.replica_group = group  # the ranks that hold my stage
 
