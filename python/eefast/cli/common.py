@@ -83,9 +83,9 @@ def add_weights_argument(p: argparse.ArgumentParser) -> None:
         "--weights",
         choices=("fp32", "bf16", "int8", "q4"),
         default=None,
-        help="the backbone's weights: as --dtype (default); int8: the blocks' linears "
-        "weight-only int8 (a quarter of the bytes per decoded token); q4: GGUF Q4_1 blocks, "
-        "for the default model its shipped GGUF's own (CPU only)",
+        help="the backbone's weights: as --dtype (default); int8: the blocks' linears int8 "
+        "(GGUF Q8_0 blocks on the CPU; about a quarter of the bytes per decoded token); q4: "
+        "GGUF Q4_1 blocks, for the default model its shipped GGUF's own (CPU only)",
     )
 
 
