@@ -300,6 +300,9 @@ def _lce_setup_context(ctx, inputs, output):
     ) = inputs
     _, grad_hidden, grad_weight, grad_bias, lse = output
     ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, lse)
+    # The other outputs get no gradient: without this, autograd would hand the backward a zero
+    # tensor for each of them, a [vocab, d] one for grad_weight.
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.args = (ignore_index, z_loss, kd_weight, label_smoothing, softcap)
     ctx.weight_grad = weight_grad
@@ -390,6 +393,7 @@ def _lce_multi_fake(
 def _lce_multi_setup_context(ctx, inputs, output):
     _, losses, grad_hiddens, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(losses, *grad_hiddens, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)  # as in _lce_setup_context
     ctx.n_exits = len(grad_hiddens)
     ctx.save_for_backward(grad_weight, grad_bias, *grad_hiddens)
 
