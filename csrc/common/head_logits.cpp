@@ -1,5 +1,7 @@
 #include "common/head_logits.h"
 
+#include "common/gemm.h"
+
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
@@ -18,22 +20,16 @@ void logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
     return;
   }
   if (weight.scalar_type() == at::kFloat) {
-    if (bias32.defined()) {
-      at::addmm_out(z, bias32, h, weight.t());
-    } else {
-      at::mm_out(z, h, weight.t());
-    }
+    if (bias32.defined()) z.copy_(bias32.expand_as(z));
+    gemm(h, weight.t(), z, /*accumulate=*/bias32.defined());
     return;
   }
   for (int64_t v = 0; v < vocab; v += kVocabBlock) {
     const int64_t n = std::min(kVocabBlock, vocab - v);
     at::Tensor w = w_buf.narrow(0, 0, n).copy_(weight.narrow(0, v, n));
     at::Tensor zb = z.narrow(1, v, n);
-    if (bias32.defined()) {
-      at::addmm_out(zb, bias32.narrow(0, v, n), h, w.t());
-    } else {
-      at::mm_out(zb, h, w.t());
-    }
+    if (bias32.defined()) zb.copy_(bias32.narrow(0, v, n).expand_as(zb));
+    gemm(h, w.t(), zb, /*accumulate=*/bias32.defined());
   }
 }
 

@@ -25,6 +25,8 @@ SoftmaxStats softmax_stats_avx2(float*, int64_t, const float*, float, int64_t) {
 
 void scaled_softmax_avx2(float*, int64_t, float, float) { std::abort(); }
 
+void col_exp_avx2(float*, int64_t, int64_t, float*, float*) { std::abort(); }
+
 void dot_gguf_avx2(GgufType, const int8_t*, const float*, const float*, int64_t, int64_t,
                    const uint8_t*, int64_t, int64_t, int64_t, float*, int64_t) {
   std::abort();

@@ -142,6 +142,26 @@ void scaled_softmax(float* z, int64_t n, float lse, float coef) {
   scaled_softmax_portable(z, n, lse, coef);
 }
 
+void col_exp_portable(float* z, int64_t n, int64_t cols, float* max, float* sum) {
+  std::fill(max, max + cols, -std::numeric_limits<float>::infinity());
+  std::fill(sum, sum + cols, 0.f);
+  for (int64_t v = 0; v < n; ++v) {
+    for (int64_t c = 0; c < cols; ++c) max[c] = std::max(max[c], z[v * cols + c]);
+  }
+  for (int64_t v = 0; v < n; ++v) {  // std::max(x, -87) keeps a NaN x: NaN columns sum to NaN
+    for (int64_t c = 0; c < cols; ++c) {
+      float& x = z[v * cols + c];
+      x = exp_nonpositive(std::max(x - max[c], -87.0f));
+      sum[c] += x;
+    }
+  }
+}
+
+void col_exp(float* z, int64_t n, int64_t cols, float* max, float* sum) {
+  if (has_avx2_kernels()) return col_exp_avx2(z, n, cols, max, sum);
+  col_exp_portable(z, n, cols, max, sum);
+}
+
 void merge(SoftmaxStats& a, const SoftmaxStats& b) {
   if (a.nan_at < 0) a.nan_at = b.nan_at;
   if (b.max1 > a.max1) {

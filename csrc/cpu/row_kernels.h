@@ -33,6 +33,14 @@ void scaled_softmax(float* z, int64_t n, float lse, float coef);
 void scaled_softmax_portable(float* z, int64_t n, float lse, float coef);
 void scaled_softmax_avx2(float* z, int64_t n, float lse, float coef);
 
+// The softmax's exponentials down the columns of a row-major [n, cols] block: the logits of
+// `cols` tokens laid out vocab-major, as the GEMM W h^T writes them. Sets max[c] to the largest
+// z[v][c] over v < n, rewrites z[v][c] as exp(z[v][c] - max[c]) and sets sum[c] to their sum
+// (NaN when a NaN is in the column).
+void col_exp(float* z, int64_t n, int64_t cols, float* max, float* sum);
+void col_exp_portable(float* z, int64_t n, int64_t cols, float* max, float* sum);
+void col_exp_avx2(float* z, int64_t n, int64_t cols, float* max, float* sum);
+
 // Whether the AVX2+FMA+F16C kernels below (and gguf_blocks.h's) can run on this CPU (and were
 // built).
 bool has_avx2_kernels();

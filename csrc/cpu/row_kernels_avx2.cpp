@@ -302,4 +302,52 @@ void scaled_softmax_avx2(float* z, int64_t n, float lse, float coef) {
   }
 }
 
+
+namespace {
+
+// Lanes c..c+7 of a row of `cols` floats, the ones past cols masked off (loads give 0 there).
+inline __m256i tail_mask(int64_t left) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
+}
+
+}  // namespace
+
+// Each pass streams z once, row after row; the per-column max and sum stay in L1.
+void col_exp_avx2(float* z, int64_t n, int64_t cols, float* max, float* sum) {
+  constexpr int64_t kW = 8;
+  for (int64_t c = 0; c < cols; ++c) {
+    max[c] = -__builtin_inff();
+    sum[c] = 0.f;
+  }
+  const int64_t full = cols / kW * kW;
+  const __m256i mask = tail_mask(cols - full);
+  for (int64_t v = 0; v < n; ++v) {
+    const float* zr = z + v * cols;
+    for (int64_t c = 0; c < full; c += kW) {  // max_ps(z, m) gives m when z is NaN
+      _mm256_storeu_ps(max + c, _mm256_max_ps(_mm256_loadu_ps(zr + c), _mm256_loadu_ps(max + c)));
+    }
+    if (full < cols) {
+      const __m256 m = _mm256_max_ps(_mm256_maskload_ps(zr + full, mask),
+                                     _mm256_maskload_ps(max + full, mask));
+      _mm256_maskstore_ps(max + full, mask, m);
+    }
+  }
+  for (int64_t v = 0; v < n; ++v) {  // a NaN logit stays NaN through exp: its column sums to NaN
+    float* zr = z + v * cols;
+    for (int64_t c = 0; c < full; c += kW) {
+      const __m256 e = exp_nonpositive(
+          clamp_exp_arg(_mm256_sub_ps(_mm256_loadu_ps(zr + c), _mm256_loadu_ps(max + c))));
+      _mm256_storeu_ps(zr + c, e);
+      _mm256_storeu_ps(sum + c, _mm256_add_ps(_mm256_loadu_ps(sum + c), e));
+    }
+    if (full < cols) {
+      const __m256 e = exp_nonpositive(clamp_exp_arg(_mm256_sub_ps(
+          _mm256_maskload_ps(zr + full, mask), _mm256_maskload_ps(max + full, mask))));
+      _mm256_maskstore_ps(zr + full, mask, e);
+      _mm256_maskstore_ps(sum + full, mask, _mm256_add_ps(_mm256_maskload_ps(sum + full, mask), e));
+    }
+  }
+}
+
 }  // namespace eefast::cpu
