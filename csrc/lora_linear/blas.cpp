@@ -1,5 +1,7 @@
 #include "lora_linear/blas.h"
 
+#include "common/gemm.h"
+
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
@@ -11,11 +13,8 @@ void lora_forward_blas(const Tensor& x, const Tensor& x_lora, const Tensor& weig
                        const std::optional<Tensor>& bias, const Tensor& lora_a,
                        const Tensor& lora_b, double scaling, Tensor& y, Tensor& xa) {
   at::mm_out(xa, x_lora, lora_a.t());
-  if (bias) {
-    at::addmm_out(y, *bias, x, weight.t());
-  } else {
-    at::mm_out(y, x, weight.t());
-  }
+  if (bias) y.copy_(bias->expand_as(y));
+  gemm(x, weight.t(), y, /*accumulate=*/bias.has_value());  // oneDNN for float32 on the CPU
   y.addmm_(xa, lora_b.t(), 1.0, scaling);  // the low-rank term, accumulated in place
 }
 
@@ -29,7 +28,7 @@ std::tuple<Tensor, Tensor> lora_backward_blas(const Tensor& grad_out, const Tens
   Tensor grad_b = at::mm(grad_out.t(), xa).mul_(scaling);
   Tensor grad_a = at::mm(gb.t(), x_lora).mul_(scaling);
   if (needs_grad_x) {
-    at::mm_out(grad_x, grad_out, weight);
+    gemm(grad_out, weight, grad_x, /*accumulate=*/false);
     if (split_grad_x) {
       at::mm_out(grad_x_lora, gb, lora_a).mul_(scaling);
     } else {

@@ -1,4 +1,5 @@
-// lora_linear in BLAS calls through ATen, for any device: the CPU's fp32 kernel (MKL sgemm) and
+// lora_linear in BLAS calls, for any device: the CPU's fp32 kernel (oneDNN via common/gemm.h for
+// the frozen weight's GEMMs, ATen for the low-rank ones) and
 // CUDA's fp32 path (cuBLAS SGEMM, which beats a CUTLASS SIMT GEMM there). The low-rank terms are
 // accumulated by beta=1 GEMMs, so no [tokens, out] temporary is allocated, forward or backward.
 // All tensors are 2-D [rows, features] views; outputs are preallocated.
