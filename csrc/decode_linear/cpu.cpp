@@ -7,7 +7,7 @@
 // where the multiply-adds start to set the time, AVX-512 register tiles where the CPU has them.
 // Each output is summed in the same order whatever the number of rows or kernel, so a token's
 // logits do not depend on how many tokens were verified with it. More than 64 rows, or no
-// AVX2, go to at::linear.
+// AVX2, go to one GEMM (oneDNN through common/gemm.h for float32, else at::linear).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +19,7 @@
 
 #include "decode_linear/decode_linear.h"
 #include "cpu/row_kernels.h"
+#include "common/gemm.h"
 
 namespace eefast {
 namespace {
@@ -132,10 +133,25 @@ Tensor kernel_rows(const Tensor& x, const Tensor& weight, const Tensor* scales,
 
 }  // namespace
 
+// Many float32 rows (a prefill): one GEMM through common/gemm.h (oneDNN), else at::linear.
+Tensor linear_many_rows(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) {
+    return at::linear(x, weight, bias);
+  }
+  const int64_t in = weight.size(1), out_features = weight.size(0);
+  const Tensor x2 = x.reshape({-1, in});
+  Tensor y = at::empty({x2.size(0), out_features}, x.options());
+  if (bias) y.copy_(bias->to(at::kFloat).expand_as(y));
+  gemm(x2, weight.t(), y, /*accumulate=*/bias.has_value());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return y.view(shape);
+}
+
 Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   check_decode_linear_args(x, weight, bias);
   Tensor y = kernel_rows(x, weight, nullptr, bias);
-  return y.defined() ? y : at::linear(x, weight, bias);
+  return y.defined() ? y : linear_many_rows(x, weight, bias);
 }
 
 // Up to kMaxRows rows stream the int8 weight once (a quarter of float32's bytes), converting
