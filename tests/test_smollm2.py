@@ -218,7 +218,9 @@ def test_lora_on_smollm2_matches_peft(smollm2, tmp_path):
     save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        # Our frozen-weight GEMMs run on oneDNN, PEFT's on MKL: through 30 blocks the logits
+        # (magnitude ~10) differ by up to 3.4e-5; a wrong scaling or target would differ by 1e-2.
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_generation_commands_end_to_end(smollm2, tmp_path, capsys):

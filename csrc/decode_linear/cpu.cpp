@@ -135,7 +135,7 @@ Tensor kernel_rows(const Tensor& x, const Tensor& weight, const Tensor* scales,
 
 // Many float32 rows (a prefill): one GEMM through common/gemm.h (oneDNN), else at::linear.
 Tensor linear_many_rows(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) {
+  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || x.numel() == 0) {
     return at::linear(x, weight, bias);
   }
   const int64_t in = weight.size(1), out_features = weight.size(0);
