@@ -62,6 +62,7 @@ def test_matches_reference(device, n, d, vocab, reduction, extra):
     want = run(linear_cross_entropy_reference, hidden, weight, bias, targets, **kw)
     assert_matches(got, want, 3e-5 if n >= 600 else 1e-5)  # fp32 sums over 600 rows round more
 
+
 @pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_weight(device, h_dtype, bias):
@@ -130,7 +131,9 @@ def test_frozen_head_matches_reference(device, n, d, vocab, reduction, extra):
     assert got[2] is None and want[2] is None
     assert_matches(got[:2], want[:2], 1e-2 if w_dtype == torch.bfloat16 else 1e-5)
     with torch.no_grad():
-        loss, lse = eefast.linear_cross_entropy(hidden, weight, targets, bias, **kw, return_lse=True)
+        loss, lse = eefast.linear_cross_entropy(
+            hidden, weight, targets, bias, **kw, return_lse=True
+        )
         logits = hidden.float() @ weight.float().t() + (0 if bias is None else bias)
         want_lse = torch.where(targets != -100, logits.logsumexp(1), 0.0)
     torch.testing.assert_close(loss, got[0])
