@@ -240,3 +240,33 @@ def test_bad_config_is_refused_before_any_step(kw):
     ee = add_exits(tiny_model("llama"), [1])
     with pytest.raises(ValueError, match="ee_tune"):
         ee_tune(ee, blocks(), None, config(**kw), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # gpt2's Conv1D calls addmm, not F.linear
+def test_backbone_states_run_frozen_linears_on_eefasts_gemm(arch, monkeypatch):
+    """Without grad, the backbone's F.linear calls go to decode_linear (oneDNN for many rows)
+    and give the states F.linear gives; with grad on, F.linear runs as it is."""
+    import eefast.nn.frozen_linears as frozen
+    from tiny_models import token_batch
+
+    model = tiny_model(arch)
+    ee = add_exits(model, [1, 2], kind="norm")
+    ids = token_batch(batch=4, seq=40)
+    calls = []
+    real = frozen.decode_linear
+
+    def counting(x, w, b=None):
+        calls.append(x.shape)
+        return real(x, w, b)
+
+    monkeypatch.setattr(frozen, "decode_linear", counting)
+    got = ee.backbone_states(ids)
+    assert calls and all(shape[:-1] in ((4, 40), (160,)) for shape in calls)  # opt's MLP: rows
+    with torch.no_grad():
+        want = ee.model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer, h in got.hiddens.items():
+        torch.testing.assert_close(h, want[layer], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with frozen.frozen_linears():
+        torch.nn.functional.linear(torch.randn(3, 8, requires_grad=True), torch.randn(5, 8))
+    assert not calls

@@ -30,6 +30,7 @@ from ..nn.exit_head import (
     block_output,
     previous_features,
 )
+from ..nn.frozen_linears import frozen_linears
 from ..nn.quantized import float_copy
 from ..ops import multi_exit_cross_entropy
 
@@ -282,7 +283,7 @@ class EarlyExitModel(nn.Module):
         need_final = need_final or self.needs_final
         states = BackboneStates(hiddens={}, input_ids=input_ids)
         stop = not need_final
-        with self._hooks(layers, stop, states):
+        with self._hooks(layers, stop, states), frozen_linears():
             try:
                 out = self.model.base_model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False

@@ -18,10 +18,10 @@ def decode_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.linear`` for decode steps: ``x [..., in]`` with few rows, ``weight [out, in]``
-    (fp32 or bf16, same dtype as x). On CPU up to 8 rows stream W once (MKL's sgemm is several
+    (fp32 or bf16, same dtype as x). On CPU up to 64 rows stream W once (MKL's sgemm is several
     times slower than its one-row GEMV at 2-16 rows), and each output is summed in an order
-    that does not depend on the number of rows. Otherwise (and on CUDA) it is ``F.linear``.
-    Differentiable.
+    that does not depend on the number of rows. More float32 rows run one oneDNN GEMM where
+    torch has it; otherwise (and on CUDA) it is ``F.linear``. Differentiable.
     """
     return torch.ops.eefast.decode_linear.default(x, weight, bias)
 
