@@ -10,8 +10,8 @@ import torch
 import eefast
 from eefast.ops.reference import linear_cross_entropy as linear_cross_entropy_reference
 
-# (tokens, d, vocab): one chunk; one chunk of a wider vocabulary; three chunks of rows (32 MB of
-# logits each: 272, 272 and 56 rows).
+# (tokens, d, vocab): one chunk; one chunk of a wider vocabulary; several chunks of rows (a
+# trainable head's vocab-major chunks are 64 rows here, the row path's 272).
 SHAPES = [(13, 24, 1001), (150, 16, 30001), (600, 8, 30001)]
 
 
