@@ -183,11 +183,21 @@ struct Results {
   Tensor loss_rows, lse_rows, grad_hidden, grad_weight, grad_bias;
 };
 
-// Vocab columns per block of the frozen-head path: its [rows, block] fp32 logits are 8 MB, at
-// least 256 columns (a multiple of 16).
+// Rows r0.. of the plain loss, lse - z_target (+ z_loss lse^2), and of lse, 0 where ignored.
+void store_plain_loss(Results& res, int64_t r0, const Tensor& lse, const Tensor& z_target,
+                      const Tensor& ok, double z_loss) {
+  Tensor loss = lse - z_target;
+  if (z_loss > 0) loss = loss + z_loss * lse.square();
+  const int64_t n = lse.size(0);
+  res.loss_rows.narrow(0, r0, n).copy_(at::where(ok.to(at::kBool), loss, at::zeros_like(loss)));
+  res.lse_rows.narrow(0, r0, n).copy_(lse * ok);
+}
+
 // Rows per group of the frozen-head path.
 constexpr int64_t kFrozenHeadRows = 8192;
 
+// Vocab columns per block of the frozen-head path: its [rows, block] fp32 logits are 8 MB, at
+// least 256 columns (a multiple of 16).
 int64_t vocab_block_cols(int64_t rows, int64_t vocab) {
   const int64_t cols = std::max<int64_t>(256, (int64_t{1} << 21) / std::max<int64_t>(rows, 1));
   return cols >= vocab ? vocab : cols / 16 * 16;
@@ -250,11 +260,7 @@ void frozen_head_rows(const Tensor& h32, const Tensor& w, const Tensor& bias32,
     lp[r] = has_nan[r] ? std::numeric_limits<float>::quiet_NaN()
                        : run_max[r] + std::log(run_sum[r]);
   }
-  const Tensor zt = at::from_blob(z_target.data(), {rows}, f32).clone();
-  Tensor loss = lse - zt;
-  if (z_loss > 0) loss = loss + z_loss * lse.square();
-  res.loss_rows.narrow(0, r0, rows).copy_(at::where(ok.to(at::kBool), loss, at::zeros_like(loss)));
-  res.lse_rows.narrow(0, r0, rows).copy_(lse * ok);
+  store_plain_loss(res, r0, lse, at::from_blob(z_target.data(), {rows}, f32), ok, z_loss);
   if (!grads) return;
   // dh = scale [(1 + 2 z_loss lse) softmax(z) W - W[target]]
   const Tensor sums = at::from_blob(run_sum.data(), {rows}, f32);
@@ -309,10 +315,7 @@ void trainable_head_chunk(const Tensor& h, const Tensor& w, const Tensor& bias32
   const Tensor m = std::get<0>(part_max.max(0));
   part_max.sub_(m);  // NaN-free: a NaN column's sum is NaN, and its lse with it
   const Tensor lse = m + part_sum.mul(part_max.exp()).sum(0).log();
-  Tensor loss = lse - z_target;
-  if (z_loss > 0) loss = loss + z_loss * lse.square();
-  res.loss_rows.narrow(0, r0, n).copy_(at::where(ok.to(at::kBool), loss, at::zeros_like(loss)));
-  res.lse_rows.narrow(0, r0, n).copy_(lse * ok);
+  store_plain_loss(res, r0, lse, z_target, ok, z_loss);
   // dz^T = coef softmax - scale onehot, coef = scale (1 + 2 z_loss lse): part p's exponentials
   // times coef exp(its max - lse).
   const Tensor factor = (part_max - (lse - m)).exp_().mul_(scale * (1.0 + 2.0 * z_loss * lse));
@@ -380,26 +383,23 @@ Results lce_core(const Tensor& hidden, const Tensor& weight, const Tensor& targe
   res.grad_bias =
       grad_bias.defined() ? grad_bias : at::zeros({grads && weight_grad && bias ? vocab : 0}, f32);
 
-  if (hidden.is_cpu() && !teach && terms.plain() && !(grads && weight_grad)) {
+  // The plain loss on the CPU: a frozen head in vocab blocks, a float32 trainable one in
+  // vocab-major chunks (above); the rest takes the row chunks below.
+  const bool frozen = !(grads && weight_grad);
+  if (hidden.is_cpu() && !teach && terms.plain() && (frozen || w.scalar_type() == at::kFloat)) {
     const Tensor ok = valid.to(at::kFloat);
-    for (int64_t r0 = 0; r0 < rows; r0 += kFrozenHeadRows) {
-      const int64_t n = std::min(kFrozenHeadRows, rows - r0);
-      const Tensor scale = grads ? ok.narrow(0, r0, n) * row_scale->narrow(0, r0, n) : Tensor();
-      frozen_head_rows(h32.narrow(0, r0, n), w, bias32, safe_targets.narrow(0, r0, n).contiguous(),
-                       ok.narrow(0, r0, n), z_loss, scale, r0, res);
-    }
-    return res;
-  }
-  if (hidden.is_cpu() && !teach && terms.plain() && grads && weight_grad && w.scalar_type() == at::kFloat) {
-    const Tensor ok = valid.to(at::kFloat);
-    const int64_t chunk = std::min(rows, trainable_chunk_rows(vocab));
-    Tensor zt_buf = at::empty({chunk * vocab}, f32);
+    const int64_t chunk = frozen ? kFrozenHeadRows : std::min(rows, trainable_chunk_rows(vocab));
+    Tensor zt_buf = frozen ? Tensor() : at::empty({chunk * vocab}, f32);
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t n = std::min(chunk, rows - r0);
-      const Tensor scale = (ok.narrow(0, r0, n) * row_scale->narrow(0, r0, n)).contiguous();
-      trainable_head_chunk(h32.narrow(0, r0, n), w, bias32,
-                           safe_targets.narrow(0, r0, n).contiguous(), ok.narrow(0, r0, n),
-                           scale, z_loss, r0, zt_buf, res);
+      const Tensor ok_n = ok.narrow(0, r0, n), tgt_n = safe_targets.narrow(0, r0, n).contiguous();
+      const Tensor scale = grads ? (ok_n * row_scale->narrow(0, r0, n)).contiguous() : Tensor();
+      if (frozen) {
+        frozen_head_rows(h32.narrow(0, r0, n), w, bias32, tgt_n, ok_n, z_loss, scale, r0, res);
+      } else {
+        trainable_head_chunk(h32.narrow(0, r0, n), w, bias32, tgt_n, ok_n, scale, z_loss, r0,
+                             zt_buf, res);
+      }
     }
     return res;
   }
