@@ -36,8 +36,6 @@ MkldnnMatmul mkldnn_matmul() {
 
 }  // namespace
 
-bool gemm_uses_onednn() { return mkldnn_matmul() != nullptr; }
-
 void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(0) &&
                   out.size(0) == a.size(0) && out.size(1) == b.size(1),
@@ -52,6 +50,11 @@ void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumu
   } else {
     at::mm_out(out, a, b);
   }
+}
+
+void gemm_plus(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  if (c.defined()) out.copy_(c.expand_as(out));
+  gemm(a, b, out, /*accumulate=*/c.defined());
 }
 
 }  // namespace eefast

@@ -12,7 +12,7 @@ namespace eefast {
 // faster (2 threads, Zen). EEFAST_DISABLE_ONEDNN=1 keeps ATen's. Other devices and dtypes: ATen.
 void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
 
-// Whether gemm runs float32 CPU products on oneDNN.
-bool gemm_uses_onednn();
+// out = c + a b, with c broadcast to out (an undefined c: out = a b), as addmm does.
+void gemm_plus(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
 
 }  // namespace eefast

@@ -20,16 +20,14 @@ void logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight,
     return;
   }
   if (weight.scalar_type() == at::kFloat) {
-    if (bias32.defined()) z.copy_(bias32.expand_as(z));
-    gemm(h, weight.t(), z, /*accumulate=*/bias32.defined());
+    gemm_plus(bias32, h, weight.t(), z);
     return;
   }
   for (int64_t v = 0; v < vocab; v += kVocabBlock) {
     const int64_t n = std::min(kVocabBlock, vocab - v);
     at::Tensor w = w_buf.narrow(0, 0, n).copy_(weight.narrow(0, v, n));
     at::Tensor zb = z.narrow(1, v, n);
-    if (bias32.defined()) zb.copy_(bias32.narrow(0, v, n).expand_as(zb));
-    gemm(h, w.t(), zb, /*accumulate=*/bias32.defined());
+    gemm_plus(bias32.defined() ? bias32.narrow(0, v, n) : at::Tensor(), h, w.t(), zb);
   }
 }
 

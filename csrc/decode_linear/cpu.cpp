@@ -141,8 +141,7 @@ Tensor linear_many_rows(const Tensor& x, const Tensor& weight, const std::option
   const int64_t in = weight.size(1), out_features = weight.size(0);
   const Tensor x2 = x.reshape({-1, in});
   Tensor y = at::empty({x2.size(0), out_features}, x.options());
-  if (bias) y.copy_(bias->to(at::kFloat).expand_as(y));
-  gemm(x2, weight.t(), y, /*accumulate=*/bias.has_value());
+  gemm_plus(bias ? *bias : Tensor(), x2, weight.t(), y);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return y.view(shape);

@@ -231,8 +231,7 @@ void frozen_head_rows(const Tensor& h32, const Tensor& w, const Tensor& bias32,
     Tensor z = z_buf.narrow(0, 0, rows * n).view({rows, n});
     Tensor wc = w.narrow(0, v0, n);
     if (wc.scalar_type() != at::kFloat) wc = w_buf.narrow(0, 0, n).copy_(wc);
-    if (bias32.defined()) z.copy_(bias32.narrow(0, v0, n).expand({rows, n}));
-    gemm(h32, wc.t(), z, /*accumulate=*/bias32.defined());
+    gemm_plus(bias32.defined() ? bias32.narrow(0, v0, n) : Tensor(), h32, wc.t(), z);
     float* zp = z.data_ptr<float>();
     float* ap = grads ? acc.data_ptr<float>() : nullptr;
     at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
@@ -293,8 +292,7 @@ void trainable_head_chunk(const Tensor& h, const Tensor& w, const Tensor& bias32
   const int64_t n = h.size(0), vocab = w.size(0);
   const auto f32 = h.options().dtype(at::kFloat);
   Tensor zt = zt_buf.narrow(0, 0, vocab * n).view({vocab, n});
-  if (bias32.defined()) zt.copy_(bias32.unsqueeze(1).expand({vocab, n}));
-  gemm(w, h.t(), zt, /*accumulate=*/bias32.defined());
+  gemm_plus(bias32.defined() ? bias32.unsqueeze(1) : Tensor(), w, h.t(), zt);
   float* zp = zt.data_ptr<float>();
   const Tensor z_target = at::empty({n}, f32);
   float* ztp = z_target.data_ptr<float>();

@@ -13,8 +13,7 @@ void lora_forward_blas(const Tensor& x, const Tensor& x_lora, const Tensor& weig
                        const std::optional<Tensor>& bias, const Tensor& lora_a,
                        const Tensor& lora_b, double scaling, Tensor& y, Tensor& xa) {
   at::mm_out(xa, x_lora, lora_a.t());
-  if (bias) y.copy_(bias->expand_as(y));
-  gemm(x, weight.t(), y, /*accumulate=*/bias.has_value());  // oneDNN for float32 on the CPU
+  gemm_plus(bias ? *bias : Tensor(), x, weight.t(), y);  // oneDNN for float32 on the CPU
   y.addmm_(xa, lora_b.t(), 1.0, scaling);  // the low-rank term, accumulated in place
 }
 
