@@ -8,7 +8,7 @@ import torch
 
 from eefast.eval import evaluate_exits
 from eefast.exits import add_exits, load_exits, save_exits
-from eefast.generation import generate
+from eefast.generation import api, generate
 from eefast.train import TuneConfig, ee_tune
 from test_generation import NEW, StubTokenizer, ragged_prompts
 from tiny_models import VOCAB, tiny_model
@@ -143,19 +143,64 @@ def test_eos_and_stop_strings_inside_accepted_blocks(draft_ee):
     assert_eos_and_stop_inside_accepted_blocks(draft_ee)
 
 
-def test_cached_kv_is_the_full_forwards(draft_ee, finished_caches):
+@pytest.fixture(scope="module")
+def untuned_ee():
+    """An untuned draft exit: its first guess is often wrong and its second often right, so
+    a draft tree's other candidates get accepted."""
+    return add_exits(tiny_model("llama"), [TOP], kind="draft")
+
+
+@pytest.fixture
+def every_candidate(monkeypatch):
+    """Draft trees take every candidate, however unlikely."""
+    monkeypatch.setattr(api, "FEATURE_DRAFT_CANDIDATE_MIN", 0.0)
+
+
+@pytest.mark.parametrize("width,k", [(2, 1), (4, 3), (16, 2)])
+def test_draft_trees_are_exact_and_accept_other_candidates(untuned_ee, every_candidate, width,
+                                                           k):  # fmt: skip
+    prompts = ragged_prompts()
+    want = full_greedy(untuned_ee, prompts).tokens
+    kw = dict(draft_k=k, draft_width=width, adaptive=False, threshold=0)
+    for i, p in enumerate(prompts):
+        assert generate(untuned_ee, None, [p], "speculative", NEW, **kw).tokens[0] == want[i]
+    got = generate(untuned_ee, None, prompts, "speculative", NEW, **kw)
+    assert got.tokens == want
+    assert got.stats.candidates_accepted > 0
+    chain = generate(untuned_ee, None, prompts, "speculative", NEW, **dict(kw, draft_width=1))
+    assert got.stats.accepted > chain.stats.accepted  # the tree's extra candidates pay
+    assert got.stats.verify_rows > chain.stats.verify_rows
+
+
+def test_draft_tree_arguments_are_checked(draft_ee):
+    with pytest.raises(ValueError, match="draft trees are greedy"):
+        generate(draft_ee, None, [[5, 6]], "speculative", 4, draft_width=3, temperature=0.8)
+    with pytest.raises(ValueError, match="draft_width must be >= 1"):
+        generate(draft_ee, None, [[5, 6]], "speculative", 4, draft_width=0)
+    norm = add_exits(tiny_model("llama"), [2], kind="norm")
+    with pytest.raises(ValueError, match="needs a draft exit"):
+        generate(norm, None, [[5, 6]], "speculative", 4, draft_width=3)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_cached_kv_is_the_full_forwards(draft_ee, untuned_ee, every_candidate, finished_caches,
+                                        tree):  # fmt: skip
     """After a speculative run, every block's cached K/V over the valid slots is one full
     forward's, and the draft layer's is the draft exit's over the real top features (the
     slots it filled from its own predictions were recomputed; those of the last round are
-    still owed)."""
+    still owed). With a draft tree, accepted candidates' K/V moved to their chain slot."""
+    ee = untuned_ee if tree else draft_ee
+    candidates = 0
     for prompt in ragged_prompts():
-        got = generate(draft_ee, None, [prompt], "speculative", NEW, draft_k=5, threshold=0)
+        got = generate(ee, None, [prompt], "speculative", NEW, draft_k=5, threshold=0,
+                       draft_width=8 if tree else 1)  # fmt: skip
         assert got.stats.accepted > 0
+        candidates += got.stats.candidates_accepted
         valid, lengths, keys, values = finished_caches[-1]
         ids = torch.tensor([prompt + got.tokens[0][:-1]])  # the last token was never fed
-        ref = draft_ee.model(ids, use_cache=True).past_key_values
-        states = draft_ee.backbone_states(ids)
-        draft_kv = _draft_layer_kv(draft_ee, states)
+        ref = ee.model(ids, use_cache=True).past_key_values
+        states = ee.backbone_states(ids)
+        draft_kv = _draft_layer_kv(ee, states)
         for i, n in enumerate(lengths):
             slots = valid[:n].nonzero().squeeze(1)[: ids.shape[1]]
             want_k, want_v = (ref.layers[i].keys, ref.layers[i].values) if i < TOP else draft_kv
@@ -166,6 +211,7 @@ def test_cached_kv_is_the_full_forwards(draft_ee, finished_caches):
                 torch.testing.assert_close(
                     mine[0][:, slots], want[0, :, : len(slots)], atol=1e-4, rtol=0
                 )
+    assert (candidates > 0) == tree
 
 
 def _draft_layer_kv(ee, states):
@@ -232,3 +278,22 @@ def test_unconfident_drafts_are_not_verified(draft_ee):
     got = generate(draft_ee, None, prompts, "speculative", NEW, threshold=1.01)
     assert got.tokens == full_greedy(draft_ee, prompts).tokens
     assert got.stats.drafted == 0 and got.stats.rounds == NEW - 1  # batch rounds after prefill
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "gptj", "mistral", "qwen2"])
+def test_draft_trees_are_exact_on_other_architectures(arch, every_candidate):
+    """Candidates share a position: learned positions (gpt2, opt), rotary (neox, partial;
+    gptj, inside the attention) and sliding windows (mistral, qwen2) must all see it."""
+    model = tiny_model(arch)
+    ee = add_exits(model, [model.config.num_hidden_layers], kind="draft")
+    prompts = ragged_prompts()
+    got = generate(ee, None, prompts, "speculative", NEW, draft_width=8, threshold=0, draft_k=2)
+    assert got.tokens == full_greedy(ee, prompts).tokens
+
+
+def test_draft_trees_are_refused_where_positions_count_slots(every_candidate):
+    ee = add_exits(tiny_model("bloom"), [TOP], kind="draft")
+    with pytest.raises(ValueError, match="draft trees do not run on bloom"):
+        generate(ee, None, [[5, 6]], "speculative", 4, draft_width=2)
+    prompts = ragged_prompts()
+    assert generate(ee, None, prompts, "speculative", NEW).tokens == full_greedy(ee, prompts).tokens

@@ -9,9 +9,12 @@ from ..eval.agreement import CALIBRATION_THRESHOLDS, calibrate
 from ..exits import add_exits, load_exits
 from ..generation import (
     CONFIDENCE_MEASURES,
+    DRAFT_K,
     DRAFT_THRESHOLD,
     DRAFT_WEIGHTS,
+    FEATURE_DRAFT_K,
     FEATURE_DRAFT_THRESHOLD,
+    FEATURE_DRAFT_WIDTH,
     KV_MODES,
     MODES,
     generate,
@@ -73,7 +76,8 @@ def cmd_generate(args) -> None:
         exit_layer=args.exit_layer,
         exits=args.exit_layers,
         draft_k=args.draft_k,
-        adaptive=not args.fixed_k,
+        draft_width=args.draft_width,
+        adaptive=False if args.fixed_k else None,
         threshold=args.threshold,
         measure=args.measure,
         kv=args.kv,
@@ -126,6 +130,7 @@ def cmd_bench_generate(args) -> None:
         out=args.out,
         repeats=args.repeats,
         draft_ks=args.draft_ks,
+        draft_widths=args.draft_widths,
         low_bit_drafts=args.low_bit_drafts,
         ggufs=args.gguf,
         report=say,
@@ -159,7 +164,18 @@ def add_commands(sub) -> None:
         "--exit-layer", type=int, default=None, help="speculative: draft from this exit only"
     )
     g.add_argument(
-        "--draft-k", type=positive_int, default=4, help="speculative: most drafts a round"
+        "--draft-k",
+        type=positive_int,
+        default=None,
+        help=f"speculative: most drafts a round (default {DRAFT_K}, adaptive; with a draft "
+        f"exit's tree {FEATURE_DRAFT_K}, fixed)",
+    )
+    g.add_argument(
+        "--draft-width",
+        type=positive_int,
+        default=None,
+        help="draft exit, greedy: candidates for the first draft verified in one pass "
+        f"(default {FEATURE_DRAFT_WIDTH}; 1: a chain)",
     )
     g.add_argument("--fixed-k", action="store_true", help="no adaptive draft length")
     g.add_argument(
@@ -228,7 +244,16 @@ def add_commands(sub) -> None:
         help="extra threshold-mode KV modes to time ('' for none)",
     )
     b.add_argument(
-        "--draft-ks", type=int_list, default=[4], help="draft exits: the draft lengths to time"
+        "--draft-ks",
+        type=int_list,
+        default=[None],
+        help=f"draft exits: the draft lengths to time (default {FEATURE_DRAFT_K} with a tree)",
+    )
+    b.add_argument(
+        "--draft-widths",
+        type=int_list,
+        default=[None],
+        help=f"draft exits: the draft-tree widths to time (default {FEATURE_DRAFT_WIDTH})",
     )
     b.add_argument(
         "--low-bit-drafts",

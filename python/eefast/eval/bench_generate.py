@@ -33,7 +33,7 @@ def _batches(ids, size):
 
 
 def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants, draft_ks,
-           llama_cpp=(), low_bit=None):  # fmt: skip
+           llama_cpp=(), low_bit=None, draft_widths=(None,)):  # fmt: skip
     """(name, mode, generate kwargs) per case at batch size ``bs``; mode None: HF; mode
     "llama.cpp": one of ``llama_cpp`` (batch 1, one sequence at a time); ``low_bit``: name ->
     a low_bit_draft of the backbone, one speculative row each."""
@@ -45,8 +45,9 @@ def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants
               for w, d in (low_bit or {}).items()]  # fmt: skip
     if ee.kind == "draft":  # one head on top of the model: speculative only
         cases += [
-            (f"eefast speculative draft k={k} conf {t}", "speculative", {"threshold": t,
-                                                                         "draft_k": k})
+            (f"eefast speculative draft{_named('k', k)}{_named('w', w)} conf {t}",
+             "speculative", {"threshold": t, "draft_k": k, "draft_width": w})
+            for w in draft_widths
             for k in draft_ks
             for t in draft_thresholds
         ]  # fmt: skip
@@ -90,6 +91,11 @@ def _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants
     return cases
 
 
+def _named(name: str, value) -> str:
+    """' k=2' for a value given, '' for a default."""
+    return "" if value is None else f" {name}={value}"
+
+
 def _run_case(ee, tokenizer, batches, mode, kw, max_new):
     toks, seconds, stats = [], 0.0, None
     for batch in batches:
@@ -121,7 +127,8 @@ def run_bench(
     threads: int,
     out: str | Path,
     repeats: int = 1,
-    draft_ks: list[int] = (4,),
+    draft_ks: list[int | None] = (None,),
+    draft_widths: list[int | None] = (None,),
     low_bit_drafts: list[str] = ("q4",),
     ggufs: list[str | Path] = (),
     report=print,
@@ -150,7 +157,7 @@ def run_bench(
     for bs in batch_sizes:
         batches = _batches(ids, bs)
         cases = _cases(ee, bs, thresholds, draft_thresholds, variant_thresholds, kv_variants,
-                       list(draft_ks), llama_cpp, low_bit)  # fmt: skip
+                       list(draft_ks), llama_cpp, low_bit, list(draft_widths))  # fmt: skip
         speeds = {name: [] for name, _, _ in cases}
         first = {}
         for _ in range(repeats):
@@ -182,6 +189,7 @@ def run_bench(
                 if mode == "speculative":
                     row["acceptance"] = stats["accepted"] / max(1, stats["drafted"])
                     row["tokens_per_round"] = n / max(1, stats["rounds"])
+                    row["verify_rows_per_token"] = stats["verify_rows"] / max(1, n)
                 if mode == "threshold":
                     row["agreement"] = agreement(ee, ids[: len(toks)], toks)
             rows.append(row)
@@ -207,6 +215,7 @@ def _merge(acc, res):
         "rounds": 0,
         "block_calls": 0,
         "head_calls": 0,
+        "verify_rows": 0,
     }
     acc["layers"] += res.layers
     for k, v in res.stats.exit_layers.items():
@@ -216,6 +225,7 @@ def _merge(acc, res):
     acc["rounds"] += res.stats.rounds
     acc["block_calls"] += res.stats.block_calls
     acc["head_calls"] += res.stats.head_calls
+    acc["verify_rows"] += res.stats.verify_rows
     return acc
 
 
@@ -225,7 +235,7 @@ def _format(row) -> str:
         f"({row['vs_hf']:.2f}x HF greedy, {row['vs_full']:.2f}x eefast full)"
     )
     keys = ("acceptance", "tokens_per_round", "agreement", "mean_layers", "blocks_per_token")
-    for key in keys + ("heads_per_token",):
+    for key in keys + ("heads_per_token", "verify_rows_per_token"):
         if key in row:
             text += f" {key} {row[key]:.2f}"
     if "exit_layers" in row and len(row["exit_layers"]) > 1:

@@ -13,8 +13,11 @@ low_bit_draft.py  speculative decoding drafted by the backbone's own low-bit cop
 """
 
 from .api import (
+    DRAFT_K,
     DRAFT_THRESHOLD,
+    FEATURE_DRAFT_K,
     FEATURE_DRAFT_THRESHOLD,
+    FEATURE_DRAFT_WIDTH,
     LOW_BIT_DRAFT_THRESHOLD,
     MODES,
     GenerationResult,
@@ -28,7 +31,10 @@ __all__ = [
     "CONFIDENCE_MEASURES",
     "DRAFT_THRESHOLD",
     "DRAFT_WEIGHTS",
+    "DRAFT_K",
+    "FEATURE_DRAFT_K",
     "FEATURE_DRAFT_THRESHOLD",
+    "FEATURE_DRAFT_WIDTH",
     "KV_MODES",
     "LOW_BIT_DRAFT_THRESHOLD",
     "LowBitDraft",

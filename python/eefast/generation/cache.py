@@ -57,6 +57,12 @@ class SlotCache:
     def truncate(self, slots: int) -> None:
         self.lengths = [min(n, slots) for n in self.lengths]
 
+    def copy_slot(self, rows: torch.Tensor, src: torch.Tensor, dst: int, layers: int) -> None:
+        """In the first ``layers`` layers, copy each batch row's slot ``src[r]`` to ``dst``."""
+        for i in range(layers):
+            for buf in (self.keys[i], self.values[i]):
+                buf[rows, :, dst] = buf[rows, :, src]
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows."""
         for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
@@ -76,10 +82,13 @@ class DecodeState:
     def slots(self) -> int:
         return self.valid.shape[1]
 
-    def add_slots(self, valid: torch.Tensor) -> None:
-        """Append slots; ``valid [batch, q]`` says which of them hold real tokens."""
-        start = self.valid.sum(1, keepdim=True)
-        pos = start + valid.long().cumsum(1) - 1
+    def add_slots(self, valid: torch.Tensor, pos: torch.Tensor | None = None) -> None:
+        """Append slots; ``valid [batch, q]`` says which of them hold real tokens. Their
+        positions follow the valid slots before them unless ``pos [batch, q]`` gives them
+        (the candidates of a draft tree share one)."""
+        if pos is None:
+            start = self.valid.sum(1, keepdim=True)
+            pos = start + valid.long().cumsum(1) - 1
         self.valid = torch.cat([self.valid, valid], 1)
         self.pos = torch.cat([self.pos, pos.clamp(min=0)], 1)
 

@@ -30,6 +30,8 @@ class DecodeStats:
     rounds: int = 0  # draft/verify rounds (speculative) or decode steps
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
+    candidates_accepted: int = 0  # of those, a draft tree's other candidates (feature_draft)
+    verify_rows: int = 0  # rows the verifier scored (x0, drafts and candidates)
     exit_layers: Counter = field(default_factory=Counter)  # layer a token was decided at
     block_calls: int = 0  # block weight passes after the prefill (one per block per call)
     head_calls: float = 0.0  # LM-head weight passes after the prefill (a draft-vocabulary
@@ -262,6 +264,7 @@ def verify(
         finished.append(done)
     stats.rounds += 1
     stats.drafted += m * batch
+    stats.verify_rows += (m + 1) * batch
     state.invalidate(reject, start)
     return Verdict(next_token, accepted, finished, all_accepted)
 

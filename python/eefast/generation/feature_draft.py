@@ -57,9 +57,15 @@ def decode_feature_draft(
     gen,
     draft: DraftLength,
     threshold: float,
+    width: int = 1,
+    candidate_min: float = 0.0,
 ) -> DecodeStats:
     """Draft-exit speculative decoding after ``prefill_with_draft``; greedy output equals
-    full-depth greedy, sampled output follows the full model's distribution."""
+    full-depth greedy, sampled output follows the full model's distribution.
+
+    With ``width`` > 1 (greedy only) a round that drafts verifies a small tree: besides the
+    first draft, the draft head's next ``width - 1`` likeliest tokens whose probability reaches
+    ``candidate_min`` are candidates for the same position (``_Tree``)."""
     stats = DecodeStats()
     L = runner.num_layers
     x0 = sampling.pick(logits, gen)
@@ -78,9 +84,13 @@ def decode_feature_draft(
         f = runner.draft_features(
             _draft_inputs(runner, toks, torch.cat([owed_prev, prev[:, None]], 1)), state
         )[:, -1]
+        top = runner.exit_top(L, f, width) if width > 1 else None
         drafts, q_probs = [], []
         while True:
-            tok, conf, q = _draft_token(runner, f, sampling, gen)
+            if top is not None and not drafts:  # the tree's first candidate
+                tok, conf, q = top[1][:, 0], top[0][:, 0], None
+            else:
+                tok, conf, q = _draft_token(runner, f, sampling, gen)
             if not bool((conf >= threshold).any()):
                 break
             drafts.append(tok)
@@ -91,16 +101,20 @@ def decode_feature_draft(
             f = runner.draft_features(_draft_inputs(runner, tok[:, None], f[:, None]), state)[:, -1]
         m = len(drafts)
         dr = torch.stack(drafts, 1) if m else x0.new_empty(batch, 0)
-        h = runner.run(runner.embed(torch.cat([x0[:, None], dr], 1), state), 0, L, state)
-        ver_feats = runner.ee.parts.final_norm(h)  # [B, m + 1, d]
-        v = verify(out, stats, state, start, runner.head_logits(ver_feats), dr, q_probs,
-                   sampling, gen, L)  # fmt: skip
+        tree = _Tree.after_chain(state, top, candidate_min, m)
+        rows = torch.cat([x0[:, None], dr, tree.tokens], 1)
+        h = runner.run(runner.embed(rows, state), 0, L, state, sees=tree.sees)
+        ver_feats = runner.ee.parts.final_norm(h)  # [B, 1 + m + candidates, d]
+        ver = runner.head_logits(ver_feats)
+        if tree.tokens.shape[1]:
+            dr, ver, ver_feats = tree.take(runner, state, start, dr, ver, ver_feats, stats)
+        v = verify(out, stats, state, start, ver, dr, q_probs, sampling, gen, L)
         if m:
             draft.update(v.all_accepted)
         # The draft layer keeps slot `start` (x0 with a real feature); slots after it owe a
         # recompute with the verifier's features.
         state.cache.lengths[L] = start + 1
-        owed_tok, owed_prev = dr, ver_feats[:, :m]
+        owed_tok, owed_prev = dr.clamp(min=0), ver_feats[:, :m]
         prev = ver_feats[torch.arange(batch, device=device), v.accepted]
         x0, owed_tok, owed_prev, prev = out.drop(
             v.finished, state, v.next_token, owed_tok, owed_prev, prev
@@ -109,6 +123,62 @@ def decode_feature_draft(
         owed = state.slots - (start + 1)
         owed_tok, owed_prev = owed_tok[:, :owed], owed_prev[:, :owed]
     return stats
+
+
+class _Tree:
+    """The other candidates for the token after x0, beside the chain x0, c1, d2 .. dm.
+
+    They take the slots after the chain, at c1's position, and each sees the cache, x0 and
+    itself only (``sees``), so one verify pass scores the chain and every candidate. Where
+    the verifier rejects c1 but picks a candidate, ``take`` moves that candidate's keys and
+    values into c1's slot and hands ``verify`` a chain of one accepted draft, so the cache
+    afterwards is exactly what a chain round would have left."""
+
+    def __init__(self, tokens: torch.Tensor, sees: torch.Tensor | None):
+        self.tokens = tokens  # [B, n] candidate tokens (n may be 0)
+        self.sees = sees
+
+    @classmethod
+    def after_chain(cls, state: DecodeState, top, candidate_min: float, m: int) -> _Tree:
+        batch = state.valid.shape[0]
+        device = state.valid.device
+        if top is None or m == 0:  # no chain, no tree: candidates follow a first draft
+            return cls(torch.empty(batch, 0, dtype=torch.long, device=device), None)
+        probs, ids = top[0][:, 1:], top[1][:, 1:]
+        n = int((probs >= candidate_min).any(0).sum())  # probabilities are sorted
+        if n == 0:
+            return cls(ids[:, :0], None)
+        c1 = state.slots - m
+        state.add_slots(torch.ones(batch, n, dtype=torch.bool, device=device),
+                        state.pos[:, c1 : c1 + 1].expand(batch, n))  # fmt: skip
+        q = 1 + m + n
+        sees = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        sees[1 + m :, 1:] = torch.eye(q, dtype=torch.bool, device=device)[1 + m :, 1:]
+        return cls(ids[:, :n], sees)
+
+    def take(self, runner, state, start, dr, ver, ver_feats, stats):
+        """Rows whose verifier rejects c1 but picks a candidate accept that candidate: its
+        KV moves to c1's slot, and its verifier row and features replace c1's. Returns the
+        chain view (drafts, logits, features) for ``verify``, which then marks every slot
+        after the accepted ones invalid; the candidates' own slots are invalidated here."""
+        m = dr.shape[1]
+        first = ver[:, 0].argmax(-1)
+        hit = (self.tokens == first[:, None]) & (dr[:, :1] != first[:, None])
+        rows = hit.any(1).nonzero().squeeze(1)
+        stats.verify_rows += self.tokens.numel()
+        state.invalidate(torch.ones_like(self.tokens, dtype=torch.bool), start + 1 + m)
+        if not len(rows):
+            return dr, ver[:, : 1 + m], ver_feats[:, : 1 + m]
+        col = hit[rows].long().argmax(1) + 1 + m  # the candidate's row in the verify pass
+        state.cache.copy_slot(rows, start + col, start + 1, runner.num_layers)
+        dr = dr.clone()
+        dr[rows, 0] = self.tokens[rows, col - 1 - m]
+        dr[rows, 1:] = -1  # nothing follows a candidate this round
+        cand_ver, cand_feats = ver[rows, col], ver_feats[rows, col]
+        ver, ver_feats = ver[:, : 1 + m].clone(), ver_feats[:, : 1 + m].clone()
+        ver[rows, 1], ver_feats[rows, 1] = cand_ver, cand_feats
+        stats.candidates_accepted += len(rows)
+        return dr, ver, ver_feats
 
 
 def _draft_token(runner: Runner, f: torch.Tensor, sampling: Sampling, gen):

@@ -108,13 +108,17 @@ class Runner:
         return self.ee.model.get_input_embeddings()(ids)
 
     @staticmethod
-    def _allowed(state: DecodeState, first: int, q: int, window: int | None) -> torch.Tensor:
+    def _allowed(state: DecodeState, first: int, q: int, window: int | None, sees=None):
         """[batch, q, first + q]: the valid keys at or before each query slot, and with a
-        sliding window, only those less than ``window`` positions back."""
+        sliding window, only those less than ``window`` positions back. ``sees [q, q]``
+        (bool, lower triangular) narrows which of the q new slots each new slot sees: a draft
+        tree's candidates see their ancestors only."""
         keys = state.valid[:, : first + q]
         key_slot = torch.arange(first + q, device=keys.device)
         query_slot = torch.arange(first, first + q, device=keys.device)
         allowed = keys[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])
+        if sees is not None:
+            allowed[:, :, first:] &= sees
         if window is not None:
             back = state.pos[:, first : first + q, None] - state.pos[:, None, : first + q]
             allowed &= back < window
@@ -134,6 +138,7 @@ class Runner:
         state: DecodeState,
         fused: bool = True,
         blocks: list[FusedBlock | nn.Module] | None = None,
+        sees: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Blocks [start, end) on h [batch, q, d], whose tokens are the next q slots of each
         of those layers (layers in the range must hold the same number of slots). Blocks that
@@ -141,7 +146,7 @@ class Runner:
         whose many rows HF's attention handles better); ``blocks`` replaces the model's own
         blocks (a low-bit draft's: ``decode_block`` arguments or block modules). A ``layer``
         exit whose layer the run reaches (start < layer <= end) runs its block on the tokens
-        there."""
+        there. ``sees`` limits which new tokens each new token attends to (``_allowed``)."""
         if start >= end:
             return h
         first, q = state.cache.lengths[start], h.shape[1]
@@ -149,20 +154,20 @@ class Runner:
         shared = self.arch.shared(self.base, h, pos, state.valid[:, : first + q])
         masks: dict = {}  # per attention window: (allowed, additive mask)
         for i in range(start, end):
-            h = self._block(i, h, state, first, pos, shared, masks, fused, blocks)
+            h = self._block(i, h, state, first, pos, shared, masks, fused, blocks, sees)
             cache_index = self.exit_blocks.get(i + 1)
             if cache_index is not None:
                 out = self._block(cache_index, h, state, first, pos, shared, masks, fused)
                 self._exit_out[i + 1] = out
         return h
 
-    def _block(self, i, h, state, first, pos, shared, masks, fused, blocks=None) -> torch.Tensor:
+    def _block(self, i, h, state, first, pos, shared, masks, fused, blocks=None, sees=None):
         """Block (cache layer) ``i`` on h, the tokens of slots first .. first + q."""
         assert state.cache.lengths[i] == first, "layers in one run must be in step"
         self.block_calls += 1
         window = self.windows[i]
         if window not in masks:
-            allowed = self._allowed(state, first, h.shape[1], window)
+            allowed = self._allowed(state, first, h.shape[1], window, sees)
             masks[window] = (allowed, self._mask(allowed))
         allowed, mask = masks[window]
         block = self.blocks[i] if blocks is None else blocks[i]
@@ -231,6 +236,14 @@ class Runner:
             ids = self.vocab_ids
             self._exit_heads[key] = (weight[ids], None if bias is None else bias[ids])
         return self._exit_heads[key]
+
+    def exit_top(self, layer: int, feat: torch.Tensor, k: int):
+        """(probabilities, token ids), each [B, k], of the k most likely tokens of exit
+        ``layer``'s head on ``feat`` [B, d] (within the draft vocabulary if there is one)."""
+        self._count_exit_head()
+        probs = decode_linear(feat, *self.exit_head(layer)).float().softmax(-1)
+        top, ids = probs.topk(min(k, probs.shape[-1]), -1)
+        return top, ids if self.vocab_ids is None else self.vocab_ids[ids]
 
     def _count_exit_head(self) -> None:
         full = self.ee.parts.lm_head.weight.shape[0]

@@ -38,6 +38,9 @@ class DecodeCalls:
     call: Callable[..., object]
     # CALM's KV propagation (threshold mode, kv="propagate") knows these blocks' projections
     propagates_kv: bool = False
+    # Positions come from DecodeState.pos alone (not from counting valid key slots), so the
+    # candidates of a draft tree can share one
+    explicit_positions: bool = True
 
 
 def _rotary(stack, h, pos, _valid) -> dict:
@@ -86,6 +89,9 @@ GPT2_CALLS = DecodeCalls(lambda s, ids, pos: s.wte(ids) + s.wpe(pos), _nothing, 
 OPT_CALLS = DecodeCalls(_opt_embed, _nothing, _llama_call)
 GPT_NEOX_CALLS = DecodeCalls(lambda s, ids, _pos: s.embed_in(ids), _rotary, _neox_call)
 BLOOM_CALLS = DecodeCalls(
-    lambda s, ids, _pos: s.word_embeddings_layernorm(s.word_embeddings(ids)), _alibi, _bloom_call
+    lambda s, ids, _pos: s.word_embeddings_layernorm(s.word_embeddings(ids)),
+    _alibi,
+    _bloom_call,
+    explicit_positions=False,
 )
 GPTJ_CALLS = DecodeCalls(lambda s, ids, _pos: s.wte(ids), _nothing, _gptj_call)
