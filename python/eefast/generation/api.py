@@ -43,9 +43,10 @@ DRAFT_THRESHOLD = 0.6
 FEATURE_DRAFT_THRESHOLD = 0.3
 # speculative with a draft exit, greedy: how many candidates for the next token one round
 # verifies, and the draft probability each one after the first needs; and the most drafts
-# after the first candidate (k, fixed). On SmolLM2, k = 1 with width 2 or 3 made 1.12-1.13x
-# full depth, a chain of k = 2 (adaptive) 0.96-0.97x, in one 5-repeat run.
-FEATURE_DRAFT_WIDTH = 3
+# in the chain (fixed). On SmolLM2 at batch 1, k = 1 with width 2 / 3 made 1.12 / 1.13x full
+# depth in one 5-repeat run and 1.17 / 1.10x in a 3-repeat bench-generate; the adaptive
+# chain without a tree 0.96-0.97x.
+FEATURE_DRAFT_WIDTH = 2
 FEATURE_DRAFT_CANDIDATE_MIN = 0.02
 FEATURE_DRAFT_K = 1
 # every other speculative mode: the first draft length (adaptive)
