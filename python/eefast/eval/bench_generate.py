@@ -28,6 +28,9 @@ def _hf_generate(model, tokenizer, batch_ids, max_new, **kw) -> tuple[list[list[
     return toks, seconds
 
 
+WARMUP_TOKENS = 8  # each case decodes this many tokens of the first batch before timing
+
+
 def _batches(ids, size):
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
@@ -134,9 +137,10 @@ def run_bench(
     report=print,
 ) -> list[dict]:
     """Every case at every batch size over the chat ``prompts``, ``repeats`` times with the
-    cases alternating (so drift hits them alike); one row each with the median tokens/s, its
-    ratios to HF greedy and to eefast's own full depth (medians of the per-repeat ratios),
-    whether the output equals HF greedy's, acceptance, agreement, blocks and heads per token.
+    cases alternating (so drift hits them alike), after one short untimed run of each; one
+    row each with the median tokens/s, its ratios to HF greedy and to eefast's own full depth
+    (medians of the per-repeat ratios), whether the output equals HF greedy's, acceptance,
+    agreement, blocks and heads per token.
     Each of ``ggufs`` adds llama.cpp on that file at batch 1 (``eval/llama_cpp.py``), and each
     of ``low_bit_drafts`` a speculative row drafted by that low-bit copy of the backbone (where
     it can have one). Rows are reported line by line and written to ``out`` as JSON and PNG."""
@@ -160,6 +164,8 @@ def run_bench(
                        list(draft_ks), llama_cpp, low_bit, list(draft_widths))  # fmt: skip
         speeds = {name: [] for name, _, _ in cases}
         first = {}
+        for _, mode, kw in cases:  # warm-up, untimed: first calls pay allocations and setup
+            _run_case(ee, tokenizer, batches[:1], mode, kw, WARMUP_TOKENS)
         for _ in range(repeats):
             for name, mode, kw in cases:
                 toks, seconds, stats = _run_case(ee, tokenizer, batches, mode, kw, max_new_tokens)
