@@ -75,6 +75,46 @@ def test_kd_and_z_loss_train(tmp_path):
     assert metrics[-1]["loss_exit2"] < metrics[0]["loss_exit2"]
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_model_targets_are_the_models_greedy_next_tokens(cache, monkeypatch):
+    """targets='model': every position's target (the last included) is the full model's argmax
+    there, with or without the hidden cache, in training and held-out alike; the first step's
+    loss is the reference CE against them."""
+    data = blocks()
+    ee = add_exits(tiny_model("llama"), [2], kind="norm")
+    seen = []
+    real = type(ee).exit_losses
+
+    def exit_losses(self, states, targets, *args, **kw):
+        seen.append((states.input_ids.clone(), targets.clone()))
+        return real(self, states, targets, *args, **kw)
+
+    monkeypatch.setattr(type(ee), "exit_losses", exit_losses)
+    cfg = config(targets="model", cache_hidden=cache, steps=4, eval_every=4)
+    metrics = ee_tune(ee, data[:20], data[20:], cfg, progress=False)
+    assert len(seen) == 4 + 1  # four steps, one held-out batch
+    with torch.no_grad():
+        for ids, targets in seen:
+            want = ee.model(ids).logits.argmax(-1).reshape(-1)
+            assert torch.equal(targets, want)
+            assert not torch.equal(targets, next_token_targets(ids))
+    ids, targets = seen[0]
+    fresh = add_exits(tiny_model("llama"), [2], kind="norm")
+    with torch.no_grad():
+        hidden = fresh.exit_hidden(2, fresh.backbone_states(ids))
+        want = reference.linear_cross_entropy(hidden.flatten(0, 1), fresh.head(2)[0], targets)
+    assert metrics[0]["loss"] == pytest.approx(float(want), rel=1e-4)
+
+
+def test_corpora_join_with_plus(tmp_path):
+    assert load_documents("chat+pydoc_data") == load_documents("chat") + load_documents()
+    odd = tmp_path / "a+b.txt"  # a file whose name has a '+' is that file
+    odd.write_text("one\n\ntwo")
+    assert load_documents(str(odd)) == ["one", "two"]
+    with pytest.raises(ValueError, match="empty name"):
+        load_documents("chat+")
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     data = blocks()
     full = add_exits(tiny_model("llama"), [1, 3], kind="mlp")
@@ -233,6 +273,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path, file, content, message):
         {"z_loss": float("inf")},
         {"kd_weight": -1.0},
         {"exit_weights": [float("nan")]},
+        {"targets": "teacher"},
     ],  # fmt: skip
     ids=str,
 )

@@ -31,7 +31,7 @@ from ..generation import generate, low_bit_draft
 from ..hf import DEFAULT_MODEL, load_model
 from ..io import write_json
 from ..nn import EXIT_KINDS
-from ..train import ee_tune
+from ..train import TARGETS, ee_tune
 from .common import (
     add_model_arguments,
     add_timeout_argument,
@@ -270,7 +270,8 @@ def _common(
     p.add_argument(
         "--data",
         default=data,
-        help=f"{DEFAULT_CORPUS}, {CHAT_CORPUS} (shipped self-distilled chat), a .txt or a .jsonl",
+        help=f"{DEFAULT_CORPUS}, {CHAT_CORPUS} (shipped self-distilled chat), a .txt or a "
+        f".jsonl; a+b joins corpora (the held-out blocks come from the last)",
     )
     p.add_argument(
         "--exits",
@@ -296,6 +297,13 @@ def _common(
     p.add_argument("--eval-every", type=positive_int, default=50)
     p.add_argument("--save-every", type=positive_int, default=25)
     p.add_argument("--kd-weight", type=nonnegative, default=0.0)
+    p.add_argument(
+        "--targets",
+        choices=TARGETS,
+        default="data",
+        help="what the exits learn to predict: the text's next token, or the model's own "
+        "greedy next token at every position (any text then teaches what the model says)",
+    )
     p.add_argument("--z-loss", type=nonnegative, default=0.0)
     p.add_argument("--exit-weights", type=float_list, default=None)
     p.add_argument("--exit-weight-warmup", type=count, default=0)

@@ -34,6 +34,7 @@ def tune_config(args) -> TuneConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         kd_weight=args.kd_weight,
+        targets=args.targets,
         z_loss=args.z_loss,
         exit_weights=args.exit_weights,
         exit_weight_warmup_steps=args.exit_weight_warmup,
@@ -74,7 +75,8 @@ def tune_scaled_out(args, parallel) -> None:
 
         layers = exit_layers(args, AutoConfig.from_pretrained(path).num_hidden_layers)
         stage = build_stage(path, layers, parallel, args.kind, args.init, args.share_lm_head,
-                            to_top=args.kd_weight > 0, dtype=DTYPES[args.dtype],
+                            to_top=args.kd_weight > 0 or args.targets == "model",
+                            dtype=DTYPES[args.dtype],
                             device=device)  # fmt: skip
         say(
             f"{layout.world} processes: {layout.stages} pipeline stages x {layout.replicas} "

@@ -23,8 +23,14 @@ IGNORE = -100  # the target of a position that has no next token (torch's ignore
 
 def load_documents(spec: str | None = None) -> list[str]:
     """The documents of a corpus: ``pydoc_data`` (default), ``chat`` (the shipped
-    self-distilled chat data), a .txt file or a .jsonl file."""
+    self-distilled chat data), a .txt file or a .jsonl file; ``a+b`` joins corpora in that
+    order (held-out blocks come from the end, so from the last)."""
     spec = spec or DEFAULT_CORPUS
+    if "+" in spec and not Path(spec).is_file():
+        parts = spec.split("+")
+        if not all(parts):
+            raise ValueError(f"corpus {spec!r}: an empty name between '+'")
+        return [doc for part in parts for doc in load_documents(part)]
     if spec == DEFAULT_CORPUS:
         from pydoc_data.topics import topics
 

@@ -31,6 +31,8 @@ from ..io import write_text
 from .hidden_cache import HiddenCache, blocks_digest
 from .loop import LoopSettings, TrainLoop, batch_index
 
+TARGETS = ("data", "model")
+
 
 @dataclass
 class TuneConfig:
@@ -42,6 +44,10 @@ class TuneConfig:
     exit_weights: list[float] | None = None  # per-exit loss weights (default: all 1)
     exit_weight_warmup_steps: int = 0  # ramp each exit's loss weight in linearly
     kd_weight: float = 0.0  # KL(final layer || exit) term; needs the full-depth pass
+    # "data": the next token of the text; "model": the backbone's own greedy next token at
+    # every position (hard-label self-distillation: any text then teaches the exits what the
+    # model says, at no cost per step once the labels of a block are known)
+    targets: str = "data"
     z_loss: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 50
@@ -59,6 +65,8 @@ class TuneConfig:
         for name in ("eval_every", "eval_batches", "save_every", "log_every", "microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ee_tune: {name} must be >= 1, got {getattr(self, name)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"ee_tune: targets must be one of {TARGETS}, got {self.targets!r}")
         for name in ("weight_decay", "kd_weight", "z_loss", "grad_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -83,9 +91,12 @@ class _Data:
     """Backbone states for sets of block indices: from the cache, by running the backbone, or
     by this rank's stage of a pipeline pass."""
 
-    def __init__(self, ee, blocks, cache: HiddenCache | None, need_final: bool, stage=None):
+    def __init__(self, ee, blocks, cache: HiddenCache | None, need_final: bool, stage=None,
+                 model_targets: bool = False):  # fmt: skip
         self.ee, self.blocks, self.cache, self.need_final = ee, blocks, cache, need_final
         self.stage = stage
+        self.model_targets = model_targets
+        self._labels: dict[int, torch.Tensor] = {}  # block index -> the model's next tokens
 
     def batches(self, indices: list[torch.Tensor]) -> list[tuple[BackboneStates, torch.Tensor]]:
         """(states, flat next-token targets) per index set. A pipeline stage runs its part of
@@ -101,10 +112,24 @@ class _Data:
                 states = self.stage.backbone_states(ids.to(device), self.need_final)
             else:
                 states = self.ee.backbone_states(ids.to(device), need_final=self.need_final)
-            out.append((states, next_token_targets(ids).to(device)))
+            targets = (self._model_next_tokens(index, states) if self.model_targets
+                       else next_token_targets(ids).to(device))  # fmt: skip
+            out.append((states, targets))
         if self.stage is not None:
             self.stage.wait()
         return out
+
+    @torch.no_grad()
+    def _model_next_tokens(self, index: torch.Tensor, states: BackboneStates) -> torch.Tensor:
+        """Flat targets: the backbone's greedy next token at every position of these blocks
+        (its LM head on the final states), computed once per block."""
+        blocks = index.tolist()
+        if any(b not in self._labels for b in blocks):
+            weight, bias = self.ee.final_head()
+            for b, final in zip(blocks, states.final, strict=True):
+                if b not in self._labels:
+                    self._labels[b] = torch.nn.functional.linear(final, weight, bias).argmax(-1)
+        return torch.cat([self._labels[b] for b in blocks])
 
 
 @torch.no_grad()
@@ -216,7 +241,11 @@ def ee_tune(
         raise ValueError("ee_tune: train_blocks must be a non-empty [n_blocks, seq_len] tensor")
     batch_index(len(train_blocks), cfg.batch_size, 0, cfg.seed, "ee_tune")  # fail early
     rows = _shares(cfg, parallel)
-    need_final = cfg.kd_weight > 0 or ee.needs_final
+    model_targets = cfg.targets == "model"
+    if model_targets and stage is not None and stage.parallel.layout.stages > 1:
+        raise ValueError("ee_tune: targets='model' needs the final states on every pipeline "
+                         "stage; tune with one stage (replicas are fine)")  # fmt: skip
+    need_final = cfg.kd_weight > 0 or ee.needs_final or model_targets
     out = Path(out_dir) if out_dir else None
     ckpt_root = out / "checkpoint" if out else None
     info_exits = exits_config(ee) | {"layers": layers}
@@ -264,8 +293,9 @@ def ee_tune(
     show = progress and parallel.is_writer
     cache = (_hidden_cache(ee, train_blocks, cfg, need_final, rows, show, stage)
              if cfg.cache_hidden else None)  # fmt: skip
-    train = _Data(ee, train_blocks, cache, need_final, stage)
-    held_out = _Data(ee, eval_blocks, None, False, stage) if eval_blocks is not None else None
+    train = _Data(ee, train_blocks, cache, need_final, stage, model_targets)
+    held_out = (_Data(ee, eval_blocks, None, model_targets, stage, model_targets)
+                if eval_blocks is not None else None)  # fmt: skip
 
     def everywhere(values: torch.Tensor) -> list[float]:
         """Per-exit values of my exits -> all exits' (summed over stages, mean over replicas)."""
