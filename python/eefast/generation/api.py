@@ -74,6 +74,8 @@ class GenerationResult:
         line = f"{s.tokens} tokens in {self.seconds:.2f} s = {self.tokens_per_second:.1f} tok/s"
         if s.drafted:
             line += f"; acceptance {s.acceptance:.2f}, {s.mean_accepted:.2f} tokens/round"
+            if s.candidates_accepted:
+                line += f" ({s.candidates_accepted} drafts from a tree's other candidates)"
         return line + f"; decided at layer {{{hist}}}"
 
 
@@ -218,7 +220,10 @@ def generate(
         if not (feature_draft and mode == "speculative"):
             raise ValueError("eefast.generate: draft_width > 1 needs a draft exit drafting")
         if not sampling.greedy:
-            raise ValueError("eefast.generate: draft trees are greedy; set draft_width=1")
+            raise ValueError(
+                "eefast.generate: draft trees are greedy; sample with draft_width=1 "
+                "(--draft-width 1)"
+            )
     if draft_width is not None and draft_width < 1:
         raise ValueError(f"eefast.generate: draft_width must be >= 1, got {draft_width}")
     if mode == "threshold" and not sampling.greedy:
