@@ -3,12 +3,15 @@ backbone frozen, speculative decoding with them is lossless at batch 1 and 3 (EO
 strings inside accepted blocks included), every cached K/V is the full forward's, and sampled
 output follows the full model's distribution."""
 
+import copy
+
 import pytest
 import torch
 
 from eefast.eval import evaluate_exits
 from eefast.exits import add_exits, load_exits, save_exits
 from eefast.generation import api, generate
+from eefast.hf.quantize import quantize_block
 from eefast.train import TuneConfig, ee_tune
 from test_generation import NEW, StubTokenizer, ragged_prompts
 from tiny_models import VOCAB, tiny_model
@@ -215,14 +218,19 @@ def test_cached_kv_is_the_full_forwards(draft_ee, untuned_ee, every_candidate, f
 
 
 def _draft_layer_kv(ee, states):
-    """The draft block's keys and values over a whole sequence, from the real features."""
+    """The draft block's keys and values over a whole sequence, from the real features. The
+    draft layer decodes on its Q8_0 copy (the tiny models' widths are multiples of 32), so the
+    reference runs the block module with the same Q8_0 linears."""
     from eefast.generation.cache import SlotCache
+    from eefast.generation.runner import _draft_exit_q8
 
     block = ee.exit(TOP).block
+    assert _draft_exit_q8(ee, ee.exit(TOP), None) is not None
+    q8 = quantize_block(copy.deepcopy(block.block), "q8_0", "draft")
     cache = SlotCache(TOP + 1)
     x = block.fc(ee.draft_inputs(states))
     kwargs = dict(states.block_kwargs, use_cache=True, past_key_values=cache)
-    block.block(x, *states.block_args, **kwargs)
+    q8(x, *states.block_args, **kwargs)
     return cache.keys[TOP][:, :, : x.shape[1]], cache.values[TOP][:, :, : x.shape[1]]
 
 
@@ -297,3 +305,21 @@ def test_draft_trees_are_refused_where_positions_count_slots(every_candidate):
         generate(ee, None, [[5, 6]], "speculative", 4, draft_width=2)
     prompts = ragged_prompts()
     assert generate(ee, None, prompts, "speculative", NEW).tokens == full_greedy(ee, prompts).tokens
+
+
+def test_the_draft_layers_q8_copy_is_made_once_per_set_of_weights():
+    """generate() reuses the Q8_0 copy of a draft exit's block and head, and makes a new one
+    after the exit's weights change (a tuning step, load_state_dict) or for another cut."""
+    from eefast.generation.runner import _draft_exit_q8
+
+    ee = add_exits(tiny_model("llama"), [TOP], kind="draft")
+    draft = ee.exit(TOP)
+    first = _draft_exit_q8(ee, draft, None)
+    assert _draft_exit_q8(ee, draft, None) is first
+    assert _draft_exit_q8(ee, draft, torch.arange(10)) is not first
+    down = draft.block.block.mlp.down_proj
+    with torch.no_grad():
+        down.weight.add_(1.0)  # in place, as an optimizer step updates
+    again = _draft_exit_q8(ee, draft, None)
+    assert again is not first
+    assert not torch.equal(again[0].mlp.down_proj.qweight, first[0].mlp.down_proj.qweight)

@@ -185,7 +185,7 @@ def _draft_token(runner: Runner, f: torch.Tensor, sampling: Sampling, gen):
     """(token, confidence, q or None) of the draft exit's head on predicted features f [B, d]."""
     layer = runner.num_layers
     if sampling.greedy:
-        st = runner.exit_head_stats(layer, f)
-        return st.argmax, st.max_prob, None
+        prob, tok = runner.exit_top(layer, f, 1)
+        return tok[:, 0], prob[:, 0], None
     q = sampling.probs(runner.exit_logits(layer, f))
     return torch.multinomial(q, 1, generator=gen).squeeze(-1), q.amax(-1), q
