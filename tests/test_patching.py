@@ -243,7 +243,10 @@ def test_trl_sft_trainer_trains_a_patched_model_along_the_same_curve(tmp_path):
             trainer.train()
         curves.append([r["loss"] for r in trainer.state.log_history if "loss" in r])
     assert len(curves[0]) == 3
-    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    # Adam's first steps move each weight by about lr whatever its gradient's size, so the
+    # last-bit differences between eefast's GEMMs and torch's grow to ~4e-4 by the third loss
+    # on some CPUs (AVX2-only ones, where eefast's float32 GEMMs are ATen's rather than oneDNN's)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-3)
 
 
 def test_patched_model_under_torch_compile_and_gradient_checkpointing():

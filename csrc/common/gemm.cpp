@@ -3,8 +3,11 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
+#include <c10/util/Exception.h>
+
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdlib>
 
 namespace eefast {
@@ -29,9 +32,21 @@ MkldnnMatmul find_mkldnn_matmul() {
   return reinterpret_cast<MkldnnMatmul>(sym);
 }
 
-MkldnnMatmul mkldnn_matmul() {
-  static const MkldnnMatmul fn = find_mkldnn_matmul();
-  return fn;
+// Cleared the first time oneDNN refuses this CPU: torch 2.13's mkldnn_matmul checks for bf16
+// hardware (AVX-512 BW/VL/DQ or AVX-NE-CONVERT) even for float32 and throws on AVX2-only CPUs.
+std::atomic<MkldnnMatmul> g_mkldnn_matmul{find_mkldnn_matmul()};
+
+// fn(a, b, out, beta, 1); false (and oneDNN off from now on) where it refused this CPU. The
+// check comes before any work, so out is untouched then.
+bool try_mkldnn(MkldnnMatmul fn, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                float beta) {
+  try {
+    fn(a, b, out, beta, 1.f);
+    return true;
+  } catch (const c10::Error&) {
+    g_mkldnn_matmul.store(nullptr);
+    return false;
+  }
 }
 
 }  // namespace
@@ -41,11 +56,13 @@ void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumu
                   out.size(0) == a.size(0) && out.size(1) == b.size(1),
               "gemm: cannot multiply ", a.sizes(), " by ", b.sizes(), " into ", out.sizes());
   const auto f32 = at::kFloat;
-  if (MkldnnMatmul fn = mkldnn_matmul(); fn != nullptr && a.is_cpu() && a.scalar_type() == f32 &&
-                                         b.scalar_type() == f32 && out.scalar_type() == f32 &&
-                                         out.is_contiguous() && a.numel() > 0 && b.numel() > 0) {
-    fn(a, b, out, accumulate ? 1.f : 0.f, 1.f);
-  } else if (accumulate) {
+  if (MkldnnMatmul fn = g_mkldnn_matmul.load(); fn != nullptr && a.is_cpu() &&
+      a.scalar_type() == f32 && b.scalar_type() == f32 && out.scalar_type() == f32 &&
+      out.is_contiguous() && a.numel() > 0 && b.numel() > 0 &&
+      try_mkldnn(fn, a, b, out, accumulate ? 1.f : 0.f)) {
+    return;
+  }
+  if (accumulate) {
     out.addmm_(a, b);
   } else {
     at::mm_out(out, a, b);
