@@ -79,7 +79,10 @@ class GenerationResult:
         return line + f"; decided at layer {{{hist}}}"
 
 
-@torch.no_grad()
+# Inference mode rather than no_grad: eefast's decode_linear ops have Python autograd
+# formulas, and under no_grad every call still goes through them (~8 us each, per linear of a
+# decoding step on architectures that run their own modules).
+@torch.inference_mode()
 def generate(
     ee: EarlyExitModel,
     tokenizer,
