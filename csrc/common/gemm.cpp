@@ -32,19 +32,23 @@ MkldnnMatmul find_mkldnn_matmul() {
   return reinterpret_cast<MkldnnMatmul>(sym);
 }
 
-// Cleared the first time oneDNN refuses this CPU: torch 2.13's mkldnn_matmul checks for bf16
-// hardware (AVX-512 BW/VL/DQ or AVX-NE-CONVERT) even for float32 and throws on AVX2-only CPUs.
-std::atomic<MkldnnMatmul> g_mkldnn_matmul{find_mkldnn_matmul()};
+// Found on first use, and cleared the first time oneDNN throws: torch 2.13's mkldnn_matmul checks
+// for bf16 hardware (AVX-512 BW/VL/DQ or AVX-NE-CONVERT) even for float32, so it throws on
+// AVX2-only CPUs. Any refusal leaves ATen's GEMM for the rest of the process.
+std::atomic<MkldnnMatmul>& mkldnn_matmul() {
+  static std::atomic<MkldnnMatmul> fn{find_mkldnn_matmul()};
+  return fn;
+}
 
-// fn(a, b, out, beta, 1); false (and oneDNN off from now on) where it refused this CPU. The
-// check comes before any work, so out is untouched then.
+// fn(a, b, out, beta, 1); false (and oneDNN off from now on) where it threw. Its checks come
+// before any work, so out is untouched then.
 bool try_mkldnn(MkldnnMatmul fn, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
                 float beta) {
   try {
     fn(a, b, out, beta, 1.f);
     return true;
   } catch (const c10::Error&) {
-    g_mkldnn_matmul.store(nullptr);
+    mkldnn_matmul().store(nullptr);
     return false;
   }
 }
@@ -56,7 +60,7 @@ void gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumu
                   out.size(0) == a.size(0) && out.size(1) == b.size(1),
               "gemm: cannot multiply ", a.sizes(), " by ", b.sizes(), " into ", out.sizes());
   const auto f32 = at::kFloat;
-  if (MkldnnMatmul fn = g_mkldnn_matmul.load(); fn != nullptr && a.is_cpu() &&
+  if (MkldnnMatmul fn = mkldnn_matmul().load(); fn != nullptr && a.is_cpu() &&
       a.scalar_type() == f32 && b.scalar_type() == f32 && out.scalar_type() == f32 &&
       out.is_contiguous() && a.numel() > 0 && b.numel() > 0 &&
       try_mkldnn(fn, a, b, out, accumulate ? 1.f : 0.f)) {
